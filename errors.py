@@ -1,0 +1,24 @@
+"""User-facing errors, shared by every command-line entry point.
+
+A `UserError` is a mistake the user can fix (a missing file, wrong columns, an impossible option).
+The CLIs print its message as ONE line on stderr and exit with status 2; a genuine bug still shows
+its traceback. Set RM_DEBUG=1 (or pass --debug) to see the traceback of a UserError too.
+"""
+import os
+import sys
+
+
+class UserError(Exception):
+    """Bad input: the message names the problem and what to do about it."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(argv)`, turning a UserError into one line on stderr and exit status 2."""
+    debug = os.environ.get("RM_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        return main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

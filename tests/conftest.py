@@ -1,0 +1,51 @@
+"""Shared test fixtures: tiny random Qwen3 checkpoints written by transformers (our ground truth)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(2)
+
+# A tiny Qwen3 with the released models' quirks: head_dim != hidden/heads, GQA, tied embeddings.
+TINY_HF = dict(vocab_size=320, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+               rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def save_hf_model(path, cls_name="Qwen3ForCausalLM", seed=0, max_shard_size=None, **overrides):
+    """Build a random transformers Qwen3 model, save it with save_pretrained and return it (eval, fp32)."""
+    import transformers
+    cfg = transformers.Qwen3Config(**{**TINY_HF, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(cfg).eval()
+    with torch.no_grad():  # norms start at 1: randomise them so a skipped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+@pytest.fixture
+def hf_tiny(tmp_path):
+    """(directory, transformers Qwen3ForCausalLM) of a tiny random checkpoint."""
+    d = tmp_path / "tiny-qwen3"
+    return d, save_hf_model(d)
+
+
+def make_hf_cache(cache_root, repo_id, src_dir, kind="models", revision="0" * 40):
+    """Lay out `src_dir`'s files the way huggingface_hub caches a repo: blobs are plain copies here."""
+    org, name = repo_id.split("/")
+    repo = Path(cache_root) / f"{kind}--{org}--{name}"
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in Path(src_dir).iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snap

@@ -49,3 +49,10 @@ def make_hf_cache(cache_root, repo_id, src_dir, kind="models", revision="0" * 40
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     return snap
+
+
+@pytest.fixture(scope="session")
+def demo_tok():
+    """The project's own tiny word-level tokenizer (data.py's demo task): pad != eos."""
+    from data import demo_tokenizer
+    return demo_tokenizer()

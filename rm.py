@@ -1,0 +1,345 @@
+"""The reward model: a Qwen3 backbone, a pooling step and a small head that outputs one number.
+
+    hidden = Qwen3(input_ids)                 # (N, T, hidden)  final-normed hidden states, no LM head
+    pooled = pool(hidden)                     # (N, hidden)     mean over real tokens, or the last real token
+    reward = head(pooled)                     # (N,)            "how good is this response?"
+
+Training data are pairs: for one prompt, a `chosen` response people preferred and a `rejected` one.
+The Bradley-Terry model says P(chosen preferred) = sigmoid(r_chosen - r_rejected), so we minimise
+
+    loss = -log sigmoid(r_chosen - r_rejected - margin)          (+ optional centering term)
+
+Chosen and rejected run through the backbone together, in ONE forward pass: rows 0..B-1 of a batch are
+the chosen sequences and rows B..2B-1 the rejected ones (see data.collate).
+
+Two heads:
+- `mlp` (default): hidden -> hidden/2 -> 1 with a GELU between; pooling `mean` by default.
+- `linear`: a bias-free `score` layer hidden -> 1 with `last` pooling: the layout of transformers'
+  Qwen3ForSequenceClassification, so a model saved with it loads in transformers/TRL/vLLM as is.
+
+Pooling always follows the attention mask (or, for packed rows, the sequence ids), never a search for
+the pad token: pad and eos can be the same token. We gather the pooled vector first and apply the head
+to it alone: the head never runs on positions we would throw away.
+"""
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+from qwen3 import Qwen3, Qwen3Config, load_checked, read_json, read_state_dict, resolve_model_dir
+
+HEADS = ("mlp", "linear")
+DISK_NAMES = {"linear_head.weight": "score.weight"}            # our module name -> checkpoint key
+MODULE_NAMES = {v: k for k, v in DISK_NAMES.items()}
+POOLINGS = ("mean", "last")
+
+
+def pool(hidden, sequence_ids, num_sequences: int, how: str):
+    """Pool token states into one vector per sequence.
+
+    hidden (R, L, H); sequence_ids (R, L): which sequence each token belongs to, -1 for padding.
+    A padded batch has sequence_ids[i, t] = i on real tokens; a packed batch holds several sequences
+    per row. Returns (num_sequences, H) in fp32. Shapes stay static (no boolean indexing), so this
+    compiles: padding goes into an extra bucket that we drop.
+    """
+    H = hidden.shape[-1]
+    flat = hidden.reshape(-1, H).float()
+    ids = sequence_ids.reshape(-1)
+    bucket = torch.where(ids >= 0, ids, num_sequences)                    # padding -> bucket N
+    if how == "mean":
+        sums = flat.new_zeros(num_sequences + 1, H).index_add_(0, bucket, flat)
+        counts = torch.bincount(bucket, minlength=num_sequences + 1).clamp(min=1)
+        return (sums / counts[:, None])[:num_sequences]
+    if how == "last":
+        position = torch.arange(ids.numel(), device=ids.device)
+        last = torch.full((num_sequences + 1,), -1, device=ids.device, dtype=torch.long)
+        last = last.scatter_reduce(0, bucket, position, reduce="amax")[:num_sequences]
+        return flat[last.clamp(min=0)]
+    raise ValueError(f"unknown pooling {how!r}")
+
+
+def pairwise_loss(chosen, rejected, margin=None, center_rewards_coefficient: float = 0.0) -> dict:
+    """Bradley-Terry loss of a batch of pairs, plus the numbers worth logging.
+
+    chosen, rejected (B,) rewards; margin (B,) optional: how much better chosen must be (e.g. from
+    graded preferences); centering pulls the mean reward to 0 so rewards stay comparable across runs.
+    """
+    diff = chosen - rejected
+    loss = -F.logsigmoid(diff - margin if margin is not None else diff).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+    return {"loss": loss, "accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
+
+
+class MLPHead(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, hidden // 2)
+        self.fc2 = nn.Linear(hidden // 2, 1)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class RewardModel(nn.Module):
+    # Module names follow the transformers layout: `model.*` for the backbone. The linear head is
+    # `linear_head` here (`score` is our scoring method) and `score.weight` on disk, as transformers names it.
+    def __init__(self, config: Qwen3Config, head: str = "mlp", pooling: str = "mean"):
+        super().__init__()
+        if head not in HEADS:
+            raise UserError(f"unknown head {head!r}; choose one of {HEADS}")
+        if pooling not in POOLINGS:
+            raise UserError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.config, self.head_type, self.pooling = config, head, pooling
+        self.model = Qwen3(config)
+        if head == "mlp":
+            self.reward_head = MLPHead(config.hidden_size)
+        else:
+            self.linear_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.tokenizer = None           # a data.Tokenizer, set by from_pretrained when the checkpoint has one
+        self.extra_config = {}          # training provenance and reward statistics saved in config.json
+
+    # ---- the head ----------------------------------------------------------------------------
+
+    def head_modules(self) -> list:
+        return [self.reward_head] if self.head_type == "mlp" else [self.linear_head]
+
+    def init_head(self, seed: int = 0):
+        """Small random init of the output layer, so initial rewards are near 0 (about +-0.02)."""
+        gen = torch.Generator().manual_seed(seed)
+        out = self.reward_head.fc2 if self.head_type == "mlp" else self.linear_head
+        with torch.no_grad():
+            if self.head_type == "mlp":
+                fc1 = self.reward_head.fc1
+                bound = 1 / math.sqrt(fc1.in_features)  # nn.Linear's default, seeded
+                fc1.weight.copy_(torch.empty(fc1.weight.shape).uniform_(-bound, bound, generator=gen))
+                fc1.bias.zero_()
+                out.bias.zero_()
+            out.weight.copy_(torch.empty(out.weight.shape).normal_(0, 0.02 / math.sqrt(out.in_features), generator=gen))
+        return self
+
+    def apply_head(self, pooled):
+        head = self.reward_head if self.head_type == "mlp" else self.linear_head
+        return head(pooled).squeeze(-1).float()
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, sequence_ids=None,
+                num_sequences: int | None = None, pairs: bool = False, margin=None,
+                center_rewards_coefficient: float = 0.0) -> dict:
+        """Rewards for a batch: {"rewards": (N,) fp32}.
+
+        Padded batch: input_ids/attention_mask (N, T), right padded. Packed batch (padding-free): rows
+        holding several sequences, with position_ids restarting per sequence, sequence_ids (-1 = padding)
+        and num_sequences. With pairs=True, the first half of the sequences are the chosen responses and
+        the second half the rejected ones, and the loss, accuracy and mean margin are added.
+        """
+        if sequence_ids is None:  # padded batch: row i is sequence i
+            N = input_ids.shape[0]
+            rows = torch.arange(N, device=input_ids.device)[:, None].expand_as(input_ids)
+            sequence_ids = rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
+            num_sequences = N
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        rewards = self.apply_head(pool(hidden, sequence_ids, num_sequences, self.pooling))
+        out = {"rewards": rewards}
+        if pairs:
+            B = num_sequences // 2
+            out.update(pairwise_loss(rewards[:B], rewards[B:], margin, center_rewards_coefficient))
+        return out
+
+    @torch.no_grad()
+    def score(self, texts: list[str], batch_size: int = 8, max_length: int | None = None) -> list[float]:
+        """Rewards for whole transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."), in input order.
+
+        Each text is tokenised with the model's tokenizer, eos appended; longer than max_length keeps
+        the END (the response), as training does. Batches are formed by length to waste little padding.
+        """
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer; load it with RewardModel.from_pretrained from a "
+                            "directory holding tokenizer.json, or set model.tokenizer")
+        tok = self.tokenizer
+        seqs = [tok.encode(t)[-(max_length - 1):] + [tok.eos_id] if max_length else tok.encode(t) + [tok.eos_id]
+                for t in texts]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        device = next(self.parameters()).device
+        rewards = [0.0] * len(seqs)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                T = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), T), tok.pad_id, dtype=torch.long)
+                mask = torch.zeros(len(idx), T, dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[row, :len(seqs[i])] = 1
+                out = self(ids.to(device), attention_mask=mask.to(device))["rewards"].tolist()
+                for row, i in enumerate(idx):
+                    rewards[i] = out[row]
+        finally:
+            self.train(was_training)
+        return rewards
+
+    # ---- memory options ----------------------------------------------------------------------
+
+    def freeze_layers(self, n: int):
+        """Freeze the embeddings and the first n blocks: no gradients, so no optimizer state either."""
+        if not 0 <= n <= self.config.num_hidden_layers:
+            raise UserError(f"--freeze_layers {n} is out of range: the model has "
+                            f"{self.config.num_hidden_layers} layers")
+        if n > 0:
+            self.model.embed_tokens.requires_grad_(False)
+            for layer in self.model.layers[:n]:
+                layer.requires_grad_(False)
+        return self
+
+    def quantize_8bit(self, threshold: float = 6.0):
+        """Replace every backbone linear layer with a frozen int8 bitsandbytes Linear8bitLt (LLM.int8():
+        outlier features above `threshold` stay in 16-bit). Only the head and the norms keep training;
+        the embeddings are frozen too."""
+        import bitsandbytes as bnb
+        for module in list(self.model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
+                                            has_fp16_weights=False, threshold=threshold)
+                    q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+                    setattr(module, name, q.to(child.weight.device))  # .to() quantises the CPU weights to int8
+        self.model.embed_tokens.requires_grad_(False)
+        return self
+
+    # ---- save / load -------------------------------------------------------------------------
+
+    def hf_config(self) -> dict:
+        cfg = self.config.to_hf_dict()
+        pad_id = self.tokenizer.pad_id if self.tokenizer is not None else None
+        if self.head_type == "linear":
+            # transformers' Qwen3ForSequenceClassification reads these; it pools the last token that is
+            # not pad_token_id, which equals our mask-based `last` pooling as long as pad != eos.
+            cfg.update(architectures=["Qwen3ForSequenceClassification"], id2label={"0": "LABEL_0"},
+                       label2id={"LABEL_0": 0})
+        else:
+            cfg.update(architectures=["Qwen3RewardModel"])
+        cfg.update(pad_token_id=pad_id, torch_dtype=str(self.model.norm.weight.dtype).replace("torch.", ""),
+                   reward_model={"head": self.head_type, "pooling": self.pooling, **self.extra_config})
+        return cfg
+
+    def export_state_dict(self) -> dict:
+        """The state dict in plain tensors: int8 layers are dequantised back to ordinary weights so the
+        saved model loads anywhere (with the small int8 rounding baked in)."""
+        state = {}
+        for name, t in self.state_dict().items():
+            if name.endswith(".SCB") or name.endswith(".weight_format"):
+                continue
+            if t.dtype == torch.int8:  # Linear8bitLt: weight = int8 * row scale / 127
+                scb = self.state_dict()[name[: -len("weight")] + "SCB"]
+                t = (t.float() * scb[:, None] / 127).to(self.model.norm.weight.dtype)
+            state[DISK_NAMES.get(name, name)] = t.detach().contiguous()
+        return state
+
+    def save_pretrained(self, out_dir, extra_files: dict | None = None):
+        """Write model.safetensors, config.json and the tokenizer files, atomically: everything goes into
+        a temporary sibling directory that is renamed into place only when complete."""
+        from safetensors.torch import save_file
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            save_file(self.export_state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+            for name, write in (extra_files or {}).items():
+                write(tmp / name)
+            write_json_durably(tmp / "config.json", self.hf_config())  # last: marks the directory complete
+            fsync_dir(tmp)
+            replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, head: str | None = None, pooling: str | None = None,
+                        dtype=torch.float32, device="cpu", seed: int = 0) -> "RewardModel":
+        """Load one of three kinds of checkpoint (a local directory or a Hub repo id):
+        - a reward model saved by us (config.json has a "reward_model" entry);
+        - a transformers Qwen3ForSequenceClassification (published Qwen3 reward models): head linear, pooling last;
+        - a plain Qwen3 causal LM (e.g. Qwen/Qwen3-0.6B): the backbone, plus a freshly initialised head.
+        """
+        model_dir = resolve_model_dir(name_or_path)
+        raw = read_json(model_dir / "config.json", "a checkpoint directory must hold the model's config.json")
+        config = Qwen3Config.from_hf_dict(raw, where=str(model_dir / "config.json"))
+        saved = raw.get("reward_model")
+        if saved is None and "Qwen3ForSequenceClassification" in (raw.get("architectures") or []):
+            num_labels = len(raw.get("id2label") or {"0": ""})
+            if num_labels != 1:
+                raise UserError(f"{model_dir} is a sequence classifier with {num_labels} labels; a reward "
+                                "model has exactly one output")
+            saved = {"head": "linear", "pooling": "last"}
+        fresh_head = saved is None
+        if not fresh_head:
+            for what, asked in (("head", head), ("pooling", pooling)):
+                if asked is not None and asked != saved[what]:
+                    raise UserError(f"{model_dir} was saved with {what} {saved[what]!r}; it cannot be loaded "
+                                    f"with {what} {asked!r} (drop the option)")
+            head, pooling = saved["head"], saved["pooling"]
+        with torch.device("meta"):
+            model = cls(config, head=head or "mlp", pooling=pooling or "mean")
+        state = read_state_dict(model_dir, dtype)
+        state.pop("lm_head.weight", None)  # a reward model never uses the LM head
+        state = {MODULE_NAMES.get(k, k): v for k, v in state.items()}
+        if fresh_head:
+            for m in model.head_modules():
+                m.to_empty(device="cpu")
+            model.init_head(seed)
+            state.update({k: v for k, v in model.state_dict().items() if not v.is_meta})
+        load_checked(model, state, where=str(model_dir))
+        model.to(dtype=dtype)
+        if saved:
+            model.extra_config = {k: v for k, v in saved.items() if k not in ("head", "pooling")}
+        if (model_dir / "tokenizer.json").is_file():
+            from data import Tokenizer
+            model.tokenizer = Tokenizer.from_dir(model_dir)
+        return model.to(device)
+
+
+# ---- durable, atomic file writes (shared with train.py's checkpoints) ---------------------------
+
+def write_json_durably(path: Path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path, files: bool = True):
+    """Flush a directory's files (and its entry list) to disk, so a power cut cannot undo a rename."""
+    for f in Path(path).iterdir() if files else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(src: Path, dst: Path):
+    """Move a finished directory into place. An existing `dst` is moved aside first and deleted after,
+    so at every instant `dst` is either the old complete directory, absent, or the new complete one."""
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent, files=False)
+    shutil.rmtree(old, ignore_errors=True)

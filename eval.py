@@ -1,0 +1,512 @@
+"""Evaluate a reward model on preference pairs: how often does it prefer the response people preferred?
+
+    python eval.py out/final_model                                 # the data it was trained on, test split
+    python eval.py out/ --dataset demo --max_samples 200 --plots plots/
+    python eval.py Skywork/Skywork-Reward-V2-Qwen3-0.6B --dataset Anthropic/hh-rlhf --bf16 --device cuda
+
+For every pair we compute r_chosen and r_rejected (chosen and rejected in one forward pass, as in training)
+and report, in `evaluation_report.json` and as a short table on stdout:
+
+- accuracy: the share of pairs with r_chosen > r_rejected (a tie counts as wrong, as in training), with a
+  95% Wilson score interval. Wilson rather than the textbook p +- 1.96*sqrt(p(1-p)/n): it stays inside
+  [0, 1] and does not collapse to zero width at 0% or 100%, which small per-source test sets do hit.
+  Overall and per source dataset.
+- rewards: mean, std, min, max and the 5/25/50/75/95th percentiles of the chosen and of the rejected rewards.
+- margin = r_chosen - r_rejected: mean, std, min, max, and the share of pairs with |margin| below a small
+  threshold (0.1): pairs on which the model is unsure.
+- length: reward models like to learn "longer is better". Pearson and Spearman correlation between reward
+  and response length in tokens (all chosen and rejected responses together); accuracy on pairs where the
+  chosen response is longer, shorter, or the same length; and the accuracy of the rule "prefer the longer
+  response" on the pairs whose lengths differ (same-length pairs are excluded, not counted as half), next
+  to the model's accuracy on those very pairs. A model no better than that rule has learnt little else.
+- loss: the mean Bradley-Terry loss -log sigmoid(margin), without the dataset's own target margins, so the
+  number is comparable across datasets; and the counts of pairs evaluated, skipped (bad rows) and dropped
+  because they do not fit in max_length.
+
+Stds are population stds (ddof=0). Statistics are plain numpy (no scipy): Spearman's rho is the Pearson
+correlation of the ranks, tied values sharing their average rank. A statistic that is undefined (an empty
+group, a correlation of a constant) is null in the JSON, never NaN.
+
+CHECKPOINT may be a model directory, a train.py checkpoint (checkpoint_step_N/, model in model/), a
+train.py output directory (final_model/ inside) or a Hub id of a Qwen3ForSequenceClassification. A plain
+language model is refused: its reward head would be random. By default the model is evaluated on the test
+split of the data it was trained on, at its training max_length (both recorded in config.json by train.py),
+and the report goes to CHECKPOINT/evaluation_report.json (for a Hub id: the current directory), written
+atomically: a failed run leaves no report.
+
+The code is three layers so that each can be used and tested alone:
+    report_from_rewards(...)  pure statistics on arrays of rewards and lengths: checkable by hand
+    evaluate(model, pairs)    tokenise, score, report: what train.py calls for its periodic evaluations
+    main()                    the command line: find the checkpoint, load data, write the report (and plots)
+"""
+import argparse
+import copy
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError, run_cli
+
+Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal: two-sided 95%
+PERCENTILES = (5, 25, 50, 75, 95)
+DEFAULT_DATASET = ["Anthropic/hh-rlhf"]
+DEFAULT_MAX_LENGTH = 1024
+REPORT_NAME = "evaluation_report.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics (numpy only)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple:
+    """Wilson score interval for a binomial proportion: (low, high), or (None, None) when n == 0.
+
+        center = (p + z^2/2n) / (1 + z^2/n)      half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
+    """
+    if n == 0:
+        return None, None
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def pearson(x, y):
+    """Pearson correlation; None when it is undefined (fewer than 2 points or a constant input)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 2:
+        return None
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
+    if denom == 0:
+        return None
+    return float((dx * dy).sum() / denom)
+
+
+def average_ranks(x):
+    """Ranks 1..n; tied values all get the mean of the ranks they span (as scipy.stats.rankdata does)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    # start index of each run of equal values in sorted order, and the run each position belongs to
+    new_run = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    run_id = np.cumsum(new_run) - 1
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:], x.size]                   # exclusive
+    run_rank = (starts + 1 + ends) / 2                 # mean of ranks starts+1 .. ends
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = run_rank[run_id]
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman's rho: the Pearson correlation of the average ranks."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def describe(values, percentiles=PERCENTILES) -> dict:
+    """mean, std (population), min, max and percentiles (numpy's linear interpolation) of a 1-D array."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {k: None for k in ("mean", "std", "min", "max", *(f"p{p}" for p in percentiles))}
+    out = {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+    out.update({f"p{p}": float(q) for p, q in zip(percentiles, np.percentile(v, percentiles))})
+    return out
+
+
+def bt_loss(margin) -> float | None:
+    """Mean -log sigmoid(margin), computed stably as logaddexp(0, -margin)."""
+    m = np.asarray(margin, dtype=np.float64)
+    return float(np.logaddexp(0.0, -m).mean()) if m.size else None
+
+
+def accuracy_block(correct) -> dict:
+    """{"num_pairs", "accuracy", "ci95": [low, high]} of a boolean array (accuracy None when empty)."""
+    correct = np.asarray(correct, dtype=bool)
+    n, k = int(correct.size), int(correct.sum())
+    low, high = wilson_interval(k, n)
+    return {"num_pairs": n, "accuracy": k / n if n else None, "ci95": [low, high]}
+
+
+def report_from_rewards(chosen, rejected, chosen_len, rejected_len, sources=None,
+                        unsure_threshold: float = 0.1) -> dict:
+    """All the statistics of the report from per-pair rewards and response lengths (in tokens).
+
+    chosen, rejected: rewards, one per pair; chosen_len, rejected_len: the responses' lengths in tokens;
+    sources: the dataset each pair came from (None: all from one unnamed source).
+    """
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    lc, lr = np.asarray(chosen_len, dtype=np.int64), np.asarray(rejected_len, dtype=np.int64)
+    n = c.size
+    if not (r.size == lc.size == lr.size == n):
+        raise ValueError(f"chosen/rejected/lengths must have one entry per pair: sizes "
+                         f"{c.size}, {r.size}, {lc.size}, {lr.size}")
+    sources = np.asarray(list(sources) if sources is not None else [""] * n, dtype=object)
+    margin = c - r
+    correct = margin > 0                                   # a tie is not a correct preference
+
+    overall = accuracy_block(correct)
+    report = {
+        "accuracy": overall["accuracy"],
+        "accuracy_ci95": overall["ci95"],
+        "num_pairs": n,
+        "loss": bt_loss(margin),
+        "rewards": {"chosen": describe(c), "rejected": describe(r)},
+        "margin": {
+            **{k: v for k, v in describe(margin).items() if not k.startswith("p")},
+            "unsure_threshold": unsure_threshold,
+            "unsure_share": float((np.abs(margin) < unsure_threshold).mean()) if n else None,
+        },
+    }
+
+    # Length bias. Correlations over every response (chosen and rejected alike).
+    rewards_all, lengths_all = np.concatenate([c, r]), np.concatenate([lc, lr])
+    longer, shorter, same = lc > lr, lc < lr, lc == lr
+    differ = ~same
+    report["length"] = {
+        "pearson": pearson(lengths_all, rewards_all),
+        "spearman": spearman(lengths_all, rewards_all),
+        "chosen_longer": accuracy_block(correct[longer]),
+        "chosen_shorter": accuracy_block(correct[shorter]),
+        "same_length": accuracy_block(correct[same]),
+        # "prefer the longer response" is right exactly when chosen is the longer one; ties excluded
+        "longer_is_better_accuracy": float(longer[differ].mean()) if differ.any() else None,
+        "model_accuracy_on_different_length": float(correct[differ].mean()) if differ.any() else None,
+        "num_different_length": int(differ.sum()),
+    }
+
+    per_source = {}
+    for s in sorted(set(sources.tolist())):
+        sel = sources == s
+        block = accuracy_block(correct[sel])
+        per_source[s] = {**block, "margin_mean": float(margin[sel].mean()), "loss": bt_loss(margin[sel])}
+    report["per_source"] = per_source
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@torch.no_grad()
+def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress: bool = True):
+    """Rewards of tokenised pairs: (chosen, rejected) numpy float64 arrays, in the order of `items`.
+
+    Batches are formed by length (longest first: an out-of-memory batch size fails at once, not at the
+    end), chosen and rejected of a batch in one forward pass as in training. The model runs in eval mode
+    (no dropout) and is put back in the mode it was in, so train.py can call this mid-training.
+    """
+    from tqdm import tqdm
+    from data import batch_order, collate
+    device = model_device(model)
+    pad_id = model.tokenizer.pad_id
+    chosen, rejected = np.zeros(len(items)), np.zeros(len(items))
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(items), desc="scoring", unit="pair", disable=not progress, leave=False) as bar:
+            for idx in batch_order([it.length for it in items], batch_size, seed=0, shuffle=False):
+                batch = collate([items[i] for i in idx], pad_id)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    rewards = model(batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device))["rewards"]
+                rewards = rewards.float().cpu().numpy()
+                B = len(idx)
+                chosen[idx], rejected[idx] = rewards[:B], rewards[B:]
+                bar.update(B)
+    finally:
+        model.train(was_training)
+    bad = int((~np.isfinite(chosen)).sum() + (~np.isfinite(rejected)).sum())
+    if bad:
+        raise UserError(f"the model gave {bad} non-finite reward(s) (NaN/inf): its weights have diverged"
+                        f"{' or bf16 overflowed (drop --bf16)' if bf16 else ''}; evaluate another checkpoint")
+    return chosen, rejected
+
+
+def counts_from_stats(num_evaluated: int, stats) -> dict:
+    """What happened to the rows: evaluated, skipped as bad rows (by reason), dropped as too long."""
+    skipped = dict(sorted(stats.skipped.items())) if stats is not None else {}
+    return {"evaluated": num_evaluated, "skipped": sum(skipped.values()), "skipped_reasons": skipped,
+            "dropped_too_long": stats.dropped_too_long if stats is not None else 0,
+            "truncated_prompt": stats.truncated_prompt if stats is not None else 0}
+
+
+def prepare(model, pairs, max_length: int, stats=None):
+    """Pairs -> (tokenised pairs, stats). Tokenises with the model's tokenizer (pairs already tokenised,
+    e.g. train.py's held-out set, are used as they are). Works on a COPY of stats: evaluating twice with
+    the stats of one loading must not count the dropped pairs twice."""
+    from data import DataStats, TokenizedPair, tokenize_pairs
+    stats = copy.deepcopy(stats) if stats is not None else DataStats()
+    if not pairs:
+        raise UserError("no pairs to evaluate; check the evaluation data")
+    if isinstance(pairs[0], TokenizedPair):
+        return list(pairs), stats
+    if getattr(model, "tokenizer", None) is None:
+        raise UserError("the model has no tokenizer; load it with RewardModel.from_pretrained from a directory "
+                        "holding tokenizer.json, or set model.tokenizer")
+    return tokenize_pairs(pairs, model.tokenizer, max_length, stats), stats
+
+
+def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, bf16: bool = False,
+             progress: bool = True, stats=None, unsure_threshold: float = 0.1) -> dict:
+    """Score preference pairs with a reward model and return the report (without the run information).
+
+    pairs: data.Pair objects (tokenised here with model.tokenizer, too-long pairs dropped and counted)
+    or data.TokenizedPair objects (used as they are). stats: the data.DataStats of loading, so that the
+    skipped rows show in the report's counts; it is not modified. The model's train/eval mode is kept.
+    """
+    items, stats = prepare(model, pairs, max_length, stats)
+    if not items:
+        raise UserError(f"no pairs left to evaluate: all {stats.dropped_too_long} are longer than max_length "
+                        f"{max_length} tokens; raise --max_length")
+    chosen, rejected = score_pairs(model, items, batch_size=batch_size, bf16=bf16, progress=progress)
+    report = report_from_rewards(chosen, rejected, [it.chosen_response_len for it in items],
+                                 [it.rejected_response_len for it in items], [it.source for it in items],
+                                 unsure_threshold=unsure_threshold)
+    report["counts"] = counts_from_stats(len(items), stats)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def find_model_dir(ckpt: str) -> tuple[Path, Path]:
+    """(the directory holding the model's config.json, the directory the report goes to by default).
+
+    A local path may be a model directory itself, a train.py checkpoint (its model in model/), or a
+    train.py output directory (final_model/ inside). Anything else that looks like org/name is a Hub id:
+    the model comes from the Hub (or its local cache) and the report goes to the current directory, not
+    into the cache.
+    """
+    from qwen3 import looks_like_repo_id, resolve_model_dir
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        for candidate in (path, path / "model", path / "final_model"):
+            if (candidate / "config.json").is_file():
+                return candidate, path
+        raise UserError(f"{ckpt} holds no model: expected config.json in it, in {ckpt}/model/ (a train.py "
+                        f"checkpoint) or in {ckpt}/final_model/ (a train.py output directory)")
+    if path.exists():
+        raise UserError(f"{ckpt} is a file; pass the checkpoint DIRECTORY (the one holding config.json)")
+    if not looks_like_repo_id(ckpt):
+        raise UserError(f"checkpoint {ckpt} does not exist; pass a directory written by train.py "
+                        f"(e.g. out/final_model) or a Hub model id")
+    return resolve_model_dir(ckpt), Path.cwd()
+
+
+def reward_model_config(model_dir: Path) -> dict:
+    """The "reward_model" entry of config.json ({} for a transformers sequence classifier). A plain
+    language model would load with a freshly initialised random head: its scores would mean nothing."""
+    from qwen3 import read_json
+    raw = read_json(model_dir / "config.json", "a model directory must hold config.json")
+    if isinstance(raw.get("reward_model"), dict):
+        return raw["reward_model"]
+    if "Qwen3ForSequenceClassification" in (raw.get("architectures") or []):
+        return {}
+    raise UserError(f"{model_dir} is not a reward model (architectures {raw.get('architectures')}, no "
+                    f"\"reward_model\" entry in config.json): its reward head would be random; train one "
+                    f"with train.py or pass a Qwen3ForSequenceClassification checkpoint")
+
+
+def write_report(path: Path, report: dict):
+    """Atomically: a temporary file in the same directory, renamed over the target when complete."""
+    from rm import write_json_durably
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_json_durably(tmp, report)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> list[Path]:
+    """Three PNGs: reward histograms (chosen vs rejected), margin histogram, reward vs response length."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(plot_dir / name, dpi=120)
+        plt.close(fig)
+        paths.append(plot_dir / name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(np.concatenate([chosen, rejected]), bins=40)
+    ax.hist(chosen, bins=bins, alpha=0.6, label="chosen")
+    ax.hist(rejected, bins=bins, alpha=0.6, label="rejected")
+    ax.set(xlabel="reward", ylabel="responses", title="Rewards of chosen and rejected responses")
+    ax.legend()
+    save(fig, "rewards.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(chosen - rejected, bins=40, color="tab:green")
+    ax.axvline(0, color="black", lw=1)
+    ax.set(xlabel="reward margin (chosen - rejected)", ylabel="pairs", title="Margins: right of 0 is correct")
+    save(fig, "margins.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(chosen_len, chosen, s=6, alpha=0.5, label="chosen")
+    ax.scatter(rejected_len, rejected, s=6, alpha=0.5, label="rejected")
+    ax.set(xlabel="response length (tokens)", ylabel="reward", title="Reward vs response length")
+    ax.legend()
+    save(fig, "reward_vs_length.png")
+    return paths
+
+
+def fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def summary(report: dict) -> str:
+    """The human-readable table printed at the end."""
+    def acc(block):
+        low, high = block["ci95"]
+        return f"{fmt(block['accuracy'])}  [{fmt(low)}, {fmt(high)}]  n={block['num_pairs']}"
+    c, m, ln = report["counts"], report["margin"], report["length"]
+    overall = {"accuracy": report["accuracy"], "ci95": report["accuracy_ci95"], "num_pairs": report["num_pairs"]}
+    lines = [f"evaluated {report['checkpoint']} on {', '.join(report['dataset'])} ({report['split']}): "
+             f"{c['evaluated']} pairs, {c['skipped']} rows skipped, {c['dropped_too_long']} pairs longer than "
+             f"{report['max_length']} tokens dropped",
+             f"{'accuracy (95% Wilson CI)':<28}{acc(overall)}"]
+    lines += [f"  {name or '(no source)':<26}{acc(block)}" for name, block in report["per_source"].items()]
+    lines.append(f"{'loss (-log sigmoid margin)':<28}{fmt(report['loss'], '.4f')}")
+    keys = ["mean", "std", "min", *(f"p{p}" for p in PERCENTILES), "max"]
+    lines.append(f"{'rewards':<12}" + "".join(f"{k:>9}" for k in keys))
+    for name in ("chosen", "rejected"):
+        lines.append(f"  {name:<10}" + "".join(f"{fmt(report['rewards'][name][k]):>9}" for k in keys))
+    # the margin has no percentiles: leave their columns empty so max lines up
+    lines.append(f"{'margin':<12}" + "".join(f"{fmt(m[k]):>9}" for k in ("mean", "std", "min"))
+                 + " " * 9 * len(PERCENTILES) + f"{fmt(m['max']):>9}")
+    lines.append(f"  unsure (|margin| < {m['unsure_threshold']}): {fmt(m['unsure_share'], '.1%')} of pairs")
+    lines += [f"length bias: corr(reward, response tokens) pearson {fmt(ln['pearson'])}, "
+              f"spearman {fmt(ln['spearman'])}",
+              f"  chosen longer    {acc(ln['chosen_longer'])}",
+              f"  chosen shorter   {acc(ln['chosen_shorter'])}",
+              f"  same length      {acc(ln['same_length'])}",
+              f"  on the {ln['num_different_length']} pairs of different length: "
+              f"model {fmt(ln['model_accuracy_on_different_length'])}, "
+              f"\"longer is better\" rule {fmt(ln['longer_is_better_accuracy'])}"]
+    return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a bad option is a user error like any other: one line, exit 2
+        raise UserError(f"{message} (see python eval.py --help)")
+
+
+def parse_args(argv=None):
+    p = Parser(description="Evaluate a reward model on preference pairs: accuracy with a 95% CI, reward and "
+                           "margin statistics, length bias. Writes evaluation_report.json.")
+    p.add_argument("checkpoint", help="a model directory (out/final_model), a train.py checkpoint or output "
+                                      "directory, or a Hub id of a Qwen3ForSequenceClassification reward model")
+    p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",
+                   help="data source(s): demo, a Hub dataset id or a local file/directory (default: the ones "
+                        f"the model was trained on, else {DEFAULT_DATASET[0]})")
+    p.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    p.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="pairs per forward pass (default: 16)")
+    p.add_argument("--max_length", type=positive_int, default=None,
+                   help=f"tokens per sequence; longer pairs are dropped and counted (default: the training "
+                        f"max_length, else {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
+    p.add_argument("--unsure_threshold", type=float, default=0.1,
+                   help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
+    p.add_argument("--output", default=None, help="report file (default: CHECKPOINT/evaluation_report.json)")
+    p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots here (needs matplotlib)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
+    args = p.parse_args(argv)
+    # Everything that can be checked without work is checked now, before minutes of loading and scoring.
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max_length {args.max_length} is too small; use at least 2 (one token + eos)")
+    if not (args.unsure_threshold >= 0 and math.isfinite(args.unsure_threshold)):
+        raise UserError(f"--unsure_threshold {args.unsure_threshold} must be a number >= 0")
+    if args.output is not None and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a directory; give a file name such as {args.output}/{REPORT_NAME}")
+    if args.plots is not None:
+        if Path(args.plots).exists() and not Path(args.plots).is_dir():
+            raise UserError(f"--plots {args.plots} is a file; give a directory for the PNGs")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plots needs matplotlib, which is not installed; pip install matplotlib, "
+                            "or drop --plots") from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is available to torch; use --device cpu")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from data import DataStats, load_pairs
+    from rm import RewardModel
+
+    # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.
+    model_dir, report_dir = find_model_dir(args.checkpoint)
+    trained = reward_model_config(model_dir)
+    output = Path(args.output) if args.output else report_dir / REPORT_NAME
+
+    # 2. The data (before the model: a wrong path should fail in a second, not after loading weights).
+    # By default the model is evaluated on what it was trained on (test split) and at its training length.
+    dataset = args.dataset or trained.get("dataset") or DEFAULT_DATASET
+    dataset = [dataset] if isinstance(dataset, str) else list(dataset)
+    dataset = [s.strip() for d in dataset for s in d.split(",") if s.strip()]
+    max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
+    stats = DataStats()
+    pairs = load_pairs(dataset, split=args.split, max_samples=args.max_samples, stats=stats)
+
+    # 3. The model, then the scores.
+    model = RewardModel.from_pretrained(str(model_dir), device=args.device)
+    if model.tokenizer is None:
+        raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
+    items, stats = prepare(model, pairs, max_length, stats)
+    if not items:
+        raise UserError(f"all {len(pairs)} pairs are longer than max_length {max_length} tokens; raise --max_length")
+    chosen, rejected = score_pairs(model, items, batch_size=args.batch_size, bf16=args.bf16, progress=True)
+    chosen_len = [it.chosen_response_len for it in items]
+    rejected_len = [it.rejected_response_len for it in items]
+    report = report_from_rewards(chosen, rejected, chosen_len, rejected_len, [it.source for it in items],
+                                 unsure_threshold=args.unsure_threshold)
+    report["counts"] = counts_from_stats(len(items), stats)
+    report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=args.split,
+                  max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    # 4. Outputs: the report (atomically), the plots, the table.
+    write_report(output, report)
+    print(summary(report))
+    print(f"report: {output}")
+    if args.plots:
+        for path in save_plots(Path(args.plots), chosen, rejected, chosen_len, rejected_len):
+            print(f"plot: {path}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,474 @@
+"""Tests for data.py: every expectation below is written out by hand, no network is used."""
+import gzip
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+from data import DataStats, Pair, TokenizedPair  # noqa: E402
+from errors import UserError  # noqa: E402
+
+H, A = "\n\nHuman:", "\n\nAssistant:"
+
+
+def write_parquet(path, columns: dict):
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def write_lines(path, lines: list[bytes]):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def as_tuples(pairs):
+    return [(p.prompt, p.chosen, p.rejected) for p in pairs]
+
+
+def read(source, split="train"):
+    stats = DataStats()
+    pairs = list(data.iter_pairs(source, split, stats))
+    assert stats.read == stats.kept + sum(stats.skipped.values())  # every row accounted for
+    return pairs, stats
+
+
+# -----------------------------------------------------------------------------
+# hh-rlhf layout: whole transcripts in chosen/rejected
+
+HH_ROWS = [  # (chosen, rejected)
+    (f"{H} Hi there{A} Hello! How can I help?", f"{H} Hi there{A} Go away."),
+    # multi-turn, the responses share their start: the prompt still ends at the last "Assistant:"
+    (f"{H} What is 2+2?{A} 4.{H} And 3+3?{A} Sure, it is 6.", f"{H} What is 2+2?{A} 4.{H} And 3+3?{A} Sure, it is 7."),
+    (f"{H} C'est quoi «café» ☕?{A} Du café ☕.", f"{H} C'est quoi «café» ☕?{A} Je ne sais pas 🤷."),
+    # differ before the last turn: the responses hold the later turns
+    (f"{H} Tell me a joke{A} Why did the chicken cross the road?{H} Why?{A} To get to the other side.",
+     f"{H} Tell me a joke{A} No.{H} Why?{A} Because."),
+    (f"{H} A{A} B", f"{H} C{A} D"),             # no shared "Assistant:" -> no shared prompt
+    (f"{H} Same{A} same", f"{H} Same{A} same"),  # chosen == rejected
+    (None, f"{H} x{A} y"),                       # null -> empty field
+    (f"{H} x{A} y", ""),                          # empty -> empty field
+    (f"{H} Hi{A} Hello", f"{H} Hi{A}"),          # nothing after "Assistant:" -> empty response
+]
+HH_PAIRS = [
+    (f"{H} Hi there{A}", " Hello! How can I help?", " Go away."),
+    (f"{H} What is 2+2?{A} 4.{H} And 3+3?{A}", " Sure, it is 6.", " Sure, it is 7."),
+    (f"{H} C'est quoi «café» ☕?{A}", " Du café ☕.", " Je ne sais pas 🤷."),
+    (f"{H} Tell me a joke{A}", f" Why did the chicken cross the road?{H} Why?{A} To get to the other side.",
+     f" No.{H} Why?{A} Because."),
+]
+HH_SKIPPED = {"no shared prompt": 1, "chosen == rejected": 1, "empty field": 2, "empty response": 1}
+
+
+def test_hh_parquet(tmp_path):
+    path = write_parquet(tmp_path / "hh.parquet", {"chosen": [c for c, _ in HH_ROWS], "rejected": [r for _, r in HH_ROWS]})
+    pairs, stats = read(path)
+    assert as_tuples(pairs) == HH_PAIRS
+    assert all(p.source == path and p.margin is None for p in pairs)
+    assert (stats.read, stats.kept, stats.skipped) == (9, 4, HH_SKIPPED)
+    assert stats.sources == {path: 4}
+
+
+def test_hh_jsonl_gz_with_corrupt_lines(tmp_path):
+    lines = [json.dumps({"chosen": c, "rejected": r}, ensure_ascii=False).encode() for c, r in HH_ROWS]
+    lines[2:2] = [b'{"chosen": "\\n\\nHuman: oops', b"", b"[1, 2]", b'{"chosen": 5, "rejected": "x"}', b"\xff\xfe{}"]
+    path = write_lines(tmp_path / "hh.jsonl.gz", lines)
+    pairs, stats = read(path)
+    assert as_tuples(pairs) == HH_PAIRS  # reading went on past the bad lines
+    skipped = {**HH_SKIPPED, "unparsable line": 2, "not an object": 1, "not a string": 1}
+    assert (stats.read, stats.kept, stats.skipped) == (13, 4, skipped)  # the blank line is not a row
+
+
+# -----------------------------------------------------------------------------
+# rm-static / full-hh-rlhf layout: prompt, response, chosen, rejected
+
+P1, P2 = f"{H} Hi{A}", f"{H} Ça va? 日本語{A}"
+RM_COLUMNS = {
+    "prompt": [P1, P2, P1, None, P1, P1],
+    "response": ["r"] * 6,
+    "chosen": [" Hello.", " Oui, ça va 😀", P1 + " whole A", " a", "   ", " same"],
+    "rejected": [" Bye.", " Non.", P1 + " whole B", " b", " c", " same"],
+}
+
+
+def test_rm_static_parquet(tmp_path):
+    path = write_parquet(tmp_path / "rm.parquet", RM_COLUMNS)
+    pairs, stats = read(path)
+    # whole texts (row 3) lose the repeated prompt; the response column is not read
+    assert as_tuples(pairs) == [(P1, " Hello.", " Bye."), (P2, " Oui, ça va 😀", " Non."), (P1, " whole A", " whole B")]
+    assert (stats.read, stats.kept, stats.skipped) == (6, 3, {"empty field": 2, "chosen == rejected": 1})
+
+
+def test_margin_is_carried_and_collated(tmp_path):
+    path = write_parquet(tmp_path / "m.parquet", {"prompt": [P1, P1, P1, P1], "chosen": [" a", " b", " c", " d"],
+                                                 "rejected": [" x", " y", " z", " w"],
+                                                 "margin": [1.5, None, 0.0, float("nan")]})
+    pairs, stats = read(path)
+    assert [p.margin for p in pairs] == [1.5, None, 0.0]
+    assert stats.skipped == {"bad margin": 1}
+    tok = data.demo_tokenizer()
+    items = data.tokenize_pairs(pairs, tok, 64)
+    assert data.collate(items, tok.pad_id)["margin"].tolist() == [1.5, 0.0, 0.0]  # missing margin -> 0
+
+
+def test_json_list_and_json_lines(tmp_path):
+    rows = [{"prompt": P1, "chosen": " a", "rejected": " b"}, {"prompt": P2, "chosen": " c", "rejected": " d"}]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))
+    expected = [(P1, " a", " b"), (P2, " c", " d")]
+    assert as_tuples(read(str(tmp_path / "list.json"))[0]) == expected
+    assert as_tuples(read(str(tmp_path / "lines.json"))[0]) == expected
+
+
+def make_split_dir(root):
+    os.makedirs(root / "sub")
+    write_parquet(root / "train-00000-of-00001.parquet", {"prompt": [P1], "chosen": [" t1"], "rejected": [" r1"]})
+    write_lines(root / "sub" / "train.jsonl", [json.dumps({"prompt": P1, "chosen": " t2", "rejected": " r2"}).encode()])
+    write_lines(root / "test.jsonl.gz", [json.dumps({"prompt": P1, "chosen": " e1", "rejected": " r3"}).encode()])
+    (root / "README.md").write_text("not data")
+    return str(root)
+
+
+def test_directory_with_splits_and_glob(tmp_path):
+    root = make_split_dir(tmp_path / "d")
+    assert [p.chosen for p in read(root, "train")[0]] == [" t2", " t1"]  # sorted: sub/train.jsonl, train-...
+    assert [p.chosen for p in read(root, "test")[0]] == [" e1"]
+    with pytest.raises(UserError, match=r"no 'validation' split .* available splits: test, train"):
+        data.iter_pairs(root, "validation")
+    # a glob is taken as given, whatever the split
+    assert [p.chosen for p in read(os.path.join(root, "**", "*.jsonl*"), "test")[0]] == [" t2", " e1"]
+
+
+def test_directory_without_split_names_is_read_whole(tmp_path):
+    root = tmp_path / "plain"
+    os.makedirs(root)
+    write_lines(root / "b.jsonl", [json.dumps({"prompt": P1, "chosen": " b", "rejected": " x"}).encode()])
+    write_parquet(root / "a.parquet", {"prompt": [P1], "chosen": [" a"], "rejected": [" x"]})
+    assert [p.chosen for p in read(str(root), "test")[0]] == [" a", " b"]
+
+
+def test_load_pairs_interleaves_sources(tmp_path):
+    a = write_parquet(tmp_path / "a.parquet", {"prompt": [P1] * 5, "chosen": [f" a{i}" for i in range(5)], "rejected": [" x"] * 5})
+    b = write_parquet(tmp_path / "b.parquet", {"prompt": [P1] * 2, "chosen": [" b0", " b1"], "rejected": [" x"] * 2})
+    assert [p.chosen for p in data.load_pairs([a, b], max_samples=3)] == [" a0", " b0", " a1"]
+    stats = DataStats()
+    pairs = data.load_pairs(f"{a},{b}", stats=stats)
+    assert [p.chosen for p in pairs] == [" a0", " b0", " a1", " b1", " a2", " a3", " a4"]
+    assert [p.source for p in pairs[:2]] == [a, b]
+    assert stats.sources == {a: 5, b: 2}
+
+
+# -----------------------------------------------------------------------------
+# User errors name the path and the fix
+
+def test_user_errors(tmp_path):
+    bad_cols = write_parquet(tmp_path / "qa.parquet", {"question": ["q"], "answer": ["a"]})
+    with pytest.raises(UserError, match=re.escape(f"{bad_cols}: has columns ['answer', 'question'], expected prompt, chosen, rejected")):
+        list(data.iter_pairs(bad_cols))
+    bad_json = write_lines(tmp_path / "qa.jsonl", [b'{"question": "q"}'])
+    with pytest.raises(UserError, match=re.escape(f"{bad_json}: has columns ['question'], expected")):
+        list(data.iter_pairs(bad_json))
+    with pytest.raises(UserError, match="nope.parquet: no such file or directory"):
+        data.iter_pairs(str(tmp_path / "nope.parquet"))
+    (tmp_path / "pairs.csv").write_text("chosen,rejected\n")
+    with pytest.raises(UserError, match=r"pairs.csv: unsupported file type; use .parquet, .jsonl, .jsonl.gz or .json"):
+        data.iter_pairs(str(tmp_path / "pairs.csv"))
+    with pytest.raises(UserError, match=r"\*.parquet: the pattern matches no files"):
+        data.iter_pairs(str(tmp_path / "empty" / "*.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(UserError, match=r"junk.parquet: not a readable parquet file"):
+        list(data.iter_pairs(str(tmp_path / "junk.parquet")))
+    good = write_parquet(tmp_path / "good.parquet", {"chosen": [f"{H} x{A} y"] * 100, "rejected": [f"{H} x{A} z"] * 100})
+    (tmp_path / "cut.parquet").write_bytes(open(good, "rb").read()[:-40])  # truncated footer
+    with pytest.raises(UserError, match=r"cut.parquet: not a readable parquet file"):
+        list(data.iter_pairs(str(tmp_path / "cut.parquet")))
+    gz = gzip.compress(b'{"prompt": "p", "chosen": " a", "rejected": " b"}\n' * 1000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    with pytest.raises(UserError, match=r"cut.jsonl.gz: can't read it to the end .* corrupt or truncated"):
+        list(data.iter_pairs(str(tmp_path / "cut.jsonl.gz")))
+    with pytest.raises(UserError, match="no usable pairs in .*empty field"):
+        data.load_pairs(write_parquet(tmp_path / "blank.parquet", {"chosen": [""], "rejected": ["x"]}))
+    with pytest.raises(UserError, match="demo: no 'dev' split; available splits: train, test"):
+        data.iter_pairs("demo", "dev")
+
+
+# -----------------------------------------------------------------------------
+# Hub datasets from the HF cache, offline
+
+SHA_MAIN, SHA_PARQUET, SHA_OLD = "a" * 40, "b" * 40, "c" * 40
+
+
+def cache_file(cache, repo, commit, relpath, write):
+    """Place a file as huggingface_hub does: the bytes in blobs/, a relative link in snapshots/."""
+    repo_dir = cache / ("datasets--" + repo.replace("/", "--"))
+    blob = repo_dir / "blobs" / f"{abs(hash((commit, relpath))):x}"
+    os.makedirs(blob.parent, exist_ok=True)
+    write(blob)
+    link = repo_dir / "snapshots" / commit / relpath
+    os.makedirs(link.parent, exist_ok=True)
+    os.symlink(os.path.relpath(blob, link.parent), link)
+
+
+def set_ref(cache, repo, revision, commit):
+    ref = cache / ("datasets--" + repo.replace("/", "--")) / "refs" / revision
+    os.makedirs(ref.parent, exist_ok=True)
+    ref.write_text(commit)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """A HF cache with Dahoas/rm-static (data/{split}-*.parquet on main) and Anthropic/hh-rlhf
+    (jsonl.gz on main, the parquet conversion on refs/convert/parquet), and offline mode on."""
+    cache = tmp_path / "hub"
+    rm = lambda chosen: lambda p: write_parquet(p, {"prompt": [P1], "response": ["r"], "chosen": [chosen], "rejected": [" no"]})  # noqa: E731
+    cache_file(cache, "Dahoas/rm-static", SHA_MAIN, "data/train-00000-of-00001-1a2b.parquet", rm(" train"))
+    cache_file(cache, "Dahoas/rm-static", SHA_MAIN, "data/test-00000-of-00001-3c4d.parquet", rm(" test"))
+    cache_file(cache, "Dahoas/rm-static", SHA_MAIN, "README.md", lambda p: p.write_text("card"))
+    set_ref(cache, "Dahoas/rm-static", "main", SHA_MAIN)
+    hh = lambda answer: lambda p: write_parquet(p, {"chosen": [f"{H} q{A} {answer}"], "rejected": [f"{H} q{A} bad"]})  # noqa: E731
+    cache_file(cache, "Anthropic/hh-rlhf", SHA_PARQUET, "default/test/0000.parquet", hh("p0"))
+    cache_file(cache, "Anthropic/hh-rlhf", SHA_PARQUET, "default/test/0001.parquet", hh("p1"))
+    set_ref(cache, "Anthropic/hh-rlhf", "refs/convert/parquet", SHA_PARQUET)  # -> refs/refs/convert/parquet
+    # an older conversion no ref points at any more, touched last: the refs must win over mtimes
+    cache_file(cache, "Anthropic/hh-rlhf", SHA_OLD, "default/test/0000.parquet", hh("stale"))
+    snapshots = cache / "datasets--Anthropic--hh-rlhf" / "snapshots"
+    os.utime(snapshots / SHA_OLD, (os.stat(snapshots / SHA_PARQUET).st_mtime + 60,) * 2)
+    cache_file(cache, "Anthropic/hh-rlhf", SHA_MAIN, "harmless-base/test.jsonl.gz",
+               lambda p: write_lines(p, [json.dumps({"chosen": f"{H} q{A} json", "rejected": f"{H} q{A} bad"}).encode()]))
+    set_ref(cache, "Anthropic/hh-rlhf", "main", SHA_MAIN)
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # it is read at import time
+    return cache
+
+
+def test_hub_cache_layout_matches_huggingface_hub(hf_cache):
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache("Anthropic/hh-rlhf", "default/test/0000.parquet", cache_dir=str(hf_cache),
+                                   revision="refs/convert/parquet", repo_type="dataset")
+    assert found == str(hf_cache / "datasets--Anthropic--hh-rlhf" / "snapshots" / SHA_PARQUET / "default/test/0000.parquet")
+    assert try_to_load_from_cache("Dahoas/rm-static", "data/test-00000-of-00001-3c4d.parquet", cache_dir=str(hf_cache),
+                                  repo_type="dataset") is not None
+
+
+def test_hub_offline_reads_the_cache(hf_cache):
+    assert as_tuples(read("Dahoas/rm-static", "test")[0]) == [(P1, " test", " no")]
+    assert [p.chosen for p in read("Dahoas/rm-static", "train")[0]] == [" train"]
+    pairs, _ = read("Anthropic/hh-rlhf", "test")  # the parquet conversion wins over main's jsonl.gz
+    assert as_tuples(pairs) == [(f"{H} q{A}", " p0", " bad"), (f"{H} q{A}", " p1", " bad")]
+    assert pairs[0].source == "Anthropic/hh-rlhf"
+    with pytest.raises(UserError, match=r"Dahoas/rm-static: no 'validation' split in the HF cache .* available splits: test, train"):
+        data.iter_pairs("Dahoas/rm-static", "validation")
+    with pytest.raises(UserError, match=r"Dahoas/full-hh-rlhf: HF_HUB_OFFLINE is set and nothing of it is in the HF cache "
+                                        r".*run once online.* HF_HUB_CACHE"):
+        data.iter_pairs("Dahoas/full-hh-rlhf", "test")
+
+
+def test_hub_offline_env_set_after_import_never_touches_network(hf_cache, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as if set after import
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *a, **k: pytest.fail("went online"))
+    assert [p.chosen for p in read("Dahoas/rm-static", "test")[0]] == [" test"]
+
+
+def test_hub_listing_failure_falls_back_to_cache(hf_cache, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_network)
+    assert [p.chosen for p in read("Dahoas/rm-static", "test")[0]] == [" test"]
+    with pytest.raises(UserError, match=r"Dahoas/full-hh-rlhf: listing it on the Hub failed \(ConnectionError"):
+        data.iter_pairs("Dahoas/full-hh-rlhf", "test")
+
+
+def test_hub_online_picks_shards(hf_cache, monkeypatch, tmp_path):
+    """Online: main's data/{split}-* parquet for Dahoas; hh-rlhf's parquet conversion, every shard."""
+    import huggingface_hub
+    listings = {
+        ("Dahoas/rm-static", None): ["README.md", "data/test-00000-of-00001-3c4d.parquet",
+                                     "data/train-00000-of-00002-1a2b.parquet", "data/train-00001-of-00002-5e6f.parquet"],
+        ("Anthropic/hh-rlhf", None): [".gitattributes", "README.md", "harmless-base/test.jsonl.gz", "harmless-base/train.jsonl.gz"],
+        ("Anthropic/hh-rlhf", "refs/convert/parquet"): ["default/test/0000.parquet", "default/train/0000.parquet",
+                                                        "default/train/0001.parquet"],
+    }
+    downloads = []
+
+    def download(repo, filename, repo_type, revision, cache_dir):
+        downloads.append((repo, filename, revision))
+        return write_parquet(tmp_path / f"dl{len(downloads)}.parquet", {"chosen": [f"{H} q{A} {filename}"], "rejected": [f"{H} q{A} x"]})
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo, repo_type, revision=None: listings[(repo, revision)])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert [p.chosen for p in read("Dahoas/rm-static", "train")[0]] == [
+        " data/train-00000-of-00002-1a2b.parquet", " data/train-00001-of-00002-5e6f.parquet"]
+    assert [p.chosen for p in read("Anthropic/hh-rlhf", "train")[0]] == [" default/train/0000.parquet", " default/train/0001.parquet"]
+    assert downloads[-1] == ("Anthropic/hh-rlhf", "default/train/0001.parquet", "refs/convert/parquet")
+    with pytest.raises(UserError, match=r"Anthropic/hh-rlhf: no 'dev' split on the Hub; available splits: test, train"):
+        data.iter_pairs("Anthropic/hh-rlhf", "dev")
+
+
+# -----------------------------------------------------------------------------
+# Streaming: memory does not grow with the file
+
+def test_parquet_streaming_memory_is_flat(tmp_path):
+    """100k pairs of 3 x 1 KB random text (300 MB uncompressed) read in a fresh process."""
+    n, size, rows_per_group = 100_000, 1000, 2000
+    path = str(tmp_path / "big.parquet")
+    rng = np.random.default_rng(0)
+    offsets = pa.py_buffer(np.arange(0, (rows_per_group + 1) * size, size, dtype=np.int32))
+    with pq.ParquetWriter(path, pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected")]),
+                          compression="none", use_dictionary=False) as writer:
+        for _ in range(n // rows_per_group):
+            cols = [pa.StringArray.from_buffers(rows_per_group, offsets,
+                                                pa.py_buffer(rng.integers(97, 123, rows_per_group * size, dtype=np.uint8)))
+                    for _ in range(3)]
+            writer.write_table(pa.table(cols, names=["prompt", "chosen", "rejected"]))
+    file_mib = os.path.getsize(path) / 2**20
+    assert file_mib > 250
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), path], capture_output=True, text=True, check=True).stdout
+    assert '"kept": 100000' in out
+    growth = float(re.search(r"peak RSS growth while reading: ([\d.]+) MiB", out).group(1))
+    print(f"streaming {file_mib:.0f} MiB of parquet: peak RSS growth {growth:.1f} MiB")
+    assert growth < file_mib / 4  # ~43 MiB; 390 MiB with pyarrow's default pre-buffering
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation
+
+def tokens(tok, ids):
+    return [tok.tok.id_to_token(i) for i in ids]
+
+
+def test_truncation_keeps_response_end_and_cuts_prompt_from_left():
+    tok = data.demo_tokenizer()
+    pair = Pair(f"{H} any tips on cats?{A}", " sure! cats", " ugh. boring.", source="t")
+    # prompt: Human : any tips on cats ? Assistant : (9); chosen 3 tokens, rejected 4 tokens
+    stats = DataStats()
+    full = data.tokenize_pair(tok, pair, 100, stats)
+    assert tokens(tok, full.chosen_ids) == ["Human", ":", "any", "tips", "on", "cats", "?", "Assistant", ":",
+                                            "sure", "!", "cats", "<|im_end|>"]
+    assert (full.prompt_len, full.chosen_response_len, full.rejected_response_len) == (9, 3, 4)
+    cut = data.tokenize_pair(tok, pair, 8, stats)  # room for 8 - (4 + eos) = 3 prompt tokens, in both
+    assert tokens(tok, cut.chosen_ids) == ["?", "Assistant", ":", "sure", "!", "cats", "<|im_end|>"]
+    assert tokens(tok, cut.rejected_ids) == ["?", "Assistant", ":", "ugh", ".", "boring", ".", "<|im_end|>"]
+    assert cut.prompt_len == 3 and cut.length == 8
+    none = data.tokenize_pair(tok, pair, 5, stats)  # the responses just fit, no prompt left
+    assert tokens(tok, none.rejected_ids) == ["ugh", ".", "boring", ".", "<|im_end|>"]
+    assert data.tokenize_pair(tok, pair, 4, stats) is None  # the rejected response + eos needs 5
+    assert (stats.tokenized, stats.truncated_prompt, stats.dropped_too_long) == (3, 2, 1)
+    # the batched path gives the same
+    stats2 = DataStats()
+    assert data.tokenize_pairs([pair, pair], tok, 8, stats2) == [cut, cut]
+    assert data.tokenize_pairs([pair], tok, 4, stats2) == [] and stats2.dropped_too_long == 1
+
+
+def item(chosen, rejected, margin=None):
+    return TokenizedPair(chosen, rejected, margin, "t", 0, len(chosen), len(rejected))
+
+
+def test_collate_layout():
+    batch = data.collate([item([1, 2, 3], [4, 5]), item([6], [7, 8, 9, 10])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [6, 0, 0, 0], [4, 5, 0, 0], [7, 8, 9, 10]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
+    assert batch["margin"] is None
+    margin = data.collate([item([1], [2], 2.5), item([3], [4])], pad_id=9)["margin"]
+    assert margin.dtype == torch.float32 and margin.tolist() == [2.5, 0.0]
+
+
+def test_batch_order_and_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1003)]
+    order = data.batch_order(lengths, 8, seed=1, epoch=0)
+    assert order == data.batch_order(lengths, 8, seed=1, epoch=0)
+    assert order != data.batch_order(lengths, 8, seed=1, epoch=1)
+    assert order != data.batch_order(lengths, 8, seed=2, epoch=0)
+    assert sorted(i for b in order for i in b) == list(range(1003))
+    assert sorted(len(b) for b in order) == [3] + [8] * 125  # the last partial batch is kept
+    first_window = [max(lengths[i] for i in b) for b in order[:50]]
+    assert first_window != sorted(first_window)  # the batches themselves are shuffled too
+    ordered = data.batch_order(lengths, 8, seed=1, shuffle=False)
+    assert [lengths[i] for b in ordered for i in b] == sorted(lengths, reverse=True)
+    items = [item([1] * n, [1] * max(1, n - 3)) for n in lengths]
+    perm = list(range(1003))
+    rng.shuffle(perm)
+    random_batches = [[items[i] for i in perm[s:s + 8]] for s in range(0, 1003, 8)]
+    grouped = data.padding_fraction([[items[i] for i in b] for b in order])
+    assert grouped < 0.1 < 0.4 < data.padding_fraction(random_batches)
+    assert data.padding_fraction([[item([1, 1], [1, 1, 1, 1])]]) == 0.25  # 2 pads out of 8 positions
+
+
+# -----------------------------------------------------------------------------
+# Demo task and tokenizer
+
+def test_demo_is_deterministic_disjoint_and_follows_its_rule():
+    train, test = data.load_pairs("demo", "train"), data.load_pairs("demo", "test")
+    assert (len(train), len(test)) == (4000, 500)
+    assert as_tuples(train[:50]) == as_tuples(data.load_pairs("demo", "train", max_samples=50))
+    first_question = lambda p: p.prompt.split(A)[0]  # noqa: E731 - topic + question template
+    assert not {first_question(p) for p in train} & {first_question(p) for p in test}  # unseen combinations
+    rude = {"ugh", "seriously", "whatever", "stupid", "again", "boring", "away", "yourself", "bother", "waste", "stop"}
+    for p in train + test:
+        subject = next(s for s, _ in data.DEMO_TOPICS if re.search(rf"\b{s}\b", first_question(p)))
+        topic_words = {subject, *dict(data.DEMO_TOPICS)[subject].split()}
+        chosen = set(re.findall(r"\w+", p.chosen))
+        rejected = set(re.findall(r"\w+", p.rejected))
+        assert chosen & topic_words and not chosen & rude  # on topic and polite
+        assert (rejected & rude) or not (rejected & topic_words)  # rude, or off topic
+        assert p.source == "demo" and p.prompt.startswith(H) and p.prompt.endswith(A)
+
+
+def test_demo_tokenizer_covers_demo_and_round_trips(tmp_path):
+    tok = data.demo_tokenizer()
+    assert tok.vocab_size < 400
+    assert (tok.pad_id, tok.eos_id) == (0, 1)
+    unk = tok.tok.token_to_id("<unk>")
+    stats = DataStats()
+    items = data.tokenize_pairs(data.load_pairs("demo", "train") + data.load_pairs("demo", "test"), tok, 256, stats)
+    assert len(items) == 4500 and stats.truncated_prompt == 0
+    assert all(unk not in it.chosen_ids and unk not in it.rejected_ids for it in items)
+    assert 8 <= min(it.prompt_len for it in items) and max(it.prompt_len for it in items) <= 40
+    lens = [n for it in items for n in (it.chosen_response_len, it.rejected_response_len)]
+    assert 10 <= min(lens) and max(lens) <= 40
+    assert tok.encode("zebra") == [unk]
+    tok.save(str(tmp_path / "tok"))
+    config = json.load(open(tmp_path / "tok" / "tokenizer_config.json"))
+    assert (config["eos_token"], config["pad_token"]) == ("<|im_end|>", "<|endoftext|>")
+    loaded = data.Tokenizer.from_dir(str(tmp_path / "tok"))
+    assert (loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (tok.eos_id, tok.pad_id, tok.vocab_size)
+    text = data.load_pairs("demo", "test", max_samples=1)[0].prompt + " sure! cats<|im_end|>"
+    assert loaded.encode(text) == tok.encode(text) and loaded.encode(text)[-1] == tok.eos_id
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(UserError, match="no tokenizer.json; point at a model directory"):
+        data.Tokenizer.from_dir(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="tokenizer.json: not a valid tokenizer.json"):
+        data.Tokenizer.from_dir(str(tmp_path))
+    data.demo_tokenizer().save(str(tmp_path / "t"))
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(UserError, match=r"eos '</s>' or pad '<\|endoftext\|>' is not in the vocabulary"):
+        data.Tokenizer.from_dir(str(tmp_path / "t"))
+    (tmp_path / "t" / "tokenizer_config.json").unlink()  # no config: Qwen3's defaults
+    tok = data.Tokenizer.from_dir(str(tmp_path / "t"))
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")

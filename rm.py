@@ -13,7 +13,7 @@ Chosen and rejected run through the backbone together, in ONE forward pass: rows
 the chosen sequences and rows B..2B-1 the rejected ones (see data.collate).
 
 Two heads:
-- `mlp` (default): hidden -> hidden/2 -> 1 with a GELU between; pooling `mean` by default.
+- `mlp` (default): hidden -> hidden/2 -> 1 with a GELU between (no output bias); pooling `mean` by default.
 - `linear`: a bias-free `score` layer hidden -> 1 with `last` pooling: the layout of transformers'
   Qwen3ForSequenceClassification, so a model saved with it loads in transformers/TRL/vLLM as is.
 
@@ -82,7 +82,9 @@ class MLPHead(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, hidden // 2)
-        self.fc2 = nn.Linear(hidden // 2, 1)
+        # No output bias: the pairwise loss only sees r_chosen - r_rejected, so a bias would cancel and
+        # its gradient would be pure rounding noise (which Adam would happily amplify into drift).
+        self.fc2 = nn.Linear(hidden // 2, 1, bias=False)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -121,7 +123,6 @@ class RewardModel(nn.Module):
                 bound = 1 / math.sqrt(fc1.in_features)  # nn.Linear's default, seeded
                 fc1.weight.copy_(torch.empty(fc1.weight.shape).uniform_(-bound, bound, generator=gen))
                 fc1.bias.zero_()
-                out.bias.zero_()
             out.weight.copy_(torch.empty(out.weight.shape).normal_(0, 0.02 / math.sqrt(out.in_features), generator=gen))
         return self
 

@@ -1,0 +1,756 @@
+"""Train a Qwen3 reward model: one hand-written loop, readable top to bottom.
+
+    python train.py --config demo                        # tiny model, synthetic task, CPU, ~1 minute
+    python train.py --model Qwen/Qwen3-0.6B --bf16       # the real thing, on Anthropic/hh-rlhf
+    torchrun --nproc_per_node=8 train.py --config qwen3_1.7b --bf16 --fsdp
+
+What one optimizer step does:
+  1. take the next global batch of preference pairs (length-grouped, deterministic for the seed);
+     under torchrun each process takes its own slice of it;
+  2. for each micro-batch: chosen + rejected in ONE forward pass -> rewards -> pairwise loss -> backward
+     (bf16 autocast over fp32 master weights with --bf16; activations recomputed with
+     --gradient_checkpointing);
+  3. clip the gradient norm, step AdamW (or bitsandbytes' 8-bit AdamW), step the LR schedule
+     (linear warmup, then cosine decay to 0).
+
+Everything a run needs to continue EXACTLY is in each checkpoint: weights, optimizer and scheduler
+state, RNG states and the step (the data order is a pure function of seed and epoch, so the step is the
+data position). A resumed run ends with the same weights as an uninterrupted one, bitwise on CPU.
+
+Output directory:
+  final_model/            the trained reward model (loads with RewardModel.from_pretrained / eval.py)
+  best_model_step_N/      the model with the best held-out accuracy so far
+  checkpoint_step_N/      model/ + optimizer.pt + trainer_state.json; the newest --save_total_limit kept
+  evaluation_report.json  eval.py's report on the final model
+  train_config.json, log.jsonl
+Every directory is written under a temporary name and renamed into place when complete.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from errors import UserError, run_cli
+from qwen3 import CONFIGS as MODEL_CONFIGS
+from qwen3 import load_checked, read_state_dict
+from rm import HEADS, POOLINGS, RewardModel, fsync_dir, replace_dir, write_json_durably
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "Qwen/Qwen3-0.6B"           # Hub id or local directory; with from_scratch, a qwen3.CONFIGS name
+    from_scratch: bool = False               # random init (the demo): no download at all
+    head: str | None = None                  # mlp (default) | linear; None = whatever the checkpoint has
+    pooling: str | None = None               # mean (default) | last
+    # data
+    dataset: list = field(default_factory=lambda: ["Anthropic/hh-rlhf"])
+    eval_split: str = "test"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 1000
+    max_length: int = 1024
+    # optimisation
+    batch_size: int = 8                      # pairs per micro-batch, per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-6
+    num_epochs: float = 3
+    max_steps: int = -1                      # > 0 overrides num_epochs
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    center_rewards_coefficient: float = 0.0
+    # memory and speed
+    freeze_layers: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    optim_8bit: bool = False
+    model_8bit: bool = False
+    compile: bool = False
+    packing: bool = False
+    fsdp: bool = False
+    # bookkeeping
+    eval_steps: int = 200
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    output_dir: str = "out/rm"
+    overwrite_output_dir: bool = False
+    resume: str | None = None                # "latest" or a checkpoint path
+    seed: int = 42
+    device: str | None = None                # default: cuda if available
+    use_wandb: bool = False
+    wandb_project: str = "qwen3-rm"
+    progress: bool = True
+
+
+# Named configurations: --config NAME starts from these values, and any flag given overrides them.
+_06 = dict(model="Qwen/Qwen3-0.6B", batch_size=8, learning_rate=5e-6, num_epochs=3)
+_17 = dict(model="Qwen/Qwen3-1.7B", batch_size=4, learning_rate=3e-6, num_epochs=3)
+SIZES = {"": dict(max_train_samples=5000, max_length=1024),
+         "_small": dict(max_train_samples=1000, max_length=512),
+         "_medium": dict(max_train_samples=20000, max_length=1024),
+         "_large": dict(max_train_samples=None, max_length=2048)}
+CONFIGS = {
+    **{f"qwen3_0.6b{s}": {**_06, **v} for s, v in SIZES.items()},
+    **{f"qwen3_1.7b{s}": {**_17, **v} for s, v in SIZES.items()},
+    "custom": {},
+    "demo": dict(model="demo", from_scratch=True, dataset=["demo"], max_train_samples=None,
+                 max_eval_samples=500, max_length=128, batch_size=32, learning_rate=2e-3, num_epochs=8,
+                 warmup_ratio=0.05, weight_decay=0.0, eval_steps=250, save_steps=1000, logging_steps=50,
+                 output_dir="out/demo", device="cpu"),
+}
+
+# The demo's model: a tiny Qwen3 trained from scratch (its vocabulary is the demo tokenizer's).
+MODEL_CONFIGS["demo"] = MODEL_CONFIGS["tiny"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking the configuration: every mistake found here ends the run before anything is written.
+
+
+def validate(cfg: TrainConfig):
+    for name in ("batch_size", "gradient_accumulation_steps", "max_length", "eval_steps", "save_steps",
+                 "logging_steps"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
+    if cfg.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive (got {cfg.learning_rate})")
+    if cfg.num_epochs <= 0 and cfg.max_steps <= 0:
+        raise UserError(f"--num_epochs must be positive (got {cfg.num_epochs}), or set --max_steps")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})")
+    if cfg.weight_decay < 0 or cfg.max_grad_norm < 0 or cfg.freeze_layers < 0 or cfg.save_total_limit < 1:
+        raise UserError("--weight_decay, --max_grad_norm and --freeze_layers must be >= 0 and "
+                        "--save_total_limit >= 1")
+    if cfg.head not in (None, *HEADS):
+        raise UserError(f"--head must be one of {HEADS} (got {cfg.head!r})")
+    if cfg.pooling not in (None, *POOLINGS):
+        raise UserError(f"--pooling must be one of {POOLINGS} (got {cfg.pooling!r})")
+    if cfg.from_scratch and cfg.model not in MODEL_CONFIGS:
+        raise UserError(f"--from_scratch needs --model to name one of {sorted(MODEL_CONFIGS)}")
+    if cfg.model_8bit and cfg.fsdp:
+        raise UserError("--8bit_model cannot be combined with --fsdp (int8 weights cannot be sharded); drop one")
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise UserError("--resume and --overwrite_output_dir contradict each other; pick one")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--bf16 needs a GPU with bfloat16 support ({torch.cuda.get_device_name()} has none); "
+                        "drop --bf16")
+    if cfg.optim_8bit or cfg.model_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--8bit_optim/--8bit_model need bitsandbytes: pip install bitsandbytes") from None
+    if cfg.use_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)") from None
+    return device
+
+
+RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|evaluation_report\.json|"
+                       r"train_config\.json|log\.jsonl)$")
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Refuse to mix two runs in one directory; make sure we can write there before training starts."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; pass a directory")
+    ours = sorted(p.name for p in out.iterdir() if RUN_FILES.match(p.name)) if out.is_dir() else []
+    if ours and not cfg.resume:
+        if not cfg.overwrite_output_dir:
+            raise UserError(f"--output_dir {out} already holds another run ({', '.join(ours[:3])}); "
+                            "pass --resume to continue it, --overwrite_output_dir to replace it, "
+                            "or choose another --output_dir")
+        for name in ours:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --output_dir {out} ({e.strerror}); choose a writable directory") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints (trainer_state.json is written last), oldest first."""
+    found = [p for p in out.glob("checkpoint_step_*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("_", 1)[1]))
+
+
+def find_resume_checkpoint(cfg: TrainConfig, out: Path) -> Path:
+    if cfg.resume in ("latest", "auto", "true", "1"):
+        ckpts = checkpoint_dirs(out)
+        if not ckpts:
+            raise UserError(f"--resume: no checkpoint in {out} to resume from; start without --resume")
+        return ckpts[-1]
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume {path} is not a checkpoint directory (no trainer_state.json); "
+                        f"pass a checkpoint_step_N directory or --resume latest")
+    return path
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, full_state: dict, optimizer_state: dict, scheduler,
+                    trainer_state: dict, save_total_limit: int) -> Path:
+    """checkpoint_step_N/: model/ (a loadable reward model), optimizer.pt, trainer_state.json (last)."""
+    final = out / f"checkpoint_step_{step}"
+    tmp = out / f".checkpoint_step_{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, full_state, tmp / "model")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states()},
+                   tmp / "optimizer.pt")
+        write_json_durably(tmp / "trainer_state.json", trainer_state)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(out)[:-save_total_limit]:  # bounded disk: keep the newest few
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_model(model: RewardModel, full_state: dict | None, path: Path):
+    """Save the reward model; under FSDP the gathered full state dict replaces the sharded weights."""
+    if full_state is None:
+        return model.save_pretrained(path)
+    with torch.device("meta"):
+        shell = RewardModel(model.config, model.head_type, model.pooling)
+    shell.load_state_dict(full_state, assign=True)
+    shell.tokenizer, shell.extra_config = model.tokenizer, model.extra_config
+    return shell.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed (torchrun) helpers: with a single process all of these are no-ops.
+
+
+def setup_distributed(device: torch.device):
+    """Return (rank, world_size). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; nothing set = one process."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values / world_size
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces
+
+
+def build_model(cfg: TrainConfig, tokenizer_for_scratch=None) -> RewardModel:
+    if cfg.from_scratch:
+        import dataclasses
+        config = dataclasses.replace(MODEL_CONFIGS[cfg.model], vocab_size=tokenizer_for_scratch.vocab_size)
+        torch.manual_seed(cfg.seed)
+        model = RewardModel(config, head=cfg.head or "mlp", pooling=cfg.pooling or "mean")
+        model.model.init_weights(seed=cfg.seed)
+        model.init_head(cfg.seed)
+        model.tokenizer = tokenizer_for_scratch
+        return model
+    model = RewardModel.from_pretrained(cfg.model, head=cfg.head, pooling=cfg.pooling, seed=cfg.seed)
+    if model.tokenizer is None:
+        raise UserError(f"{cfg.model} has no tokenizer.json; a model directory must hold its tokenizer files")
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model, device):
+    """AdamW with weight decay on matrices only (not on norms and biases). Frozen parameters get no state."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.optim_8bit:
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warmup from 0, then cosine decay to 0."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig) -> dict:
+    import data
+    from eval import evaluate, write_report
+
+    device = validate(cfg)
+    rank, world = setup_distributed(device)
+    is_main = rank == 0
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = prepare_output_dir(cfg) if is_main else Path(cfg.output_dir)
+    if world > 1:
+        dist.barrier()
+    resume_from = find_resume_checkpoint(cfg, out) if cfg.resume else None
+    log = print if is_main else (lambda *a, **k: None)
+
+    # ---- data: pairs -> token ids; every skipped or dropped pair is counted and reported
+    tokenizer = data.demo_tokenizer() if cfg.from_scratch else None
+    model = build_model(cfg, tokenizer)
+    tokenizer = model.tokenizer
+    train_stats, eval_stats = data.DataStats(), data.DataStats()
+    train_pairs = data.load_pairs(cfg.dataset, split="train", max_samples=cfg.max_train_samples, stats=train_stats)
+    eval_pairs = data.load_pairs(cfg.dataset, split=cfg.eval_split, max_samples=cfg.max_eval_samples,
+                                 stats=eval_stats)
+    train_items = data.tokenize_pairs(train_pairs, tokenizer, cfg.max_length, train_stats)
+    if not train_items:
+        raise UserError(f"no usable training pairs in {cfg.dataset} ({train_stats.report()}); "
+                        "check the dataset, or raise --max_length")
+    log(f"data: {len(train_items)} training pairs, {len(eval_pairs)} eval pairs | train {train_stats.report()}")
+    lengths = [len(it.chosen_ids) + len(it.rejected_ids) for it in train_items]
+    # One optimizer step consumes one "step batch" of batch_size x accumulation x processes pairs. The
+    # order of step batches depends only on the seed and the epoch, so 1 process x batch 8, 2 processes
+    # x batch 4 and batch 4 x 2 accumulation steps all see exactly the same pairs at every step.
+    step_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    steps_per_epoch = math.ceil(len(train_items) / step_batch)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(steps_per_epoch * cfg.num_epochs))
+    epoch_orders = {}
+
+    def micro_batches(step: int) -> list:
+        """This process's micro-batches of optimizer step `step`, each with the number of pairs in the
+        whole micro-step (all processes): a pure function of (seed, step), which makes resuming exact."""
+        epoch, j = divmod(step, steps_per_epoch)
+        if epoch not in epoch_orders:
+            epoch_orders.clear()
+            epoch_orders[epoch] = data.batch_order(lengths, step_batch, cfg.seed, epoch)
+        idx = epoch_orders[epoch][j]
+        per_micro = cfg.batch_size * world
+        chunks = [idx[i:i + per_micro] for i in range(0, len(idx), per_micro)]
+        return [(chunk[rank::world], len(chunk)) for chunk in chunks]
+
+    # ---- model, memory options, optimizer, schedule
+    model.extra_config = {"dataset": list(cfg.dataset), "max_length": cfg.max_length, "eval_split": cfg.eval_split}
+    if resume_from is not None:  # weights first, then the options that change the modules
+        load_checked(model, read_model_state(resume_from / "model"), where=str(resume_from / "model"))
+    model.freeze_layers(cfg.freeze_layers)
+    model.to(device)
+    if cfg.model_8bit:  # after the move: bitsandbytes quantises while placing the weights on the device
+        model.quantize_8bit()
+    model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    train_model = wrap_distributed(model, cfg, device, world)
+    step_fn = torch.compile(train_model) if cfg.compile else train_model
+    optimizer = make_optimizer(cfg, train_model, device)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {cfg.model} | head {model.head_type}, pooling {model.pooling} | "
+        f"{n_trainable / 1e6:.2f}M trainable parameters | device {device}, {world} process(es)")
+
+    step, best_accuracy, history = 0, -1.0, []
+    if resume_from is not None:
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        check_same_run(state["config"], cfg)
+        saved = torch.load(resume_from / "optimizer.pt", weights_only=False, map_location="cpu")
+        load_optimizer_state(optimizer, train_model, saved["optimizer"], cfg)
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_states(saved["rng"])
+        step, best_accuracy, history = state["step"], state["best_accuracy"], state["history"]
+        log(f"resumed from {resume_from} at step {step}/{total_steps}")
+    if is_main:
+        write_json_durably(out / "train_config.json", asdict(cfg))
+    wandb_run = None
+    if cfg.use_wandb and is_main:
+        import wandb
+        wandb_run = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+
+    # Ctrl-C / SIGTERM: finish the step in flight, checkpoint, exit with a resume line.
+    stop = {"signal": None}
+    def request_stop(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint_now():
+        full = gather_full_state(train_model, cfg, world)
+        opt_state = gather_optimizer_state(optimizer, train_model, cfg, world)
+        if is_main:
+            trainer_state = {"step": step, "best_accuracy": best_accuracy, "history": history,
+                             "config": asdict(cfg), "total_steps": total_steps}
+            path = save_checkpoint(out, step, model, full, opt_state, scheduler, trainer_state,
+                                   cfg.save_total_limit)
+        if world > 1:
+            dist.barrier()
+        return out / f"checkpoint_step_{step}"
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        while step < total_steps:
+            # -- one optimizer step over gradient_accumulation_steps micro-batches
+            micro = micro_batches(step)
+            pairs_in_step = sum(n for _, n in micro)          # over all micro-batches and processes
+            metrics = torch.zeros(3, device=device)              # loss, accuracy, margin (pair-weighted)
+            for i, (idx, _) in enumerate(micro):
+                items = [train_items[j] for j in idx]
+                batch = to_device(data.collate_packed(items, tokenizer.pad_id) if cfg.packing
+                                  else data.collate(items, tokenizer.pad_id), device)
+                sync = i == len(micro) - 1 or world == 1
+                with maybe_no_sync(train_model, sync, cfg), autocast:
+                    outputs = step_fn(**batch, pairs=True, center_rewards_coefficient=cfg.center_rewards_coefficient)
+                # Weight each micro-batch by its share of the step's pairs, so accumulation (and data
+                # parallelism, which averages over processes) equals one big batch exactly.
+                weight = len(items) / pairs_in_step * world
+                (outputs["loss"] * weight).backward()
+                metrics += torch.stack([outputs["loss"], outputs["accuracy"], outputs["margin"]]).detach() * weight
+                window["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                    else int((batch["sequence_ids"] >= 0).sum())
+            metrics = all_reduce_mean(metrics, world)
+            loss_value = metrics[0].item()
+            if not math.isfinite(loss_value):
+                last = checkpoint_dirs(out)
+                raise UserError(f"the loss became {loss_value} at step {step + 1}; training stopped. "
+                                f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --learning_rate "
+                                "or check the data, then --resume")
+            grad_norm = clip_grad_norm(train_model, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for k, v in zip(("loss", "accuracy", "margin"), metrics.tolist()):
+                window[k] += v
+            window["n"] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{metrics[1].item():.3f}")
+
+            # -- logging
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window["t0"]
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                          **{k: round(window[k] / window["n"], 5) for k in ("loss", "accuracy", "margin")},
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                          "tokens_per_s": round(window["tokens"] * world / elapsed, 1),
+                          "peak_mem_gib": round(peak_memory_gib(device), 3)}
+                history.append(record)
+                if is_main:
+                    append_log(out, record)
+                    if wandb_run:
+                        wandb_run.log(record, step=step)
+                    msg = " | ".join(f"{k} {v}" for k, v in record.items())
+                    (bar.write if bar is not None else print)(msg)
+                window.update(loss=0.0, accuracy=0.0, margin=0.0, n=0, tokens=0, t0=time.perf_counter())
+
+            # -- periodic evaluation on the held-out split; keep the best model
+            if eval_pairs and (step % cfg.eval_steps == 0 or step == total_steps):
+                full = gather_full_state(train_model, cfg, world)
+                if is_main:
+                    report = evaluate(model if full is None else model_from_state(model, full), eval_pairs,
+                                      batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
+                                      progress=False, stats=eval_stats)
+                    record = {"step": step, "eval_accuracy": report["accuracy"],
+                              "eval_loss": report["loss"], "eval_margin": report["margin"]["mean"]}
+                    history.append(record)
+                    append_log(out, record)
+                    if wandb_run:
+                        wandb_run.log(record, step=step)
+                    (bar.write if bar is not None else print)(
+                        f"eval step {step}: accuracy {record['eval_accuracy']:.4f} | loss {record['eval_loss']:.4f}"
+                        f" | margin {record['eval_margin']:.4f}")
+                    if record["eval_accuracy"] > best_accuracy:
+                        best_accuracy = record["eval_accuracy"]
+                        for old in out.glob("best_model_step_*"):
+                            shutil.rmtree(old, ignore_errors=True)
+                        save_model(model, full, out / f"best_model_step_{step}")
+                if world > 1:
+                    dist.barrier()
+
+            if step % cfg.save_steps == 0 and step < total_steps:
+                checkpoint_now()
+            if stop["signal"] and step < total_steps:
+                path = checkpoint_now()
+                log(f"\n{stop['signal']} received: saved {path} at step {step}/{total_steps}. Resume with:\n"
+                    f"  python train.py {' '.join(resume_args(sys.argv[1:]))} --resume {path}")
+                return {"stopped_at": step, "checkpoint": str(path)}
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+
+    # ---- the end: final model and its evaluation report
+    result = {"step": step, "output_dir": str(out), "final_model": str(out / "final_model")}
+    full = gather_full_state(train_model, cfg, world)
+    if is_main:
+        save_model(model, full, out / "final_model")
+        final_model = model if full is None else model_from_state(model, full)
+        if eval_pairs:
+            report = evaluate(final_model, eval_pairs, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
+                              bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats)
+            report.update(checkpoint=str(out / "final_model"), dataset=list(cfg.dataset), split=cfg.eval_split,
+                          max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
+            write_report(out / "evaluation_report.json", report)
+            result["eval_accuracy"] = report["accuracy"]
+            result["report"] = str(out / "evaluation_report.json")
+            log(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "
+                f"model saved to {out / 'final_model'}")
+        if wandb_run:
+            wandb_run.finish()
+    if world > 1:
+        dist.barrier()
+    result["history"] = history
+    return result
+
+
+def resume_args(argv: list[str]) -> list[str]:
+    """The command line without a previous --resume, so the printed resume command is clean."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if not a.startswith("--resume="):
+            args.append(a)
+    return args
+
+
+def read_model_state(model_dir: Path) -> dict:
+    from rm import MODULE_NAMES
+    return {MODULE_NAMES.get(k, k): v for k, v in read_state_dict(model_dir, torch.float32).items()}
+
+
+def check_same_run(saved: dict, cfg: TrainConfig):
+    """Resuming with other data or batch settings would not continue the same run: refuse."""
+    keys = ("model", "dataset", "max_train_samples", "max_length", "batch_size", "gradient_accumulation_steps",
+            "seed", "head", "pooling", "freeze_layers", "model_8bit", "optim_8bit", "packing")
+    diff = [f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"--resume: the checkpoint was trained with other settings: {', '.join(diff)}; "
+                        "resume with the same flags, or start a new --output_dir")
+
+
+def append_log(out: Path, record: dict):
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def clip_grad_norm(model, max_norm: float):
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+# ---- data parallel wrappers (DDP, FSDP2); plain passthroughs for one process ---------------------
+
+
+def wrap_distributed(model, cfg: TrainConfig, device, world: int):
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:  # shard block by block: one block's full weights live at a time
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class maybe_no_sync:
+    """DDP: skip the gradient all-reduce on micro-steps before the last one of an accumulation."""
+    def __init__(self, model, sync: bool, cfg):
+        self.ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
+        self.fsdp_model = model if (cfg.fsdp and hasattr(model, "set_requires_gradient_sync")) else None
+        self.sync = sync
+
+    def __enter__(self):
+        if self.fsdp_model is not None:
+            self.fsdp_model.set_requires_gradient_sync(self.sync)
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def gather_full_state(train_model, cfg, world):
+    """Under FSDP, gather the full (unsharded) model state on CPU for saving; None otherwise."""
+    if not (world > 1 and cfg.fsdp):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gather_optimizer_state(optimizer, train_model, cfg, world):
+    if not (world > 1 and cfg.fsdp):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(train_model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(optimizer, train_model, state, cfg):
+    if not (cfg.fsdp and dist.is_initialized()):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(train_model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def model_from_state(model: RewardModel, full_state: dict) -> RewardModel:
+    with torch.device("meta"):
+        shell = RewardModel(model.config, model.head_type, model.pooling)
+    shell.load_state_dict(full_state, assign=True)
+    shell.tokenizer, shell.extra_config = model.tokenizer, model.extra_config
+    return shell
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: argparse builds a TrainConfig; the named config supplies defaults, flags override.
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description="Train a Qwen3 reward model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    S = argparse.SUPPRESS  # flags not given stay unset, so the named config's value applies
+    p.add_argument("--config", default="custom", choices=sorted(CONFIGS), help="named configuration to start from")
+    p.add_argument("--model", "--model_name", dest="model", default=S, help="Hub repo id or local checkpoint directory")
+    p.add_argument("--from_scratch", action="store_true", default=S, help="random init from a qwen3.CONFIGS name")
+    p.add_argument("--head", default=S, choices=HEADS, help="reward head (default: the checkpoint's, else mlp)")
+    p.add_argument("--pooling", default=S, choices=POOLINGS, help="pooling (default: the checkpoint's, else mean)")
+    p.add_argument("--dataset", nargs="+", default=S, help="one or more sources: Hub dataset ids, files, dirs, globs, 'demo'")
+    p.add_argument("--eval_split", default=S, help="held-out split for evaluation")
+    p.add_argument("--max_train_samples", type=int, default=S, help="use at most this many training pairs")
+    p.add_argument("--max_eval_samples", type=int, default=S, help="evaluate on at most this many pairs")
+    p.add_argument("--max_length", type=int, default=S, help="max tokens per sequence (prompt cut from the left)")
+    p.add_argument("--batch_size", type=int, default=S, help="pairs per micro-batch per process")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=S, help="micro-batches per optimizer step")
+    p.add_argument("--learning_rate", type=float, default=S, help="peak learning rate")
+    p.add_argument("--num_epochs", type=float, default=S, help="passes over the training pairs")
+    p.add_argument("--max_steps", type=int, default=S, help="optimizer steps; > 0 overrides --num_epochs")
+    p.add_argument("--warmup_ratio", type=float, default=S, help="share of steps with linear warmup")
+    p.add_argument("--weight_decay", type=float, default=S, help="AdamW weight decay (matrices only)")
+    p.add_argument("--max_grad_norm", type=float, default=S, help="gradient clipping (0 = off)")
+    p.add_argument("--center_rewards_coefficient", type=float, default=S, help="weight of mean((r_c + r_r)^2)")
+    p.add_argument("--freeze_layers", type=int, default=S, help="freeze the embeddings and the first N blocks")
+    p.add_argument("--bf16", action="store_true", default=S, help="bf16 autocast over fp32 master weights")
+    p.add_argument("--gradient_checkpointing", action="store_true", default=S, help="recompute activations in backward")
+    p.add_argument("--8bit_optim", dest="optim_8bit", action="store_true", default=S, help="bitsandbytes AdamW8bit")
+    p.add_argument("--8bit_model", dest="model_8bit", action="store_true", default=S,
+                   help="frozen int8 backbone (bitsandbytes Linear8bitLt); trains the head and norms")
+    p.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    p.add_argument("--packing", action="store_true", default=S, help="padding-free packed batches")
+    p.add_argument("--fsdp", action="store_true", default=S, help="under torchrun: FSDP2 instead of DDP")
+    p.add_argument("--eval_steps", type=int, default=S, help="evaluate every N steps")
+    p.add_argument("--save_steps", type=int, default=S, help="checkpoint every N steps")
+    p.add_argument("--save_total_limit", type=int, default=S, help="keep the newest N checkpoints")
+    p.add_argument("--logging_steps", type=int, default=S, help="log every N steps")
+    p.add_argument("--output_dir", default=S, help="where checkpoints and the final model go")
+    p.add_argument("--overwrite_output_dir", action="store_true", default=S, help="replace a previous run there")
+    p.add_argument("--resume", nargs="?", const="latest", default=S,
+                   help="continue from the latest checkpoint in --output_dir, or from the given checkpoint")
+    p.add_argument("--seed", type=int, default=S, help="random seed (init, data order)")
+    p.add_argument("--device", default=S, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--use_wandb", action="store_true", default=S, help="log to Weights & Biases")
+    p.add_argument("--wandb_project", default=S, help="W&B project name")
+    p.add_argument("--no_progress", dest="progress", action="store_false", default=S, help="no progress bar")
+    p.add_argument("--eval_only", action="store_true", help="only evaluate --model_path (same report as eval.py)")
+    p.add_argument("--model_path", help="checkpoint to evaluate with --eval_only")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    args = vars(p.parse_args(argv))
+    name, eval_only, model_path = args.pop("config"), args.pop("eval_only"), args.pop("model_path")
+    args.pop("debug")
+    cfg = TrainConfig(**{**CONFIGS[name], **args})
+    return cfg, eval_only, model_path
+
+
+def main(argv=None):
+    cfg, eval_only, model_path = parse_args(argv)
+    if eval_only:
+        if not model_path:
+            raise UserError("--eval_only needs --model_path CHECKPOINT")
+        import eval as eval_cli
+        eval_args = [model_path, "--dataset", *cfg.dataset, "--split", cfg.eval_split, "--max_length",
+                     str(cfg.max_length), "--batch_size", str(cfg.batch_size * 2)]
+        if cfg.max_eval_samples:
+            eval_args += ["--max_samples", str(cfg.max_eval_samples)]
+        if cfg.bf16:
+            eval_args.append("--bf16")
+        return eval_cli.main(eval_args)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)

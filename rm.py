@@ -128,7 +128,9 @@ class RewardModel(nn.Module):
 
     def apply_head(self, pooled):
         head = self.reward_head if self.head_type == "mlp" else self.linear_head
-        return head(pooled).squeeze(-1).float()
+        # (N, 1) -> (N,) by a sum over the single column: a new tensor rather than a view, because FSDP2
+        # warns about module outputs that are views (an in-place op on them would skip its hooks).
+        return head(pooled).sum(-1).float()
 
     # ---- forward -----------------------------------------------------------------------------
 

@@ -405,7 +405,7 @@ def train(cfg: TrainConfig) -> dict:
     step, best_accuracy, history = 0, -1.0, []
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
-        check_same_run(state["config"], cfg)
+        check_same_run(state, cfg, step_batch)
         saved = torch.load(resume_from / "optimizer.pt", weights_only=False, map_location="cpu")
         load_optimizer_state(optimizer, train_model, saved["optimizer"], cfg)
         scheduler.load_state_dict(saved["scheduler"])
@@ -430,7 +430,8 @@ def train(cfg: TrainConfig) -> dict:
         opt_state = gather_optimizer_state(optimizer, train_model, cfg, world)
         if is_main:
             trainer_state = {"step": step, "best_accuracy": best_accuracy, "history": history,
-                             "config": asdict(cfg), "total_steps": total_steps}
+                             "config": asdict(cfg), "total_steps": total_steps, "step_batch": step_batch,
+                             "world_size": world}
             path = save_checkpoint(out, step, model, full, opt_state, scheduler, trainer_state,
                                    cfg.save_total_limit)
         if world > 1:
@@ -450,21 +451,23 @@ def train(cfg: TrainConfig) -> dict:
             # -- one optimizer step over gradient_accumulation_steps micro-batches
             micro = micro_batches(step)
             pairs_in_step = sum(n for _, n in micro)          # over all micro-batches and processes
-            metrics = torch.zeros(3, device=device)              # loss, accuracy, margin (pair-weighted)
+            metrics = torch.zeros(4, device=device)    # loss, accuracy, margin (pair-weighted), tokens
             for i, (idx, _) in enumerate(micro):
-                items = [train_items[j] for j in idx]
+                # Weight each micro-batch by its share of the step's pairs, so accumulation (and data
+                # parallelism, which averages over processes) equals one big batch exactly. A process
+                # whose slice of a short last batch is empty still runs (on a stand-in pair, weight 0),
+                # because every process must join each gradient all-reduce.
+                weight = len(idx) / pairs_in_step * world
+                items = [train_items[j] for j in idx] or [train_items[0]]
                 batch = to_device(data.collate_packed(items, tokenizer.pad_id) if cfg.packing
                                   else data.collate(items, tokenizer.pad_id), device)
                 sync = i == len(micro) - 1 or world == 1
                 with maybe_no_sync(train_model, sync, cfg), autocast:
                     outputs = step_fn(**batch, pairs=True, center_rewards_coefficient=cfg.center_rewards_coefficient)
-                # Weight each micro-batch by its share of the step's pairs, so accumulation (and data
-                # parallelism, which averages over processes) equals one big batch exactly.
-                weight = len(items) / pairs_in_step * world
                 (outputs["loss"] * weight).backward()
-                metrics += torch.stack([outputs["loss"], outputs["accuracy"], outputs["margin"]]).detach() * weight
-                window["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                    else int((batch["sequence_ids"] >= 0).sum())
+                tokens = batch["attention_mask"].sum() if "attention_mask" in batch else (batch["sequence_ids"] >= 0).sum()
+                metrics += torch.stack([outputs["loss"].detach() * weight, outputs["accuracy"] * weight,
+                                        outputs["margin"].detach() * weight, tokens * world * (len(idx) > 0)])
             metrics = all_reduce_mean(metrics, world)
             loss_value = metrics[0].item()
             if not math.isfinite(loss_value):
@@ -480,6 +483,7 @@ def train(cfg: TrainConfig) -> dict:
             for k, v in zip(("loss", "accuracy", "margin"), metrics.tolist()):
                 window[k] += v
             window["n"] += 1
+            window["tokens"] += int(metrics[3])                 # summed over processes
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{metrics[1].item():.3f}")
@@ -490,7 +494,7 @@ def train(cfg: TrainConfig) -> dict:
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
                           **{k: round(window[k] / window["n"], 5) for k in ("loss", "accuracy", "margin")},
                           "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
-                          "tokens_per_s": round(window["tokens"] * world / elapsed, 1),
+                          "tokens_per_s": round(window["tokens"] / elapsed, 1),
                           "peak_mem_gib": round(peak_memory_gib(device), 3)}
                 history.append(record)
                 if is_main:
@@ -527,6 +531,10 @@ def train(cfg: TrainConfig) -> dict:
 
             if step % cfg.save_steps == 0 and step < total_steps:
                 checkpoint_now()
+            if world > 1:  # every process must agree to stop at the same step (checkpointing is collective)
+                flag = torch.tensor([float(stop["signal"] is not None)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
             if stop["signal"] and step < total_steps:
                 path = checkpoint_now()
                 log(f"\n{stop['signal']} received: saved {path} at step {step}/{total_steps}. Resume with:\n"
@@ -558,6 +566,7 @@ def train(cfg: TrainConfig) -> dict:
             wandb_run.finish()
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
     result["history"] = history
     return result
 
@@ -582,11 +591,17 @@ def read_model_state(model_dir: Path) -> dict:
     return {MODULE_NAMES.get(k, k): v for k, v in read_state_dict(model_dir, torch.float32).items()}
 
 
-def check_same_run(saved: dict, cfg: TrainConfig):
+def check_same_run(saved: dict, cfg: TrainConfig, step_batch: int):
     """Resuming with other data or batch settings would not continue the same run: refuse."""
-    keys = ("model", "dataset", "max_train_samples", "max_length", "batch_size", "gradient_accumulation_steps",
-            "seed", "head", "pooling", "freeze_layers", "model_8bit", "optim_8bit", "packing")
-    diff = [f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
+    keys = ("model", "dataset", "max_train_samples", "max_length", "seed", "head", "pooling", "freeze_layers",
+            "model_8bit", "optim_8bit")
+    diff = [f"{k} ({saved['config'].get(k)!r} -> {getattr(cfg, k)!r})" for k in keys
+            if saved["config"].get(k) != getattr(cfg, k)]
+    # The data order depends on the pairs per optimizer step, not on how they are split: another number
+    # of processes or accumulation steps is fine as long as batch_size x accumulation x processes matches.
+    if saved["step_batch"] != step_batch:
+        diff.append(f"pairs per step, batch_size x gradient_accumulation_steps x processes "
+                    f"({saved['step_batch']} -> {step_batch})")
     if diff:
         raise UserError(f"--resume: the checkpoint was trained with other settings: {', '.join(diff)}; "
                         "resume with the same flags, or start a new --output_dir")

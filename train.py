@@ -748,17 +748,20 @@ def parse_args(argv=None) -> TrainConfig:
     name, eval_only, model_path = args.pop("config"), args.pop("eval_only"), args.pop("model_path")
     args.pop("debug")
     cfg = TrainConfig(**{**CONFIGS[name], **args})
-    return cfg, eval_only, model_path
+    return cfg, eval_only, model_path, set(args) | set(CONFIGS[name])
 
 
 def main(argv=None):
-    cfg, eval_only, model_path = parse_args(argv)
-    if eval_only:
+    cfg, eval_only, model_path, given = parse_args(argv)
+    if eval_only:  # exactly eval.py; options not given fall back to what the checkpoint was trained with
         if not model_path:
             raise UserError("--eval_only needs --model_path CHECKPOINT")
         import eval as eval_cli
-        eval_args = [model_path, "--dataset", *cfg.dataset, "--split", cfg.eval_split, "--max_length",
-                     str(cfg.max_length), "--batch_size", str(cfg.batch_size * 2)]
+        eval_args = [model_path, "--split", cfg.eval_split, "--batch_size", str(cfg.batch_size * 2)]
+        if "dataset" in given:
+            eval_args += ["--dataset", *cfg.dataset]
+        if "max_length" in given:
+            eval_args += ["--max_length", str(cfg.max_length)]
         if cfg.max_eval_samples:
             eval_args += ["--max_samples", str(cfg.max_eval_samples)]
         if cfg.bf16:

@@ -28,7 +28,6 @@ each sequence. Attention is then confined to each sequence by a block-diagonal c
 those positions (see `packed_attention_mask`).
 """
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

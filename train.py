@@ -35,7 +35,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -432,8 +432,7 @@ def train(cfg: TrainConfig) -> dict:
             trainer_state = {"step": step, "best_accuracy": best_accuracy, "history": history,
                              "config": asdict(cfg), "total_steps": total_steps, "step_batch": step_batch,
                              "world_size": world}
-            path = save_checkpoint(out, step, model, full, opt_state, scheduler, trainer_state,
-                                   cfg.save_total_limit)
+            save_checkpoint(out, step, model, full, opt_state, scheduler, trainer_state, cfg.save_total_limit)
         if world > 1:
             dist.barrier()
         return out / f"checkpoint_step_{step}"

@@ -1,5 +1,4 @@
 """Shared test fixtures: tiny random Qwen3 checkpoints written by transformers (our ground truth)."""
-import os
 import sys
 from pathlib import Path
 

@@ -1,5 +1,4 @@
 """qwen3.py against transformers' Qwen3Model: same weights, same inputs, same hidden states."""
-import json
 import os
 import subprocess
 import sys

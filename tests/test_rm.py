@@ -1,5 +1,4 @@
 """rm.py: pooling, the pairwise loss, save/load, transformers interop, memory options."""
-import json
 import math
 
 import pytest

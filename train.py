@@ -26,6 +26,7 @@ Output directory:
 Every directory is written under a temporary name and renamed into place when complete.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -106,14 +107,12 @@ CONFIGS = {
     **{f"qwen3_0.6b{s}": {**_06, **v} for s, v in SIZES.items()},
     **{f"qwen3_1.7b{s}": {**_17, **v} for s, v in SIZES.items()},
     "custom": {},
-    "demo": dict(model="demo", from_scratch=True, dataset=["demo"], max_train_samples=None,
+    # The demo: qwen3's "tiny" shape trained from scratch, its vocabulary the demo tokenizer's.
+    "demo": dict(model="tiny", from_scratch=True, dataset=["demo"], max_train_samples=None,
                  max_eval_samples=500, max_length=128, batch_size=32, learning_rate=2e-3, num_epochs=8,
                  warmup_ratio=0.05, weight_decay=0.0, eval_steps=250, save_steps=1000, logging_steps=50,
                  output_dir="out/demo", device="cpu"),
 }
-
-# The demo's model: a tiny Qwen3 trained from scratch (its vocabulary is the demo tokenizer's).
-MODEL_CONFIGS["demo"] = MODEL_CONFIGS["tiny"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,22 +120,24 @@ MODEL_CONFIGS["demo"] = MODEL_CONFIGS["tiny"]
 
 
 def validate(cfg: TrainConfig):
+    # Comparisons are written so that NaN fails them too (NaN > 0 is False), and inf is refused.
     for name in ("batch_size", "gradient_accumulation_steps", "max_length", "eval_steps", "save_steps",
-                 "logging_steps"):
-        if getattr(cfg, name) <= 0:
+                 "logging_steps", "save_total_limit"):
+        if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
-    if cfg.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be positive (got {cfg.learning_rate})")
-    if cfg.num_epochs <= 0 and cfg.max_steps <= 0:
-        raise UserError(f"--num_epochs must be positive (got {cfg.num_epochs}), or set --max_steps")
+    if not 0 < cfg.learning_rate < math.inf:
+        raise UserError(f"--learning_rate must be a positive number (got {cfg.learning_rate}); "
+                        "e.g. 5e-6 for Qwen3-0.6B")
+    if cfg.max_steps <= 0 and not 0 < cfg.num_epochs < math.inf:
+        raise UserError(f"--num_epochs must be a positive number (got {cfg.num_epochs}), or set --max_steps")
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
     if not 0 <= cfg.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})")
-    if cfg.weight_decay < 0 or cfg.max_grad_norm < 0 or cfg.freeze_layers < 0 or cfg.save_total_limit < 1:
-        raise UserError("--weight_decay, --max_grad_norm and --freeze_layers must be >= 0 and "
-                        "--save_total_limit >= 1")
+    for name in ("weight_decay", "max_grad_norm", "center_rewards_coefficient", "freeze_layers"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise UserError(f"--{name} must be a number >= 0 (got {getattr(cfg, name)})")
     if cfg.head not in (None, *HEADS):
         raise UserError(f"--head must be one of {HEADS} (got {cfg.head!r})")
     if cfg.pooling not in (None, *POOLINGS):
@@ -170,19 +171,29 @@ RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|e
                        r"train_config\.json|log\.jsonl)$")
 
 
+# What a killed write leaves behind: temporary siblings of the files above (rm.replace_dir, save_checkpoint,
+# eval.write_report, the write probe). Never complete, never read; removed when the next run starts.
+LEFTOVERS = re.compile(r"^\.(checkpoint_step_\d+|best_model_step_\d+|final_model|evaluation_report\.json|"
+                       r"train_config\.json|log\.jsonl)\.(tmp|old)-|^\.write-test-\d+$")
+
+
+def run_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if RUN_FILES.match(p.name)) if out.is_dir() else []
+
+
 def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to mix two runs in one directory; make sure we can write there before training starts."""
+    """Refuse to mix two runs in one directory; make sure we can write there before training starts.
+    Only checks: the directory is left as it was found (created, cleaned, replaced by claim_output_dir
+    once the data and the model have loaded), so a run that fails on bad input writes nothing."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a directory")
-    ours = sorted(p.name for p in out.iterdir() if RUN_FILES.match(p.name)) if out.is_dir() else []
-    if ours and not cfg.resume:
-        if not cfg.overwrite_output_dir:
-            raise UserError(f"--output_dir {out} already holds another run ({', '.join(ours[:3])}); "
-                            "pass --resume to continue it, --overwrite_output_dir to replace it, "
-                            "or choose another --output_dir")
-        for name in ours:
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    ours = run_files(out)
+    if ours and not cfg.resume and not cfg.overwrite_output_dir:
+        raise UserError(f"--output_dir {out} already holds another run ({', '.join(ours[:3])}); "
+                        "pass --resume to continue it, --overwrite_output_dir to replace it, "
+                        "or choose another --output_dir")
+    created = [d for d in [out, *out.parents] if not d.exists()]  # deepest first; removed again below
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -190,7 +201,99 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to --output_dir {out} ({e.strerror}); choose a writable directory") from None
+    finally:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
     return out
+
+
+def claim_output_dir(cfg: TrainConfig, out: Path, resume_step: int | None):
+    """Just before the first write: create the directory, replace a previous run (--overwrite_output_dir),
+    delete what killed writes left behind, and on --resume cut log.jsonl back to the checkpoint's step
+    (the steps after it are trained, and logged, again; a line cut by a kill goes too)."""
+    with disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite_output_dir and not cfg.resume:
+            for name in run_files(out):
+                remove(out / name)
+        for p in out.iterdir():
+            if LEFTOVERS.match(p.name):
+                remove(p)
+        if resume_step is not None and (out / "log.jsonl").is_file():
+            kept = []
+            for line in (out / "log.jsonl").read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
+                    kept.append(line + "\n")
+            tmp = out / f".log.jsonl.tmp-{os.getpid()}"
+            tmp.write_text("".join(kept))
+            os.replace(tmp, out / "log.jsonl")
+
+
+def remove(path: Path):
+    """Delete a file or a directory tree. A directory is first renamed to a hidden temporary name, so a kill
+    halfway through never leaves a half-deleted checkpoint under its real name."""
+    if path.is_dir() and not path.is_symlink():
+        if not path.name.startswith("."):
+            hidden = path.with_name(f".{path.name}.old-{os.getpid()}-{time.time_ns()}")
+            os.replace(path, hidden)
+            path = hidden
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_log(out: Path) -> list[dict]:
+    """The records of log.jsonl (the run's history: kept on disk, not in memory or in checkpoints)."""
+    records = []
+    if (out / "log.jsonl").is_file():
+        for line in (out / "log.jsonl").read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return records
+
+
+def disk_error_message(e: BaseException, path) -> str | None:
+    """One line for a failed write, or None if `e` is not one. A full disk shows up as OSError(ENOSPC),
+    as safetensors' "No space left on device (os error 28)", or as torch.save's RuntimeError whose
+    context is the OSError of the file object it wrote to."""
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT) or \
+                "No space left on device" in str(chain) or "os error 28" in str(chain):
+            return f"no space left on device while writing {path}; free space or choose another --output_dir"
+        if isinstance(chain, OSError):
+            return (f"cannot write {path} ({chain.strerror or chain}); check the disk and the permissions of "
+                    "--output_dir, or choose another --output_dir")
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
+class disk_errors:
+    """`with disk_errors(path):` turns a failed write (disk full, read-only, I/O error) into a one-line
+    UserError naming `path`. The writers inside are atomic, so what was there before stays intact."""
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception) or isinstance(e, UserError):
+            return False
+        message = disk_error_message(e, self.path)
+        if message is None:
+            return False
+        raise UserError(message) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +301,10 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints (trainer_state.json is written last), oldest first."""
-    found = [p for p in out.glob("checkpoint_step_*") if (p / "trainer_state.json").is_file()]
+    """Complete checkpoints (trainer_state.json is written last), oldest first. Temporary directories of
+    a killed write (.checkpoint_step_N.tmp-PID) never count."""
+    found = [p for p in out.glob("checkpoint_step_*") if re.fullmatch(r"checkpoint_step_\d+", p.name)
+             and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.rsplit("_", 1)[1]))
 
 
@@ -207,6 +312,9 @@ def find_resume_checkpoint(cfg: TrainConfig, out: Path) -> Path:
     if cfg.resume in ("latest", "auto", "true", "1"):
         ckpts = checkpoint_dirs(out)
         if not ckpts:
+            if run_files(out):  # a run that stopped before its first checkpoint: nothing to continue
+                raise UserError(f"--resume: {out} holds a run but no complete checkpoint to resume from "
+                                f"(it stopped before its first one); start it again with --overwrite_output_dir")
             raise UserError(f"--resume: no checkpoint in {out} to resume from; start without --resume")
         return ckpts[-1]
     path = Path(cfg.resume)
@@ -701,7 +809,7 @@ def parse_args(argv=None) -> TrainConfig:
     S = argparse.SUPPRESS  # flags not given stay unset, so the named config's value applies
     p.add_argument("--config", default="custom", choices=sorted(CONFIGS), help="named configuration to start from")
     p.add_argument("--model", "--model_name", dest="model", default=S, help="Hub repo id or local checkpoint directory")
-    p.add_argument("--from_scratch", action="store_true", default=S, help="random init from a qwen3.CONFIGS name")
+    p.add_argument("--from_scratch", action="store_true", default=S, help="random init of a qwen3.CONFIGS shape (tiny, 0.6b, 1.7b) with the demo's tokenizer: for the demo and tests")
     p.add_argument("--head", default=S, choices=HEADS, help="reward head (default: the checkpoint's, else mlp)")
     p.add_argument("--pooling", default=S, choices=POOLINGS, help="pooling (default: the checkpoint's, else mean)")
     p.add_argument("--dataset", nargs="+", default=S, help="one or more sources: Hub dataset ids, files, dirs, globs, 'demo'")

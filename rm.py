@@ -55,7 +55,8 @@ def pool(hidden, sequence_ids, num_sequences: int, how: str):
     bucket = torch.where(ids >= 0, ids, num_sequences)                    # padding -> bucket N
     if how == "mean":
         sums = flat.new_zeros(num_sequences + 1, H).index_add_(0, bucket, flat)
-        counts = torch.bincount(bucket, minlength=num_sequences + 1).clamp(min=1)
+        # index_add_, not bincount: on CUDA bincount reads its max back to the host, a sync mid-step
+        counts = flat.new_zeros(num_sequences + 1).index_add_(0, bucket, flat.new_ones(ids.numel())).clamp(min=1)
         return (sums / counts[:, None])[:num_sequences]
     if how == "last":
         position = torch.arange(ids.numel(), device=ids.device)
@@ -136,20 +137,22 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, sequence_ids=None,
                 num_sequences: int | None = None, pairs: bool = False, margin=None,
-                center_rewards_coefficient: float = 0.0) -> dict:
+                center_rewards_coefficient: float = 0.0, cu_seqlens=None, max_seqlen=None) -> dict:
         """Rewards for a batch: {"rewards": (N,) fp32}.
 
         Padded batch: input_ids/attention_mask (N, T), right padded. Packed batch (padding-free): rows
         holding several sequences, with position_ids restarting per sequence, sequence_ids (-1 = padding)
-        and num_sequences. With pairs=True, the first half of the sequences are the chosen responses and
-        the second half the rejected ones, and the loss, accuracy and mean margin are added.
+        and num_sequences (cu_seqlens/max_seqlen optional, see data.collate_packed). With pairs=True, the
+        first half of the sequences are the chosen responses and the second half the rejected ones, and
+        the loss, accuracy and mean margin are added.
         """
         if sequence_ids is None:  # padded batch: row i is sequence i
             N = input_ids.shape[0]
             rows = torch.arange(N, device=input_ids.device)[:, None].expand_as(input_ids)
             sequence_ids = rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
             num_sequences = N
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         rewards = self.apply_head(pool(hidden, sequence_ids, num_sequences, self.pooling))
         out = {"rewards": rewards}
         if pairs:
@@ -197,7 +200,7 @@ class RewardModel(nn.Module):
         """Freeze the embeddings and the first n blocks: no gradients, so no optimizer state either."""
         if not 0 <= n <= self.config.num_hidden_layers:
             raise UserError(f"--freeze_layers {n} is out of range: the model has "
-                            f"{self.config.num_hidden_layers} layers")
+                            f"{self.config.num_hidden_layers} layers; use 0 to {self.config.num_hidden_layers}")
         if n > 0:
             self.model.embed_tokens.requires_grad_(False)
             for layer in self.model.layers[:n]:
@@ -312,6 +315,10 @@ class RewardModel(nn.Module):
         if (model_dir / "tokenizer.json").is_file():
             from data import Tokenizer
             model.tokenizer = Tokenizer.from_dir(model_dir)
+            if model.tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embeddings
+                raise UserError(f"{model_dir}/tokenizer.json has {model.tokenizer.vocab_size} tokens but the model's "
+                                f"vocab_size is {config.vocab_size}: the tokenizer belongs to another model; "
+                                "copy the base model's tokenizer files there")
         return model.to(device)
 
 

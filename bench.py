@@ -1,0 +1,611 @@
+"""Benchmark one reward-model training step: speed, FLOP rate and memory, optionally against transformers.
+
+    python bench.py                                          # CPU-sized default: the "small" config, 4 pairs x 256
+    python bench.py --config 0.6b --device cuda --bf16 --compile --compare-hf
+    OMP_WAIT_POLICY=PASSIVE python bench.py --suite cpu      # the CPU rows of BENCHMARKS.md (~5 minutes, 2 cores)
+    python bench.py --suite gpu --json results.json          # the GPU rows (one H100, ~2 minutes after start-up)
+    python bench.py --attention --config 0.6b --bf16 --lengths realistic   # packed attention alone
+
+On a CPU shared with other work, set OMP_WAIT_POLICY=PASSIVE: with OpenMP's default spin-waiting, two
+threads on a machine where another process holds a core run small ops hundreds of times slower
+(a 2048 x 64 multiply: 16.5 ms instead of 64 us, measured here), which drowns every comparison.
+
+One step = what train.py does per optimizer step (less gradient clipping, as in shared/README.md's
+baseline), on random weights of a qwen3.CONFIGS config: chosen and rejected in ONE forward pass
+(rm.RewardModel(..., pairs=True): rewards and the pairwise loss), backward, optimizer step
+(train.make_optimizer: AdamW, fused on CUDA, or bitsandbytes AdamW8bit), zero_grad. The
+model uses the linear head with last-token pooling: the layout of transformers'
+Qwen3ForSequenceClassification, so --compare-hf can copy the very same weights into it
+(rm.RewardModel.export_state_dict has its key names) and run it on the same pairs with the same
+optimizer, in the same process (transformers first, so anything left behind counts against ours):
+padded as TRL pads (one right-padded batch of 2B rows, chosen first, attention_mask from the lengths),
+use_cache off, with rm.pairwise_loss on its pooled logits.
+
+Printed for each side (after --warmup steps, over --steps steps):
+  tokens/s       real (non-pad) tokens per second, from the median step time
+  model TFLOP/s  FLOPs of the real tokens: 6 * N * tokens + 6 * layers * heads * head_dim * sum(len^2)
+                 (N = non-embedding parameters; the second term is causal attention, forward + backward)
+  MFU            that rate over the peak measured here: a bf16 8192^3 matmul on CUDA; on CPU a 2048^3
+                 matmul in the compute dtype (bf16 with --bf16, else fp32)
+  peak memory    CUDA: torch.cuda.max_memory_allocated, each side alone on the GPU; CPU: what the side
+                 added to the process's peak RSS (VmHWM) while built and warmed up
+  step time      median, with min and max (on CPU the two sides' steps alternate, so that the load
+                 of a shared machine falls on both alike); "host": the time until the step returns, before the final
+                 synchronize (close to the step time = the GPU waits for Python)
+and with --compare-hf the ratio ours / transformers of each.
+
+--lengths uniform: every sequence is --max_length tokens. --lengths realistic draws them like
+Anthropic/hh-rlhf's: the chosen sequence's length is LogNormal(ln 170, 0.8) (median 170 tokens),
+clipped to [16, max_length]; its prompt takes a Uniform(0.3, 0.9) share of it (at least 1 token); the
+rejected response's length is the chosen response's times LogNormal(0, 0.5), the rejected total clipped
+to [16, max_length]. Token ids are uniform over the vocabulary minus its last id, which is the pad id
+(so transformers' pad-based pooling finds the same last token as ours). --batches different batches
+are drawn and the steps cycle through them.
+
+--compile compiles the transformer blocks of both sides ("regional" compilation, qwen3.Qwen3.compile_blocks;
+for transformers, each decoder layer): one compilation serves all blocks, so the GPU suite fits in a few
+minutes. --packing runs our side padding-free (data.collate_packed); transformers stays padded.
+--optim_in_backward (ours only) steps each parameter's optimizer as soon as its gradient is complete and
+frees the gradient at once, so the gradients of the whole model never coexist. Without gradient
+clipping or accumulation (none here) the update is exactly the same.
+--attention times the packed-attention implementations alone (one layer, forward + backward).
+"""
+import argparse
+import gc
+import json
+import math
+import shlex
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import data
+import qwen3
+from errors import UserError, run_cli
+from rm import RewardModel, pairwise_loss
+
+SUITES = {
+    # The GPU table of BENCHMARKS.md, most important rows first: 8 pairs x 512 tokens, bf16 autocast over
+    # fp32 master weights (the setup of shared/README.md's baseline).
+    "gpu": [
+        "--config 0.6b --bf16 --compile --compare-hf",
+        "--config 1.7b --bf16 --compile --compare-hf",
+        "--config 0.6b --bf16 --compare-hf",
+        "--config 1.7b --bf16 --compare-hf",
+        "--config 0.6b --bf16 --compile --gradient_checkpointing --8bit_optim",
+        "--config 0.6b --bf16 --compile --gradient_checkpointing --8bit_optim --optim_in_backward",
+        "--config 1.7b --bf16 --compile --gradient_checkpointing --8bit_optim",
+        "--config 1.7b --bf16 --compile --gradient_checkpointing --8bit_optim --optim_in_backward",
+        "--config 0.6b --bf16 --lengths realistic --packing --compare-hf",
+        "--config 0.6b --bf16 --compile --lengths realistic --packing --compare-hf",
+    ],
+    # The CPU rows: a ~33M-parameter config, 2 cores, eager fp32.
+    "cpu": [
+        "--config small --pairs 4 --max_length 256 --steps 6 --compare-hf",
+        "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --packing --compare-hf",
+    ],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_pairs(n_pairs: int, max_length: int, lengths: str, vocab: int, rng: np.random.Generator) -> list:
+    """Random token pairs (data.TokenizedPair) with uniform or hh-rlhf-like lengths (see the docstring)."""
+    items = []
+    for _ in range(n_pairs):
+        if lengths == "uniform":
+            prompt_len, chosen_len, rejected_len = max_length // 2, max_length, max_length
+        else:
+            chosen_len = int(np.clip(round(math.exp(rng.normal(math.log(170), 0.8))), 16, max_length))
+            prompt_len = max(1, int(rng.uniform(0.3, 0.9) * chosen_len))
+            response = max(1, chosen_len - prompt_len) * math.exp(rng.normal(0.0, 0.5))
+            rejected_len = int(np.clip(prompt_len + max(1, round(response)), 16, max_length))
+        prompt = rng.integers(0, vocab - 1, prompt_len).tolist()
+        chosen = prompt + rng.integers(0, vocab - 1, chosen_len - prompt_len).tolist()
+        rejected = prompt + rng.integers(0, vocab - 1, rejected_len - prompt_len).tolist()
+        items.append(data.TokenizedPair(chosen, rejected, None, "bench", prompt_len,
+                                        chosen_len - prompt_len, rejected_len - prompt_len))
+    return items
+
+
+def sequence_lengths(items) -> list:
+    return [len(it.chosen_ids) for it in items] + [len(it.rejected_ids) for it in items]
+
+
+def step_flops(config: qwen3.Qwen3Config, n_params: int, lengths: list) -> float:
+    """Model FLOPs of one training step on sequences of these lengths (forward + backward)."""
+    per_token_pair = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    attention = per_token_pair * sum(n * n for n in lengths)
+    return 6 * n_params * sum(lengths) + attention
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_PEAK = {}
+
+
+def peak_flops(device, dtype) -> float:
+    """Measured matmul peak in FLOP/s: bf16 8192^3 on CUDA, a 2048^3 product in `dtype` on CPU."""
+    key = (device.type, dtype)
+    if key not in _PEAK:
+        n, reps = (8192, 10) if device.type == "cuda" else (2048, 3)
+        dtype = torch.bfloat16 if device.type == "cuda" else dtype
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        _PEAK[key] = 2 * n ** 3 / statistics.median(times)
+        del a, b
+    return _PEAK[key]
+
+
+def reset_peak_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # give freed heap memory back to the OS, so the RSS counts what is in use
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def allocated_gib(device):
+    """What is still allocated before a side starts (CUDA): should be ~0, else a side leaked memory."""
+    gc.collect()
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def time_steps(step, batches, device, warmup: int, steps: int, host: list | None = None) -> list:
+    """Run warmup steps, then `steps` timed steps (cycling through the batches); seconds per step.
+    `host` collects the time until the step returns, before the final sync: the CPU's share (when it is
+    close to the step time, the GPU waits for Python)."""
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step(batches[i % len(batches)])
+        t1 = time.perf_counter()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            if host is not None:
+                host.append(t1 - t0)
+    return times
+
+
+def profile_step(step, batch, device, rows: int = 18):
+    """The GPU (or CPU) time of one step by kernel, biggest first: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(batch)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two sides
+
+
+def train_config(args):
+    from train import TrainConfig
+    return TrainConfig(learning_rate=1e-5, weight_decay=0.0, optim_8bit=args.optim_8bit)
+
+
+def build_ours(args, device) -> RewardModel:
+    """Our reward model with seeded random weights (made on the device: fast even for 1.7B)."""
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = RewardModel(qwen3.Qwen3Config.from_name(args.config), head="linear", pooling="last")
+    model.model.init_weights()
+    torch.nn.init.normal_(model.linear_head.weight, std=0.02)
+    return model
+
+
+def make_step(forward, optimizer, autocast, in_backward: bool = False):
+    """One training step: forward (returns the loss), backward, optimizer step, zero_grad
+    (with in_backward, the optimizer already stepped inside backward)."""
+    def step(batch):
+        with autocast:
+            loss = forward(batch)
+        loss.backward()
+        if not in_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def optimizer_in_backward(model, make_optimizer):
+    """One optimizer per parameter, stepped by a hook the moment that parameter's gradient is complete;
+    the gradient is freed right after. Returns the hook handles: remove them when done (a hook holds
+    the optimizers, which hold the parameters: a cycle through C++ that the garbage collector misses)."""
+    optimizers = {p: make_optimizer(p) for p in model.parameters() if p.requires_grad}
+
+    def hook(param):
+        optimizers[param].step()
+        optimizers[param].zero_grad(set_to_none=True)
+    return [p.register_post_accumulate_grad_hook(hook) for p in optimizers]
+
+
+def prepare_ours(args, device, batches_items, pad_id) -> dict:
+    """Our model, optimizer, batches and step function, ready to run."""
+    from train import make_optimizer
+    model = build_ours(args, device).train()
+    model.model.gradient_checkpointing = args.gradient_checkpointing
+    if args.compile:
+        model.model.compile_blocks()
+    cfg = train_config(args)
+    handles = []
+    if args.optim_in_backward:
+        handles = optimizer_in_backward(model, lambda p: make_optimizer(cfg, torch.nn.ParameterList([p]), device))
+        optimizer = None
+    else:
+        optimizer = make_optimizer(cfg, model, device)
+    collate = (lambda items: data.collate_packed(items, pad_id)) if args.packing else \
+        (lambda items: data.collate(items, pad_id))
+
+    def forward(batch):
+        return model(**batch, pairs=True)["loss"]
+
+    def cleanup():
+        for handle in handles:
+            handle.remove()
+    return {"side": "ours", "step": make_step(forward, optimizer, autocast(args, device), args.optim_in_backward),
+            "batches": [to_device(collate(items), device) for items in batches_items],
+            "n_params": model.model.num_params(), "cleanup": cleanup}
+
+
+def prepare_hf(args, device, batches_items, pad_id) -> dict:
+    """transformers' Qwen3ForSequenceClassification with our initial weights, padded batches (as TRL)."""
+    import transformers
+    from train import make_optimizer
+    config = qwen3.Qwen3Config.from_name(args.config)
+    hf_config = transformers.Qwen3Config(**{**config.to_hf_dict(), "num_labels": 1, "pad_token_id": pad_id,
+                                            "use_cache": False})
+    hf_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = transformers.Qwen3ForSequenceClassification(hf_config)
+    ours = build_ours(args, device)
+    missing, unexpected = hf.load_state_dict(ours.export_state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
+    del ours
+    hf.train()
+    if args.gradient_checkpointing:
+        if hasattr(hf, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        for layer in hf.model.layers:
+            layer.compile()
+    optimizer = make_optimizer(train_config(args), hf, device)
+
+    def forward(batch):
+        logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rewards = logits.squeeze(-1).float()
+        B = rewards.shape[0] // 2
+        return pairwise_loss(rewards[:B], rewards[B:])["loss"]
+    return {"side": "transformers", "step": make_step(forward, optimizer, autocast(args, device)),
+            "batches": [to_device(data.collate(items, pad_id), device) for items in batches_items],
+            "n_params": sum(p.numel() for n, p in hf.named_parameters() if "embed_tokens" not in n),
+            "cleanup": lambda: None}
+
+
+def run_sides(args, device, batches_items, pad_id, prepares: list) -> list:
+    """Time each side. CUDA: one side after the other (each alone on the GPU, its own peak memory).
+    CPU: all sides built, then their timed steps interleaved, so that a shared machine's load falls on
+    both alike; peak memory is then what each side ADDED to the process's peak RSS while it was built
+    and warmed up."""
+    results = []
+    if device.type == "cuda":
+        for prepare in prepares:
+            before = allocated_gib(device)
+            side = prepare(args, device, batches_items, pad_id)
+            reset_peak_memory(device)
+            host = []
+            times = time_steps(side["step"], side["batches"], device, args.warmup, args.steps, host)
+            results.append(summarise(side, args, device, times, host, batches_items))
+            results[-1]["allocated_before_gib"] = before
+            if args.profile and side["side"] == "ours":
+                profile_step(side["step"], side["batches"][0], device)
+            side["cleanup"]()
+            del side
+        return results
+    # Run each side once on the tiny config first: lazy imports and one-off allocations (transformers
+    # imports much of itself on first use) must not count as a side's memory.
+    tiny = argparse.Namespace(**{**vars(args), "config": "tiny", "compile": False})
+    tiny_items = [make_pairs(2, 16, "uniform", qwen3.CONFIGS["tiny"].vocab_size, np.random.default_rng(0))]
+    for prepare in prepares:
+        side = prepare(tiny, device, tiny_items, qwen3.CONFIGS["tiny"].vocab_size - 1)
+        side["step"](side["batches"][0])
+        side["cleanup"]()
+    sides, memory = [], []
+    for prepare in prepares:
+        reset_peak_memory(device)
+        before = peak_memory_gib(device)                    # = the current RSS, just after the reset
+        sides.append(prepare(args, device, batches_items, pad_id))
+        time_steps(sides[-1]["step"], sides[-1]["batches"], device, args.warmup, 0)
+        memory.append(peak_memory_gib(device) - before)
+    times, host = [[] for _ in sides], [[] for _ in sides]
+    for i in range(args.steps):
+        for side, t, h in zip(sides, times, host):
+            t += time_steps(side["step"], [side["batches"][(args.warmup + i) % len(side["batches"])]], device, 0, 1, h)
+    for side, t, h, mem in zip(sides, times, host, memory):
+        results.append({**summarise(side, args, device, t, h, batches_items), "peak_mem_gib": mem})
+        if args.profile and side["side"] == "ours":
+            profile_step(side["step"], side["batches"][0], device)
+        side["cleanup"]()
+    return results
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def summarise(side: dict, args, device, times, host, batches_items) -> dict:
+    config = qwen3.Qwen3Config.from_name(args.config)
+    # The steps cycled through the batches: average tokens and FLOPs per step over the timed ones.
+    timed = [batches_items[i % len(batches_items)] for i in range(args.warmup, args.warmup + args.steps)]
+    tokens = statistics.mean(sum(sequence_lengths(items)) for items in timed)
+    flops = statistics.mean(step_flops(config, side["n_params"], sequence_lengths(items)) for items in timed)
+    median = statistics.median(times)
+    peak = peak_flops(device, torch.bfloat16 if args.bf16 else torch.float32)
+    return {"side": side["side"], "tokens_per_s": tokens / median, "tflops": flops / median / 1e12,
+            "mfu": flops / median / peak, "peak_mem_gib": peak_memory_gib(device), "step_ms": 1000 * median,
+            "step_min_ms": 1000 * min(times), "step_max_ms": 1000 * max(times), "tokens_per_step": tokens,
+            "peak_tflops": peak / 1e12, "host_ms": 1000 * statistics.median(host)}
+
+
+def line(r: dict, device) -> str:
+    mem = "CUDA max allocated" if device.type == "cuda" else "added to the peak RSS"
+    return (f"{r['side']:<13} tokens/s {r['tokens_per_s']:>10,.0f} | model TFLOP/s {r['tflops']:7.3g} | "
+            f"MFU {100 * r['mfu']:5.1f}% | peak memory {r['peak_mem_gib']:6.2f} GiB ({mem}) | "
+            f"step time {r['step_ms']:8.1f} ms median [min {r['step_min_ms']:.1f}, max {r['step_max_ms']:.1f}] "
+            f"(host {r.get('host_ms', 0):.1f} ms)")
+
+
+def ratio_line(ours: dict, theirs: dict) -> str:
+    q = {k: ours[k] / theirs[k] for k in ("tokens_per_s", "tflops", "mfu", "peak_mem_gib", "step_ms")}
+    return (f"{'ours/transformers':<13} tokens/s {q['tokens_per_s']:.2f}x | model TFLOP/s {q['tflops']:.2f}x | "
+            f"MFU {q['mfu']:.2f}x | peak memory {q['peak_mem_gib']:.2f}x | step time {q['step_ms']:.2f}x")
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed attention alone: which implementation to use (python bench.py --attention)
+
+
+def bench_attention(args, device):
+    """Forward + backward of one attention layer over a batch of --lengths sequences, each way we could
+    confine attention to a sequence; prints the median time of each (the numbers behind qwen3's choice)."""
+    import torch.nn.functional as F
+    config = qwen3.Qwen3Config.from_name(args.config)
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    rng = np.random.default_rng(args.seed)
+    lengths = sequence_lengths(make_pairs(args.pairs, args.max_length, args.lengths, config.vocab_size, rng))
+    N, T, S = sum(lengths), max(lengths), len(lengths)
+    cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32, device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+
+    def tensors(shape_q, shape_kv):
+        return [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in (shape_q, shape_kv, shape_kv)]
+
+    def packed(fn):
+        q, k, v = tensors((1, N, H, D), (1, N, KV, D))
+        return lambda: fn(q, k, v).float().sum().backward()
+
+    seg = qwen3.Segments(cu, T, lengths)
+    q, k, v = tensors((S, T, H, D), (S, T, KV, D))
+    ways = {"padded (SDPA is_causal, 2B x T)": lambda: F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=True).float().sum().backward(),
+            "loop": packed(lambda q, k, v: qwen3.looped_attention(q[0], k[0], v[0], seg))}
+    mask = qwen3.packed_attention_mask(positions)
+    ways["mask (dense block-diagonal, one row)"] = packed(lambda q, k, v: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True))
+    if device.type == "cuda" and dtype != torch.float32 and qwen3.varlen_attn is not None:
+        vseg = qwen3.Segments(cu, T, None)
+        ways["varlen (flash, torch.nn.attention.varlen)"] = packed(
+            lambda q, k, v: qwen3.varlen_attention(q[0], k[0], v[0], vseg))
+    if device.type == "cuda":  # FlexAttention has no CPU backward
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        doc = torch.repeat_interleave(torch.arange(S, device=device), torch.tensor(lengths, device=device))
+        block_mask = create_block_mask(lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki), 1, None, N, N,
+                                       device=device)
+        flex = torch.compile(flex_attention)
+        ways["flex (document block mask, compiled)"] = packed(lambda q, k, v: flex(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=True))
+    print(f"== attention forward+backward | {args.config} heads {H}/{KV} x {D} | {S} sequences, {N:,} tokens "
+          f"({S * T:,} padded) | {dtype} | {device}", flush=True)
+    results = {}
+    for name, fn in ways.items():
+        try:
+            times = time_steps(lambda _: fn(), [None], device, 2, args.steps)
+            results[name] = 1000 * statistics.median(times)
+            print(f"{name:<44} {results[name]:9.2f} ms", flush=True)
+        except Exception as e:
+            print(f"{name:<44} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark a reward-model training step (see the module docstring).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="small", help=f"model config, one of {sorted(qwen3.CONFIGS)}")
+    p.add_argument("--pairs", type=int, default=None, help="pairs per step (default: 8 on CUDA, 4 on CPU)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="tokens per sequence (default: 512 on CUDA, 256 on CPU)")
+    p.add_argument("--lengths", default="uniform", choices=["uniform", "realistic"],
+                   help="uniform: every sequence max_length; realistic: hh-rlhf-like, "
+                        "LogNormal(ln 170, 0.8) clipped to [16, max_length] (details in the docstring)")
+    p.add_argument("--batches", type=int, default=4, help="distinct batches the steps cycle through")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on CUDA, 1 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 4 on CPU)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 master weights")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--8bit_optim", dest="optim_8bit", action="store_true", help="bitsandbytes AdamW8bit")
+    p.add_argument("--packing", action="store_true", help="our side padding-free (data.collate_packed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (both sides)")
+    p.add_argument("--optim_in_backward", action="store_true",
+                   help="ours: step each parameter as soon as its gradient is ready, then free it")
+    p.add_argument("--compare-hf", "--compare_hf", dest="compare_hf", action="store_true",
+                   help="also run transformers' Qwen3ForSequenceClassification with the same weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite", choices=sorted(SUITES), help="run a whole table of rows (other flags are ignored, "
+                                                          "except --device, --json, --warmup and --steps)")
+    p.add_argument("--profile", action="store_true", help="after timing, print our step's time by kernel")
+    p.add_argument("--rows", help="with --suite: only these rows (1-based, comma separated)")
+    p.add_argument("--attention", action="store_true",
+                   help="time the packed-attention implementations alone (one layer, forward + backward)")
+    p.add_argument("--json", help="append the results (one JSON object per row) to this file")
+    return p.parse_args(argv)
+
+
+def bench(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if args.config not in qwen3.CONFIGS:
+        raise UserError(f"unknown --config {args.config!r}; choose one of {sorted(qwen3.CONFIGS)}")
+    if args.optim_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--8bit_optim needs bitsandbytes: pip install bitsandbytes") from None
+    cuda = device.type == "cuda"
+    args.pairs = args.pairs or (8 if cuda else 4)
+    args.max_length = args.max_length or (512 if cuda else 256)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.steps = args.steps or (10 if cuda else 4)
+    for name in ("pairs", "max_length", "batches", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be a positive integer")
+    if args.max_length < 16:
+        raise UserError("--max_length must be at least 16")
+    if args.attention:
+        return bench_attention(args, device)
+    if args.compile:  # each config, and ours vs transformers, is its own compiled graph
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    config = qwen3.Qwen3Config.from_name(args.config)
+    pad_id = config.vocab_size - 1
+    rng = np.random.default_rng(args.seed)
+    batches_items = [make_pairs(args.pairs, args.max_length, args.lengths, config.vocab_size, rng)
+                     for _ in range(args.batches)]
+    opts = [o for o in ("bf16", "gradient_checkpointing", "optim_8bit", "packing", "compile", "optim_in_backward")
+            if getattr(args, o)]
+    real = statistics.mean(sum(sequence_lengths(b)) for b in batches_items)
+    padded = statistics.mean(2 * args.pairs * max(sequence_lengths(b)) for b in batches_items)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"== {args.config} | {args.pairs} pairs x {args.max_length} ({args.lengths}: {real:,.0f} real tokens of "
+          f"{padded:,.0f} padded per step) | {', '.join(opts) or 'fp32 eager'} | {name} | torch {torch.__version__}",
+          flush=True)
+    row = {"command": "python bench.py " + command_line(args), "device": name, "date": time.strftime("%Y-%m-%d"),
+           "torch": torch.__version__}
+    prepares = [prepare_ours]
+    if args.compare_hf:  # transformers first: anything a side leaves behind can only count against ours
+        import transformers
+        row["transformers_version"] = transformers.__version__
+        prepares = [prepare_hf, prepare_ours]
+    for result in run_sides(args, device, batches_items, pad_id, prepares):
+        row[result["side"]] = result
+    for side in ("transformers", "ours"):
+        if side in row:
+            print(line(row[side], device), flush=True)
+    if args.compare_hf:
+        print(ratio_line(row["ours"], row["transformers"]), flush=True)
+    print(f"(peak matmul measured: {row['ours']['peak_tflops']:.1f} TFLOP/s)", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def command_line(args) -> str:
+    flags = [f"--config {args.config}", f"--pairs {args.pairs}", f"--max_length {args.max_length}",
+             f"--warmup {args.warmup}", f"--steps {args.steps}", f"--batches {args.batches}", f"--seed {args.seed}"]
+    if args.lengths != "uniform":
+        flags.append(f"--lengths {args.lengths}")
+    for flag, on in (("--bf16", args.bf16), ("--gradient_checkpointing", args.gradient_checkpointing),
+                     ("--8bit_optim", args.optim_8bit), ("--packing", args.packing), ("--compile", args.compile),
+                     ("--optim_in_backward", args.optim_in_backward), ("--compare-hf", args.compare_hf)):
+        if on:
+            flags.append(flag)
+    return " ".join(flags)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.suite:
+        return bench(args)
+    rows, failed = [], []
+    specs = SUITES[args.suite]
+    if args.rows:
+        specs = [specs[int(i) - 1] for i in args.rows.split(",")]
+    for spec in specs:
+        row_args = parse_args(shlex.split(spec))
+        for name in ("device", "json", "warmup", "steps"):
+            if getattr(args, name) is not None:
+                setattr(row_args, name, getattr(args, name))
+        try:
+            rows.append(bench(row_args))
+        except Exception as e:  # one broken row (out of memory, a missing kernel) must not end the suite
+            print(f"!! {spec}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", flush=True)
+            failed.append(spec)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(f"\nsuite {args.suite}: {len(rows)} rows done" + (f", {len(failed)} failed: {failed}" if failed else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,50 @@
+"""bench.py runs on CPU and prints every figure, alone and against transformers."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+import bench
+import qwen3
+from conftest import ROOT
+
+FIGURES = ("tokens/s", "model TFLOP/s", "MFU", "peak memory", "step time", "median", "min", "max")
+SMALL = ["--config", "tiny", "--device", "cpu", "--pairs", "2", "--max_length", "32", "--warmup", "1",
+         "--steps", "2", "--batches", "2"]
+
+
+def test_bench_prints_every_figure(capsys, tmp_path):
+    bench.main(SMALL + ["--json", str(tmp_path / "r.jsonl")])
+    out = capsys.readouterr().out
+    ours = [l for l in out.splitlines() if l.startswith("ours ")]
+    assert len(ours) == 1 and all(f in ours[0] for f in FIGURES), out
+    row = json.loads((tmp_path / "r.jsonl").read_text())
+    assert row["ours"]["tokens_per_s"] > 0 and "transformers" not in row
+
+
+def test_bench_compare_hf_realistic_packed(capsys):
+    bench.main(SMALL + ["--compare-hf", "--lengths", "realistic", "--max_length", "64", "--packing"])
+    out = capsys.readouterr().out
+    for side in ("ours ", "transformers ", "ours/transformers"):
+        lines = [l for l in out.splitlines() if l.startswith(side)]
+        assert len(lines) == 1, out
+    ratio = [l for l in out.splitlines() if l.startswith("ours/transformers")][0]
+    assert all(f in ratio for f in ("tokens/s", "model TFLOP/s", "MFU", "peak memory", "step time")), ratio
+
+
+def test_realistic_lengths_and_flops():
+    rng = np.random.default_rng(0)
+    items = bench.make_pairs(400, 512, "realistic", 1000, rng)
+    chosen = [len(it.chosen_ids) for it in items]
+    assert 16 <= min(chosen) and max(chosen) <= 512 and 130 < np.median(chosen) < 210
+    assert all(it.chosen_ids[:it.prompt_len] == it.rejected_ids[:it.prompt_len] for it in items)
+    assert all(max(it.chosen_ids + it.rejected_ids) < 999 for it in items)  # the last id is the pad
+    cfg = qwen3.CONFIGS["tiny"]
+    assert bench.step_flops(cfg, 1000, [4, 2]) == 6 * 1000 * 6 + 6 * 2 * 4 * 32 * (16 + 4)
+
+
+def test_cli_user_error_is_one_line():
+    out = subprocess.run([sys.executable, "bench.py", "--config", "nope", "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown --config" in out.stderr and len(out.stderr.strip().splitlines()) == 1

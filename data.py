@@ -60,6 +60,9 @@ Batching
 - batch_order groups similar lengths to cut padding: shuffle with (seed, epoch), cut into windows
   of 50 batches, sort each window by length, cut into batches, shuffle the batches. collate puts
   the B chosen rows first, then the B rejected rows, right-padded, so one forward pass scores both.
+- collate_packed (train.py --packing) lays the same 2B sequences end to end in one row, with positions
+  restarting per sequence and their boundaries (cu_seqlens): no padding at all (qwen3.py confines
+  attention to each sequence). On hh-rlhf-like lengths that halves the tokens of a step.
 """
 import argparse
 import glob
@@ -171,7 +174,7 @@ def make_pair(row: dict | str, source: str, stats: DataStats) -> Pair | None:
             margin = float(margin)
         except (TypeError, ValueError):
             margin = math.nan
-        if not math.isfinite(margin):
+        if not math.isfinite(margin) or abs(margin) > 3.4e38:  # beyond float32: inf in the batch, inf loss
             stats.skip("bad margin")
             return None
 
@@ -505,8 +508,11 @@ def load_pairs(sources: str | list[str], split: str = "train", max_samples: int 
             pairs.append(pair)
             if max_samples is not None and len(pairs) >= max_samples:
                 break
+    if not pairs and stats.read == 0:
+        raise UserError(f"no usable pairs in {', '.join(sources)} ({split}): it is empty (0 rows read); "
+                        "check the data and the path")
     if not pairs:
-        raise UserError(f"no usable pairs in {', '.join(sources)} ({split}): {stats.read} rows read, "
+        raise UserError(f"no usable pairs in {', '.join(sources)} ({split}): {stats.read} rows read, every one "
                         f"skipped {stats.skipped}; check the data")
     return pairs
 
@@ -680,6 +686,63 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict:
     if any(m is not None for m in margins):
         margin = torch.tensor([0.0 if m is None else m for m in margins], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+
+
+def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | None = None,
+                   multiple_of: int = 8) -> dict:
+    """B pairs -> padding-free rows: the 2B sequences laid end to end, chosen ones first (sequence k < B
+    is pair k's chosen response, B + k its rejected one, as in collate).
+
+    max_tokens None: ONE row holding every token (for varlen attention, whose cost grows with the
+    tokens only). max_tokens N: rows of at most N tokens, filled first-fit in decreasing length (for
+    the dense block-diagonal mask, whose cost grows with the square of a row's length). Rows are
+    padded to a common length, a multiple of `multiple_of`; the padding of a row is a dummy segment
+    with its own positions, so it attends only to itself and never to a real token.
+
+    Returns input_ids (R, L); position_ids (R, L) restarting at 0 for every sequence; sequence_ids
+    (R, L), -1 on padding; num_sequences 2B; cu_seqlens (S+1,) int32, the segment boundaries over the
+    flattened rows (each sequence and each row's padding is a segment); max_seqlen, the longest
+    segment; margin as in collate."""
+    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+    longest = max(len(s) for s in seqs)
+    budget = max(max_tokens or 0, longest) if max_tokens else sum(len(s) for s in seqs)
+    rows, room = [], []                                        # rows: lists of sequence indices
+    for k in sorted(range(len(seqs)), key=lambda k: -len(seqs[k])):
+        r = next((r for r in range(len(rows)) if room[r] >= len(seqs[k])), None)
+        if r is None:                                          # no row has room: open a new one
+            rows.append([])
+            room.append(budget)
+            r = len(rows) - 1
+        rows[r].append(k)
+        room[r] -= len(seqs[k])
+    for row in rows:
+        row.sort()                                             # a stable, readable layout
+    L = max(sum(len(seqs[k]) for k in row) for row in rows)
+    L = -(-L // multiple_of) * multiple_of
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), L), dtype=torch.long)
+    sequence_ids = torch.full((len(rows), L), -1, dtype=torch.long)
+    segments = []
+    for r, row in enumerate(rows):
+        t = 0
+        for k in row:
+            n = len(seqs[k])
+            input_ids[r, t:t + n] = torch.tensor(seqs[k], dtype=torch.long)
+            position_ids[r, t:t + n] = torch.arange(n)
+            sequence_ids[r, t:t + n] = k
+            segments.append(n)
+            t += n
+        if t < L:                                              # the padding tail: one dummy segment
+            position_ids[r, t:] = torch.arange(L - t)
+            segments.append(L - t)
+    cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
+    margin, margins = None, [it.margin for it in items]
+    if any(m is not None for m in margins):
+        margin = torch.tensor([0.0 if m is None else m for m in margins], dtype=torch.float32)
+    return {"input_ids": input_ids, "position_ids": position_ids, "sequence_ids": sequence_ids,
+            "num_sequences": len(seqs), "cu_seqlens": cu_seqlens, "max_seqlen": max(segments),
+            "margin": margin}
 
 
 def padding_fraction(batches: list[list[TokenizedPair]]) -> float:

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -107,8 +108,11 @@ CONFIGS = {
     **{f"qwen3_0.6b{s}": {**_06, **v} for s, v in SIZES.items()},
     **{f"qwen3_1.7b{s}": {**_17, **v} for s, v in SIZES.items()},
     "custom": {},
-    # The demo: qwen3's "tiny" shape trained from scratch, its vocabulary the demo tokenizer's.
-    "demo": dict(model="tiny", from_scratch=True, dataset=["demo"], max_train_samples=None,
+    # The demo: qwen3's "tiny" shape trained from scratch, its vocabulary the demo tokenizer's. Last-token
+    # pooling: the eos token attends to the whole conversation, which is what "is this answer on the asked
+    # topic?" needs; mean pooling dilutes it with the prompt's tokens (0.88-0.96 held out over 3 seeds,
+    # against 0.93-0.98 for last, 1,000 steps each).
+    "demo": dict(model="tiny", from_scratch=True, pooling="last", dataset=["demo"], max_train_samples=None,
                  max_eval_samples=500, max_length=128, batch_size=32, learning_rate=2e-3, num_epochs=8,
                  warmup_ratio=0.05, weight_decay=0.0, eval_steps=250, save_steps=1000, logging_steps=50,
                  output_dir="out/demo", device="cpu"),
@@ -126,10 +130,10 @@ def validate(cfg: TrainConfig):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
     if not 0 < cfg.learning_rate < math.inf:
-        raise UserError(f"--learning_rate must be a positive number (got {cfg.learning_rate}); "
+        raise UserError(f"--learning_rate must be positive and finite (got {cfg.learning_rate}); "
                         "e.g. 5e-6 for Qwen3-0.6B")
     if cfg.max_steps <= 0 and not 0 < cfg.num_epochs < math.inf:
-        raise UserError(f"--num_epochs must be a positive number (got {cfg.num_epochs}), or set --max_steps")
+        raise UserError(f"--num_epochs must be positive and finite (got {cfg.num_epochs}), or set --max_steps")
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
@@ -346,8 +350,8 @@ def save_checkpoint(out: Path, step: int, model, full_state: dict, optimizer_sta
     tmp.mkdir()
     try:
         save_model(model, full_state, tmp / "model")
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states()},
-                   tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states()}, f)
         write_json_durably(tmp / "trainer_state.json", trainer_state)
         fsync_dir(tmp)
         replace_dir(tmp, final)
@@ -355,7 +359,7 @@ def save_checkpoint(out: Path, step: int, model, full_state: dict, optimizer_sta
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(out)[:-save_total_limit]:  # bounded disk: keep the newest few
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     return final
 
 
@@ -466,10 +470,15 @@ def train(cfg: TrainConfig) -> dict:
     eval_pairs = data.load_pairs(cfg.dataset, split=cfg.eval_split, max_samples=cfg.max_eval_samples,
                                  stats=eval_stats)
     train_items = data.tokenize_pairs(train_pairs, tokenizer, cfg.max_length, train_stats)
-    if not train_items:
-        raise UserError(f"no usable training pairs in {cfg.dataset} ({train_stats.report()}); "
-                        "check the dataset, or raise --max_length")
-    log(f"data: {len(train_items)} training pairs, {len(eval_pairs)} eval pairs | train {train_stats.report()}")
+    # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.
+    eval_items = data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, eval_stats)
+    for items, pairs, split in ((train_items, train_pairs, "train"), (eval_items, eval_pairs, cfg.eval_split)):
+        if not items:
+            raise UserError(f"all {len(pairs)} '{split}' pairs of {', '.join(cfg.dataset)} are longer than "
+                            f"--max_length {cfg.max_length} tokens (a response and its eos must fit); "
+                            "raise --max_length")
+    log(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs | train {train_stats.report()} | "
+        f"eval {eval_stats.report()}")
     lengths = [len(it.chosen_ids) + len(it.rejected_ids) for it in train_items]
     # One optimizer step consumes one "step batch" of batch_size x accumulation x processes pairs. The
     # order of step batches depends only on the seed and the epoch, so 1 process x batch 8, 2 processes
@@ -502,7 +511,9 @@ def train(cfg: TrainConfig) -> dict:
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     train_model = wrap_distributed(model, cfg, device, world)
-    step_fn = torch.compile(train_model) if cfg.compile else train_model
+    if cfg.compile:  # each block compiled in place: one compilation for all of them (see Qwen3.compile_blocks)
+        model.model.compile_blocks()
+    step_fn = train_model
     optimizer = make_optimizer(cfg, train_model, device)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
@@ -510,7 +521,7 @@ def train(cfg: TrainConfig) -> dict:
     log(f"model: {cfg.model} | head {model.head_type}, pooling {model.pooling} | "
         f"{n_trainable / 1e6:.2f}M trainable parameters | device {device}, {world} process(es)")
 
-    step, best_accuracy, history = 0, -1.0, []
+    step, best_accuracy = 0, -1.0
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
         check_same_run(state, cfg, step_batch)
@@ -518,10 +529,12 @@ def train(cfg: TrainConfig) -> dict:
         load_optimizer_state(optimizer, train_model, saved["optimizer"], cfg)
         scheduler.load_state_dict(saved["scheduler"])
         set_rng_states(saved["rng"])
-        step, best_accuracy, history = state["step"], state["best_accuracy"], state["history"]
+        step, best_accuracy = state["step"], state["best_accuracy"]
         log(f"resumed from {resume_from} at step {step}/{total_steps}")
-    if is_main:
-        write_json_durably(out / "train_config.json", asdict(cfg))
+    if is_main:  # the first write into the output directory: every input has been checked by now
+        claim_output_dir(cfg, out, step if resume_from is not None else None)
+        with disk_errors(out / "train_config.json"):
+            write_report(out / "train_config.json", asdict(cfg))  # atomic JSON write
     wandb_run = None
     if cfg.use_wandb and is_main:
         import wandb
@@ -537,10 +550,12 @@ def train(cfg: TrainConfig) -> dict:
         full = gather_full_state(train_model, cfg, world)
         opt_state = gather_optimizer_state(optimizer, train_model, cfg, world)
         if is_main:
-            trainer_state = {"step": step, "best_accuracy": best_accuracy, "history": history,
+            # No history here: it lives in log.jsonl, so a checkpoint's size does not grow with the step.
+            trainer_state = {"step": step, "best_accuracy": best_accuracy,
                              "config": asdict(cfg), "total_steps": total_steps, "step_batch": step_batch,
                              "world_size": world}
-            save_checkpoint(out, step, model, full, opt_state, scheduler, trainer_state, cfg.save_total_limit)
+            with disk_errors(out / f"checkpoint_step_{step}"):
+                save_checkpoint(out, step, model, full, opt_state, scheduler, trainer_state, cfg.save_total_limit)
         if world > 1:
             dist.barrier()
         return out / f"checkpoint_step_{step}"
@@ -583,6 +598,11 @@ def train(cfg: TrainConfig) -> dict:
                                 f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --learning_rate "
                                 "or check the data, then --resume")
             grad_norm = clip_grad_norm(train_model, cfg.max_grad_norm)
+            if not math.isfinite(float(grad_norm)):  # a finite loss can still have an overflowing gradient
+                last = checkpoint_dirs(out)
+                raise UserError(f"the gradient norm became {float(grad_norm)} at step {step + 1}; training "
+                                f"stopped before the update. Last good checkpoint: {last[-1] if last else 'none'}. "
+                                "Lower --learning_rate or check the data, then --resume")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -603,9 +623,9 @@ def train(cfg: TrainConfig) -> dict:
                           "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
                           "tokens_per_s": round(window["tokens"] / elapsed, 1),
                           "peak_mem_gib": round(peak_memory_gib(device), 3)}
-                history.append(record)
                 if is_main:
-                    append_log(out, record)
+                    with disk_errors(out / "log.jsonl"):
+                        append_log(out, record)
                     if wandb_run:
                         wandb_run.log(record, step=step)
                     msg = " | ".join(f"{k} {v}" for k, v in record.items())
@@ -613,16 +633,16 @@ def train(cfg: TrainConfig) -> dict:
                 window.update(loss=0.0, accuracy=0.0, margin=0.0, n=0, tokens=0, t0=time.perf_counter())
 
             # -- periodic evaluation on the held-out split; keep the best model
-            if eval_pairs and (step % cfg.eval_steps == 0 or step == total_steps):
+            if eval_items and (step % cfg.eval_steps == 0 or step == total_steps):
                 full = gather_full_state(train_model, cfg, world)
                 if is_main:
-                    report = evaluate(model if full is None else model_from_state(model, full), eval_pairs,
+                    report = evaluate(model if full is None else model_from_state(model, full), eval_items,
                                       batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
                                       progress=False, stats=eval_stats)
                     record = {"step": step, "eval_accuracy": report["accuracy"],
                               "eval_loss": report["loss"], "eval_margin": report["margin"]["mean"]}
-                    history.append(record)
-                    append_log(out, record)
+                    with disk_errors(out / "log.jsonl"):
+                        append_log(out, record)
                     if wandb_run:
                         wandb_run.log(record, step=step)
                     (bar.write if bar is not None else print)(
@@ -630,9 +650,12 @@ def train(cfg: TrainConfig) -> dict:
                         f" | margin {record['eval_margin']:.4f}")
                     if record["eval_accuracy"] > best_accuracy:
                         best_accuracy = record["eval_accuracy"]
-                        for old in out.glob("best_model_step_*"):
-                            shutil.rmtree(old, ignore_errors=True)
-                        save_model(model, full, out / f"best_model_step_{step}")
+                        best = out / f"best_model_step_{step}"
+                        with disk_errors(best):  # the new best first, then the old one goes: never none
+                            save_model(model, full, best)
+                            for old in out.glob("best_model_step_*"):
+                                if old.name != best.name:
+                                    remove(old)
                 if world > 1:
                     dist.barrier()
 
@@ -645,8 +668,8 @@ def train(cfg: TrainConfig) -> dict:
             if stop["signal"] and step < total_steps:
                 path = checkpoint_now()
                 log(f"\n{stop['signal']} received: saved {path} at step {step}/{total_steps}. Resume with:\n"
-                    f"  python train.py {' '.join(resume_args(sys.argv[1:]))} --resume {path}")
-                return {"stopped_at": step, "checkpoint": str(path)}
+                    f"  python train.py {shlex.join(resume_args(sys.argv[1:]))} --resume {shlex.quote(str(path))}")
+                return {"stopped_at": step, "checkpoint": str(path), "signal": stop["signal"]}
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -657,14 +680,16 @@ def train(cfg: TrainConfig) -> dict:
     result = {"step": step, "output_dir": str(out), "final_model": str(out / "final_model")}
     full = gather_full_state(train_model, cfg, world)
     if is_main:
-        save_model(model, full, out / "final_model")
+        with disk_errors(out / "final_model"):
+            save_model(model, full, out / "final_model")
         final_model = model if full is None else model_from_state(model, full)
-        if eval_pairs:
-            report = evaluate(final_model, eval_pairs, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
+        if eval_items:
+            report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
                               bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats)
             report.update(checkpoint=str(out / "final_model"), dataset=list(cfg.dataset), split=cfg.eval_split,
                           max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
-            write_report(out / "evaluation_report.json", report)
+            with disk_errors(out / "evaluation_report.json"):
+                write_report(out / "evaluation_report.json", report)
             result["eval_accuracy"] = report["accuracy"]
             result["report"] = str(out / "evaluation_report.json")
             log(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "
@@ -674,7 +699,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    result["history"] = history
+    result["history"] = read_log(out) if is_main else []  # the whole run's records, resumed parts included
     return result
 
 
@@ -803,9 +828,13 @@ def model_from_state(model: RewardModel, full_state: dict) -> RewardModel:
 # Command line: argparse builds a TrainConfig; the named config supplies defaults, flags override.
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is a user error like any other: one line, exit status 2
+        raise UserError(f"{message} (see python train.py --help)")
+
+
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description="Train a Qwen3 reward model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Train a Qwen3 reward model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     S = argparse.SUPPRESS  # flags not given stay unset, so the named config's value applies
     p.add_argument("--config", default="custom", choices=sorted(CONFIGS), help="named configuration to start from")
     p.add_argument("--model", "--model_name", dest="model", default=S, help="Hub repo id or local checkpoint directory")
@@ -832,8 +861,10 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--8bit_optim", dest="optim_8bit", action="store_true", default=S, help="bitsandbytes AdamW8bit")
     p.add_argument("--8bit_model", dest="model_8bit", action="store_true", default=S,
                    help="frozen int8 backbone (bitsandbytes Linear8bitLt); trains the head and norms")
-    p.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
-    p.add_argument("--packing", action="store_true", default=S, help="padding-free packed batches")
+    p.add_argument("--compile", action="store_true", default=S,
+                   help="torch.compile each transformer block (Qwen3.compile_blocks)")
+    p.add_argument("--packing", action="store_true", default=S,
+                   help="padding-free batches: all sequences of a micro-batch in one row (data.collate_packed)")
     p.add_argument("--fsdp", action="store_true", default=S, help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--eval_steps", type=int, default=S, help="evaluate every N steps")
     p.add_argument("--save_steps", type=int, default=S, help="checkpoint every N steps")
@@ -874,7 +905,9 @@ def main(argv=None):
         if cfg.bf16:
             eval_args.append("--bf16")
         return eval_cli.main(eval_args)
-    train(cfg)
+    result = train(cfg)
+    if "stopped_at" in result:  # stopped by a signal, checkpoint saved: not a finished run (`&& eval.py` must not go on)
+        sys.exit(128 + signal.Signals[result["signal"]].value)
 
 
 if __name__ == "__main__":

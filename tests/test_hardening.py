@@ -1,0 +1,712 @@
+"""Hardening: bad input ends in one clear line (exit 2, nothing written), faults lose nothing, long runs
+stay bounded.
+
+- test_bad_input: the README's troubleshooting table, case by case, through the real CLIs (python train.py,
+  python eval.py) as subprocesses, two at a time; test_bad_input_in_process: more variants, through
+  errors.run_cli(main) in this process. Each case: exit status 2, ONE line on stderr starting "error:"
+  that names the problem and what to do, no traceback, and the output directory (or report) left exactly
+  as it was (absent if it was absent).
+- SIGKILL at random moments (in checkpoint writes too): a loadable last checkpoint is always there, and
+  --resume ends with the same weights as an uninterrupted run, bitwise. SIGINT/SIGTERM: checkpoint, a
+  resume line that works, exit status 128 + signal.
+- NaN/inf loss or gradient, disk full (simulated and, where a tmpfs can be mounted, real): one line, the
+  last good checkpoint intact. A corrupt row mid-file: skipped and counted, training goes on.
+- Long runs: host RSS flat over a few hundred steps, checkpoints of constant size, --save_total_limit holds.
+"""
+import errno
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, save_hf_model
+
+import train
+from errors import UserError
+from rm import RewardModel
+
+# Subprocesses: offline, no Hub cache, one thread each (two run at a time on two cores).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV.pop("RM_DEBUG", None)
+# A CLI run with some modules made unimportable (sys.modules[name] = None), the script run as __main__.
+RUNNER = ("import runpy, sys; sys.argv.pop(0); blocked = sys.argv.pop(1).split(','); "
+          "sys.modules.update({m: None for m in blocked}); runpy.run_path(sys.argv[0], run_name='__main__')")
+TINY = ["--max_train_samples", "8", "--max_eval_samples", "8", "--max_steps", "1", "--no_progress"]
+DEMO = ["--config", "demo", *TINY]
+ON_MODEL = ["--dataset", "demo", "--device", "cpu", *TINY]   # with --model DIR (not from scratch)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread here: the models are tiny, and two spinning OpenMP threads on a busy 2-core
+    machine made these runs 10-25x slower (measured). Restored afterwards for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def demo_rows(n, split="train"):
+    from data import _demo_rows
+    rows = []
+    for row in _demo_rows(split):
+        rows.append(row)
+        if len(rows) == n:
+            return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def save_reward_model(path, vocab_delta=0):
+    """A tiny reward model in our format, with the demo tokenizer (what train.py writes)."""
+    import dataclasses
+    from data import demo_tokenizer
+    from qwen3 import CONFIGS
+    tok = demo_tokenizer()
+    model = RewardModel(dataclasses.replace(CONFIGS["tiny"], vocab_size=tok.vocab_size + vocab_delta))
+    model.model.init_weights(seed=0)
+    model.init_head(0)
+    model.tokenizer = tok
+    model.extra_config = {"dataset": ["demo"], "max_length": 128}
+    model.save_pretrained(path)
+    return path
+
+
+def variant(src, dst, edit):
+    shutil.copytree(src, dst)
+    edit(Path(dst))
+    return dst
+
+
+def edit_tensors(fn):
+    def edit(d):
+        state = load_file(d / "model.safetensors")
+        fn(state)
+        save_file(state, d / "model.safetensors")
+    return edit
+
+
+def edit_config(**changes):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def cli_config(*argv):
+    """The TrainConfig that `python train.py ARGV` runs with."""
+    return train.parse_args([str(a) for a in argv])[0]
+
+
+def snapshot(path: Path):
+    """Everything under `path` (names; sizes and mtimes of files), or None if it does not exist."""
+    if not path.exists():
+        return None
+    return sorted((str(p.relative_to(path)), *((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else ()))
+                  for p in [path, *path.rglob("*")])
+
+
+# A finished tiny run (2 steps, a checkpoint after step 1), made in-process with the CLI's own parser.
+DONE = ["--config", "demo", "--max_train_samples", "8", "--max_eval_samples", "8", "--max_steps", "2",
+        "--save_steps", "1", "--eval_steps", "1000", "--logging_steps", "1", "--batch_size", "4", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    """Every bad input of the table, built once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = tmp_path_factory.mktemp("bad")
+    f = {"root": root}
+    # models
+    good = f["good_model"] = save_reward_model(root / "good_model")
+    (root / "empty_dir").mkdir()
+    f["empty_dir"] = root / "empty_dir"
+    f["not_qwen3"] = variant(good, root / "not_qwen3", edit_config(model_type="llama"))
+    f["bad_config_json"] = variant(good, root / "bad_config_json",
+                                   lambda d: (d / "config.json").write_text('{"model_type": "qwen3", '))
+    f["no_weights"] = variant(good, root / "no_weights", lambda d: (d / "model.safetensors").unlink())
+    f["corrupt_st"] = variant(good, root / "corrupt_st",
+                              lambda d: (d / "model.safetensors").write_bytes(b"\x07garbage" * 500))
+    f["truncated_st"] = variant(good, root / "truncated_st", lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:20000]))
+    f["missing_tensor"] = variant(good, root / "missing_tensor",
+                                  edit_tensors(lambda s: s.pop("model.norm.weight")))
+    f["misshaped_tensor"] = variant(good, root / "misshaped_tensor",
+                                    edit_tensors(lambda s: s.update({"model.norm.weight": torch.ones(7)})))
+    f["no_tokenizer"] = variant(good, root / "no_tokenizer", lambda d: (d / "tokenizer.json").unlink())
+    f["corrupt_tokenizer"] = variant(good, root / "corrupt_tokenizer",
+                                     lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": '))
+    f["foreign_tokenizer"] = save_reward_model(root / "foreign_tokenizer", vocab_delta=-10)
+    f["causal_lm"] = root / "causal_lm"
+    save_hf_model(f["causal_lm"])                          # a plain transformers Qwen3ForCausalLM
+    (root / "hf_cache").mkdir()
+    # data
+    rows = demo_rows(12)
+    f["csv"] = root / "pairs.csv"
+    f["csv"].write_text("prompt,chosen,rejected\na,b,c\n")
+    f["corrupt_parquet"] = root / "corrupt.parquet"
+    f["corrupt_parquet"].write_bytes(b"PAR1" + os.urandom(300))
+    f["parquet_columns"] = root / "columns.parquet"
+    pq.write_table(pa.table({"question": ["q"] * 3, "answer": ["a"] * 3}), f["parquet_columns"])
+    f["jsonl_columns"] = write_jsonl(root / "columns.jsonl", [{"text": "hello", "label": 1}] * 3)
+    f["empty"] = write_jsonl(root / "empty.jsonl", [])
+    f["all_bad"] = write_jsonl(root / "all_bad.jsonl", [{"chosen": r["chosen"], "rejected": r["chosen"]} for r in rows]
+                               + [{"chosen": None, "rejected": "x"}])
+    f["wrong_types"] = write_jsonl(root / "wrong_types.jsonl",
+                                   [{"chosen": [{"role": "user", "content": "hi"}], "rejected": 3}] * 4)
+    huge = " ".join(["the key ideas are stars and planets."] * 300)
+    f["huge"] = write_jsonl(root / "huge.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " " + huge,
+                                                   "rejected": " whatever. " + huge}] * 5)
+    splits = root / "splits"
+    splits.mkdir()
+    write_jsonl(splits / "train.jsonl", rows)
+    write_jsonl(splits / "test.jsonl", rows)
+    f["splits"] = splits
+    long_eval = root / "long_eval"
+    long_eval.mkdir()
+    write_jsonl(long_eval / "train.jsonl", rows)
+    shutil.copy(f["huge"], long_eval / "test.jsonl")
+    f["long_eval"] = long_eval
+    f["truncated_gz"] = root / "pairs.jsonl.gz"
+    import gzip
+    f["truncated_gz"].write_bytes(gzip.compress(f["all_bad"].read_bytes() * 50)[:300])
+    f["bad_json_list"] = root / "pairs.json"
+    f["bad_json_list"].write_text('[{"chosen": "a", "rejected": "b"},')
+    # output directories
+    f["a_file"] = root / "a_file"
+    f["a_file"].write_text("not a directory")
+    half = root / "half_run"           # a run killed before its first checkpoint
+    half.mkdir()
+    (half / "train_config.json").write_text("{}")
+    (half / "log.jsonl").write_text("")
+    f["half_run"] = half
+    f["done"] = root / "done"
+    train.train(cli_config(*DONE, "--output_dir", f["done"]))
+    f["done_copy"] = root / "done_copy"
+    shutil.copytree(f["done"], f["done_copy"])
+    return f
+
+
+# The troubleshooting table: (id, command, arguments, [what the message must say]). `o` is the case's own
+# output directory (absent before), `fx` the inputs above. Each message names the problem and the remedy.
+CASES = [
+    # -- the model
+    ("model path does not exist", "train", lambda fx, o: ["--model", str(fx["root"] / "nope"), *ON_MODEL],
+     ["does not exist", "pass an existing directory or a Hub repo id"]),
+    ("Hub id, offline, not cached", "train", lambda fx, o: ["--model", "Qwen/Qwen3-0.6B", *ON_MODEL],
+     ["not in the local Hugging Face cache", "download it once with network access"]),
+    ("directory without config.json", "train", lambda fx, o: ["--model", str(fx["empty_dir"]), *ON_MODEL],
+     ["config.json is missing", "must hold the model's config.json"]),
+    ("config.json not valid JSON", "train", lambda fx, o: ["--model", str(fx["bad_config_json"]), *ON_MODEL],
+     ["is not valid JSON", "re-download or re-save"]),
+    ("config of another architecture", "train", lambda fx, o: ["--model", str(fx["not_qwen3"]), *ON_MODEL],
+     ["is not a Qwen3 config (model_type='llama')", "point --model at a Qwen3 checkpoint"]),
+    ("no weights file", "train", lambda fx, o: ["--model", str(fx["no_weights"]), *ON_MODEL],
+     ["holds no model.safetensors", "point at a directory with safetensors weights"]),
+    ("corrupt safetensors", "train", lambda fx, o: ["--model", str(fx["corrupt_st"]), *ON_MODEL],
+     ["model.safetensors is corrupt or truncated", "download the checkpoint again"]),
+    ("truncated safetensors", "train", lambda fx, o: ["--model", str(fx["truncated_st"]), *ON_MODEL],
+     ["model.safetensors is corrupt or truncated", "download the checkpoint again"]),
+    ("missing tensor", "train", lambda fx, o: ["--model", str(fx["missing_tensor"]), *ON_MODEL],
+     ["1 missing tensor(s): model.norm.weight", "is it a Qwen3 checkpoint of the size its config.json says"]),
+    ("mis-shaped tensor", "train", lambda fx, o: ["--model", str(fx["misshaped_tensor"]), *ON_MODEL],
+     ["1 mis-shaped tensor(s): model.norm.weight (7,) (expected (64,))", "is it a Qwen3 checkpoint"]),
+    ("tokenizer.json missing", "train", lambda fx, o: ["--model", str(fx["no_tokenizer"]), *ON_MODEL],
+     ["has no tokenizer.json", "must hold its tokenizer files"]),
+    ("tokenizer.json corrupt", "train", lambda fx, o: ["--model", str(fx["corrupt_tokenizer"]), *ON_MODEL],
+     ["not a valid tokenizer.json", "re-download it"]),
+    ("tokenizer of another model", "train", lambda fx, o: ["--model", str(fx["foreign_tokenizer"]), *ON_MODEL],
+     ["the tokenizer belongs to another model", "copy the base model's tokenizer files"]),
+    # -- the data
+    ("data file does not exist", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["root"] / "nope.jsonl")],
+     ["nope.jsonl: no such file or directory", "Hub dataset id like Anthropic/hh-rlhf"]),
+    ("Hub dataset, offline, not cached", "train", lambda fx, o: [*DEMO, "--dataset", "Anthropic/hh-rlhf"],
+     ["Anthropic/hh-rlhf: HF_HUB_OFFLINE is set and nothing of it is in the HF cache",
+      "run once online to download it"]),
+    ("unsupported extension", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["csv"])],
+     ["unsupported file type", "use .parquet, .jsonl, .jsonl.gz or .json"]),
+    ("corrupt parquet", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["corrupt_parquet"])],
+     ["not a readable parquet file", "re-download or rewrite it"]),
+    ("parquet without the columns", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["parquet_columns"])],
+     ["has columns ['answer', 'question'], expected prompt, chosen, rejected", "rename the columns"]),
+    ("jsonl without the columns", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["jsonl_columns"])],
+     ["has columns ['label', 'text'], expected prompt, chosen, rejected", "rename the columns"]),
+    ("empty dataset", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["empty"])],
+     ["no usable pairs in", "it is empty (0 rows read)", "check the data and the path"]),
+    ("every row bad", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["all_bad"])],
+     ["no usable pairs in", "13 rows read, every one skipped", "'chosen == rejected': 12", "'empty field': 1",
+      "check the data"]),
+    ("rows of the wrong type", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["wrong_types"])],
+     ["no usable pairs in", "'not a string': 4", "check the data"]),
+    ("truncated .jsonl.gz", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["truncated_gz"])],
+     ["can't read it to the end", "re-download it"]),
+    ("invalid JSON list", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["bad_json_list"])],
+     ["invalid JSON", "write one object per line (.jsonl)"]),
+    ("glob matching nothing", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["root"] / "nothing-*.parquet")],
+     ["the pattern matches no files", "check the path (and quote the pattern)"]),
+    ("split that does not exist", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["splits"]),
+                                                           "--eval_split", "validation"],
+     ["no 'validation' split in the directory", "available splits: test, train"]),
+    ("every training pair too long", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["huge"])],
+     ["all 5 'train' pairs", "longer than --max_length 128 tokens", "raise --max_length"]),
+    ("every eval pair too long", "train", lambda fx, o: [*DEMO, "--dataset", str(fx["long_eval"])],
+     ["all 5 'test' pairs", "longer than --max_length 128 tokens", "raise --max_length"]),
+    # -- the options
+    ("batch size 0", "train", lambda fx, o: [*DEMO, "--batch_size", "0"],
+     ["--batch_size must be a positive integer (got 0)"]),
+    ("negative learning rate", "train", lambda fx, o: [*DEMO, "--learning_rate", "-0.001"],
+     ["--learning_rate must be positive and finite (got -0.001)"]),
+    ("epochs 0", "train", lambda fx, o: ["--config", "demo", "--num_epochs", "0"],
+     ["--num_epochs must be positive and finite (got 0.0)", "or set --max_steps"]),
+    ("negative max length", "train", lambda fx, o: [*DEMO, "--max_length", "-5"],
+     ["--max_length must be a positive integer (got -5)"]),
+    ("a number that is not one", "train", lambda fx, o: [*DEMO, "--batch_size", "eight"],
+     ["argument --batch_size: invalid int value: 'eight'", "see python train.py --help"]),
+    ("unknown flag", "train", lambda fx, o: [*DEMO, "--batchsize", "8"],
+     ["unrecognized arguments: --batchsize 8", "see python train.py --help"]),
+    ("--resume with no checkpoint", "train", lambda fx, o: [*DEMO, "--resume"],
+     ["--resume: no checkpoint in", "start without --resume"]),
+    ("--resume, run stopped before its first checkpoint", "train",
+     lambda fx, o: [*DEMO, "--resume", "--output_dir", str(fx["half_run"])],
+     ["holds a run but no complete checkpoint", "start it again with --overwrite_output_dir"]),
+    ("--resume with other settings", "train",
+     lambda fx, o: [*DONE, "--output_dir", str(fx["done_copy"]), "--resume", "--batch_size", "2"],
+     ["--resume: the checkpoint was trained with other settings", "(4 -> 2)", "resume with the same flags"]),
+    ("output directory holds another run", "train", lambda fx, o: [*DEMO, "--output_dir", str(fx["done"])],
+     ["already holds another run", "pass --resume to continue it, --overwrite_output_dir to replace it"]),
+    ("--overwrite_output_dir, then bad data", "train",
+     lambda fx, o: [*DEMO, "--output_dir", str(fx["done"]), "--overwrite_output_dir", "--dataset",
+                    str(fx["root"] / "nope.jsonl")],
+     ["nope.jsonl: no such file or directory"]),           # the old run is replaced only once all is checked
+    ("output directory under a regular file", "train",
+     lambda fx, o: [*DEMO, "--output_dir", str(fx["a_file"] / "out")],
+     ["cannot write to --output_dir", "(Not a directory); choose a writable directory"]),
+    ("output directory in /proc", "train", lambda fx, o: [*DEMO, "--output_dir", "/proc/rm-hardening/out"],
+     ["cannot write to --output_dir /proc/rm-hardening/out", "choose a writable directory"]),
+    ("--8bit_optim without bitsandbytes", "train:bitsandbytes", lambda fx, o: [*DEMO, "--8bit_optim"],
+     ["need bitsandbytes", "pip install bitsandbytes"]),
+    ("--use_wandb without wandb", "train:wandb", lambda fx, o: [*DEMO, "--use_wandb"],
+     ["--use_wandb needs the wandb package", "pip install wandb (or drop --use_wandb)"]),
+    ("--freeze_layers beyond the model", "train", lambda fx, o: [*DEMO, "--freeze_layers", "9"],
+     ["--freeze_layers 9 is out of range: the model has 2 layers; use 0 to 2"]),
+    # -- eval.py
+    ("eval: not a reward model", "eval", lambda fx, o: [str(fx["causal_lm"]), "--dataset", "demo"],
+     ["is not a reward model", "train one with train.py or pass a Qwen3ForSequenceClassification"]),
+    ("eval: empty dataset", "eval", lambda fx, o: [str(fx["good_model"]), "--dataset", str(fx["empty"])],
+     ["no usable pairs in", "it is empty (0 rows read)", "check the data and the path"]),
+    ("eval: checkpoint does not exist", "eval", lambda fx, o: [str(fx["root"] / "nope"), "--dataset", "demo"],
+     ["does not exist", "pass a directory written by train.py"]),
+    ("eval: directory without a model", "eval", lambda fx, o: [str(fx["empty_dir"]), "--dataset", "demo"],
+     ["holds no model: expected config.json"]),
+    ("eval: corrupt safetensors", "eval", lambda fx, o: [str(fx["corrupt_st"]), "--dataset", "demo"],
+     ["is corrupt or truncated", "download the checkpoint again"]),
+    ("eval: report that cannot be written", "eval", lambda fx, o: [str(fx["good_model"]), "--dataset", "demo",
+                                                                   "--output", str(fx["a_file"] / "report.json")],
+     ["cannot write the report", "a_file/report.json", "choose another --output"]),
+    ("eval: every pair too long", "eval", lambda fx, o: [str(fx["good_model"]), "--dataset", "demo",
+                                                         "--max_samples", "4", "--max_length", "3"],
+     ["all 4 pairs are longer than max_length 3 tokens", "raise --max_length"]),
+]
+
+
+# The same checks, in-process through errors.run_cli(main) (what `python train.py` runs): variants of
+# cases above, kept out of the subprocess table to save the ~3 s that each interpreter start costs.
+INPROCESS_CASES = [
+    ("negative batch size", "train", lambda fx, o: [*DEMO, "--batch_size", "-4"],
+     ["--batch_size must be a positive integer (got -4)"]),
+    ("learning rate 0", "train", lambda fx, o: [*DEMO, "--learning_rate", "0"],
+     ["--learning_rate must be positive and finite (got 0.0)", "e.g. 5e-6"]),
+    ("learning rate nan", "train", lambda fx, o: [*DEMO, "--learning_rate", "nan"],
+     ["--learning_rate must be positive and finite (got nan)"]),
+    ("negative epochs", "train", lambda fx, o: ["--config", "demo", "--num_epochs", "-2"],
+     ["--num_epochs must be positive and finite (got -2.0)", "or set --max_steps"]),
+    ("max length 0", "train", lambda fx, o: [*DEMO, "--max_length", "0"],
+     ["--max_length must be a positive integer (got 0)"]),
+    ("save_total_limit 0", "train", lambda fx, o: [*DEMO, "--save_total_limit", "0"],
+     ["--save_total_limit must be a positive integer (got 0)"]),
+    ("output directory is a file", "train", lambda fx, o: [*DEMO, "--output_dir", str(fx["a_file"])],
+     ["is a file; pass a directory"]),
+    ("--8bit_model without bitsandbytes", "train:bitsandbytes", lambda fx, o: [*DEMO, "--8bit_model"],
+     ["need bitsandbytes", "pip install bitsandbytes"]),
+    ("eval: batch size 0", "eval", lambda fx, o: [str(fx["good_model"]), "--batch_size", "0"],
+     ["argument --batch_size: 0 must be at least 1"]),
+]
+# Further variants that run in-process too: every interpreter start costs ~3 s of CPU, and what these add is
+# the message, not the process (the Hub *model* case stays a subprocess: huggingface_hub reads
+# HF_HUB_OFFLINE at import).
+_ALSO_IN_PROCESS = {"config.json not valid JSON", "no weights file", "truncated safetensors",
+                    "tokenizer of another model", "Hub dataset, offline, not cached", "jsonl without the columns",
+                    "truncated .jsonl.gz", "invalid JSON list", "unknown flag", "output directory in /proc",
+                    "--resume, run stopped before its first checkpoint", "--freeze_layers beyond the model",
+                    "eval: directory without a model", "eval: corrupt safetensors", "eval: every pair too long",
+                    "eval: report that cannot be written", "--overwrite_output_dir, then bad data",
+                    "mis-shaped tensor", "tokenizer.json corrupt", "every eval pair too long",
+                    "eval: checkpoint does not exist"}
+INPROCESS_CASES += [c for c in CASES if c[0] in _ALSO_IN_PROCESS]
+CASES = [c for c in CASES if c[0] not in _ALSO_IN_PROCESS]
+IDS = [c[0] for c in CASES]
+assert len(set(IDS)) == len(IDS) >= 25
+assert not set(IDS) & {c[0] for c in INPROCESS_CASES}
+
+
+def watched(fx):
+    return [fx["done"], fx["done_copy"], fx["half_run"], fx["good_model"], fx["a_file"]]
+
+
+@pytest.fixture(scope="module")
+def results(fx):
+    """Run every case (two subprocesses at a time); record what each left behind."""
+
+    def run(case):
+        name, cli, args, _ = case
+        out = fx["root"] / "out" / name.replace(" ", "_").replace("/", "_")
+        report = fx["root"] / "reports" / (out.name + ".json")
+        script, _, blocked = cli.partition(":")
+        argv = args(fx, out)
+        if script == "train":
+            argv = argv + ["--output_dir", str(out)] if "--output_dir" not in argv else argv
+        elif "--output" not in argv:
+            argv = argv + ["--output", str(report)]
+        prefix = [sys.executable, "-c", RUNNER, f"{script}.py", blocked] if blocked else \
+            [sys.executable, f"{script}.py"]
+        env = {**ENV, "HF_HUB_CACHE": str(fx["root"] / "hf_cache"), "HF_HOME": str(fx["root"] / "hf_home")}
+        proc = subprocess.run(prefix + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return name, (proc, out, report)
+
+    before = {p: snapshot(p) for p in watched(fx)}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = dict(pool.map(run, CASES))
+    done["__unchanged__"] = {str(p): snapshot(p) == before[p] for p in watched(fx)}
+    return done
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bad_input(results, case):
+    name, cli, _, expected = case
+    proc, out, report = results[name]
+    stderr = proc.stderr.strip()
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr and stderr.count("\n") == 0, proc.stderr
+    assert stderr.startswith("error: "), stderr
+    for text in expected:
+        assert text in stderr, f"{text!r} not in {stderr!r}"
+    assert not out.exists() and not report.exists(), sorted(os.listdir(out)) if out.exists() else report
+
+
+def test_bad_input_leaves_existing_directories_untouched(results):
+    assert all(results["__unchanged__"].values()), results["__unchanged__"]
+
+
+@pytest.mark.parametrize("case", INPROCESS_CASES, ids=[c[0] for c in INPROCESS_CASES])
+def test_bad_input_in_process(fx, case, tmp_path, capsys, monkeypatch):
+    import eval as eval_cli
+    from errors import run_cli
+    name, cli, args, expected = case
+    script, _, blocked = cli.partition(":")
+    for module in filter(None, blocked.split(",")):
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delenv("RM_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(fx["root"] / "hf_cache"))
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    argv = args(fx, out)
+    if script == "train" and "--output_dir" not in argv:
+        argv += ["--output_dir", str(out)]
+    elif script == "eval" and "--output" not in argv:
+        argv += ["--output", str(report)]
+    before = [snapshot(p) for p in watched(fx)]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli((train if script == "train" else eval_cli).main, argv)
+    stderr = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and stderr.count("\n") == 0 and stderr.startswith("error: "), stderr
+    for text in expected:
+        assert text in stderr, f"{text!r} not in {stderr!r}"
+    assert not out.exists() and not report.exists() and [snapshot(p) for p in watched(fx)] == before
+
+
+def test_bf16_without_gpu_support(tmp_path, capsys, monkeypatch):
+    """--bf16 on a CUDA GPU without bfloat16 (e.g. a T4): refused before anything is written."""
+    from errors import run_cli
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    monkeypatch.delenv("RM_DEBUG", raising=False)
+    with pytest.raises(UserError, match=r"^--bf16 needs a GPU with bfloat16 support \(Tesla T4 has none\); drop --bf16$"):
+        train.validate(cli_config(*DEMO, "--bf16", "--device", "cuda"))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, [*DEMO, "--bf16", "--device", "cuda", "--output_dir", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().count("\n") == 0
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults
+
+# 12 steps, a checkpoint after every one (so kills land in checkpoint writes), evaluations at 4 and 8.
+KILL = ["--config", "demo", "--max_train_samples", "48", "--max_eval_samples", "8", "--batch_size", "4",
+        "--max_steps", "12", "--save_steps", "1", "--save_total_limit", "2", "--eval_steps", "4",
+        "--logging_steps", "1", "--warmup_ratio", "0", "--no_progress"]
+SMALL = ["--config", "demo", "--max_train_samples", "24", "--max_eval_samples", "8", "--batch_size", "4",
+         "--eval_steps", "1000", "--logging_steps", "1", "--warmup_ratio", "0", "--no_progress"]
+
+
+def wait_for(condition, proc, timeout=120):
+    """Poll (tightly) until condition() is true or the process has exited."""
+    deadline = time.monotonic() + timeout
+
+    def check():
+        try:
+            return condition()
+        except FileNotFoundError:  # the directory is created, probed and removed before the run starts
+            return False
+    while not check():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "timed out"
+    return True
+
+
+def hidden(out):
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+def check_loadable(ckpt: Path) -> int:
+    """A complete checkpoint: the model loads, the optimizer state loads, trainer_state.json parses."""
+    model = RewardModel.from_pretrained(str(ckpt / "model"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    torch.load(ckpt / "optimizer.pt", weights_only=False)
+    return json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train.train(cli_config(*KILL, "--output_dir", out))
+    return load_file(out / "final_model" / "model.safetensors")
+
+
+def listing_has(*parts):
+    return lambda out: any(all(part in name for part in parts) for name in os.listdir(out))
+
+
+# Where the SIGKILL lands: named moments (polled for tightly, so the kill comes within microseconds of the
+# moment showing), and random ones (a seeded delay after the first checkpoint).
+KILL_AT = {"in a checkpoint write": listing_has(".checkpoint_step_", ".tmp-"),
+           "while an old checkpoint is deleted": listing_has(".checkpoint_step_", ".old-"),
+           "in the final model write": listing_has(".final_model.tmp-"),
+           "at random 1": 1, "at random 2": 2}
+
+
+@pytest.mark.parametrize("moment", list(KILL_AT))
+def test_sigkill_anywhere_then_resume_is_bitwise_exact(reference, tmp_path, moment):
+    out = tmp_path / "run"
+    env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as the reference
+    with open(tmp_path / "stderr", "w") as err:  # a file, not a pipe: nothing can block the child
+        proc = subprocess.Popen([sys.executable, "train.py", *KILL, "--output_dir", str(out)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: train.checkpoint_dirs(out), proc)
+        if callable(KILL_AT[moment]):
+            seen = wait_for(lambda: KILL_AT[moment](out), proc)
+        else:
+            time.sleep(random.Random(KILL_AT[moment]).uniform(0, 0.4))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode in (-signal.SIGKILL, 0), (tmp_path / "stderr").read_text()
+    if moment == "in a checkpoint write":
+        assert seen and proc.returncode == -signal.SIGKILL
+    # Whatever the moment: the newest complete checkpoint loads.
+    last = train.checkpoint_dirs(out)[-1]
+    print(f"killed {moment}: exit {proc.returncode}, newest {last.name}, left behind {hidden(out)}")
+    assert check_loadable(last) == int(last.name.rsplit("_", 1)[1])
+    # Leftovers of killed writes must not be taken for a checkpoint: plant one that looks newer, and a
+    # log line cut in the middle.
+    fake = out / ".checkpoint_step_999.tmp-12345"
+    fake.mkdir()
+    (fake / "trainer_state.json").write_text('{"step": 999}')
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 9')
+    result = train.train(cli_config(*KILL, "--output_dir", out, "--resume"))
+    final = load_file(out / "final_model" / "model.safetensors")
+    assert all(torch.equal(reference[k], final[k]) for k in reference)
+    assert hidden(out) == []                                        # leftovers cleaned at the start
+    assert len(train.checkpoint_dirs(out)) <= 2                     # --save_total_limit
+    assert [r["step"] for r in result["history"] if "loss" in r] == list(range(1, 13))  # each step logged once
+
+
+SIGNAL_RUN = [*SMALL, "--max_steps", "5000", "--save_steps", "100000"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_prints_a_working_resume_line(tmp_path, sig):
+    out = tmp_path / "run dir"  # a space: the printed command must quote it
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen([sys.executable, "train.py", *SIGNAL_RUN, "--output_dir", str(out)], cwd=ROOT,
+                                env=ENV, stdout=so, stderr=se)
+    try:
+        assert wait_for(lambda: (out / "log.jsonl").read_text().count("\n") >= 2, proc), \
+            (tmp_path / "stderr").read_text()
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # the test failed before the run could end: do not leave it running
+            proc.kill()
+            proc.wait()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert proc.returncode == 128 + sig, stderr        # not 0: `train.py && eval.py` must not go on
+    assert "Traceback" not in stderr, stderr
+    lines = stdout.splitlines()
+    i = next(i for i, line in enumerate(lines) if f"{sig.name} received: saved" in line)
+    assert lines[i].endswith("Resume with:")
+    command = shlex.split(lines[i + 1])
+    assert command[:2] == ["python", "train.py"] and command[-2] == "--resume"
+    ckpt = Path(command[-1])
+    assert ckpt.parent == out and check_loadable(ckpt) == int(ckpt.name.rsplit("_", 1)[1])
+    # The printed command continues the run (here: for two more steps).
+    stopped = int(ckpt.name.rsplit("_", 1)[1])
+    result = train.train(cli_config(*command[2:], "--max_steps", stopped + 2))
+    assert result["step"] == stopped + 2 and (out / "final_model" / "model.safetensors").is_file()
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss whose gradient overflows."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("fault", ["nan loss", "inf gradient"])
+def test_non_finite_step_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault):
+    import rm
+    real, calls = rm.pairwise_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the 5th training step goes wrong
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out["loss"] = out["loss"] * float("nan") if fault == "nan loss" else InfGrad.apply(out["loss"])
+        return out
+    monkeypatch.setattr(rm, "pairwise_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train.train(cli_config(*SMALL, "--max_steps", "8", "--save_steps", "2", "--output_dir", out))
+    what = "the loss became nan" if fault == "nan loss" else "the gradient norm became"  # inf, or nan (inf x 0)
+    assert str(e.value).startswith(what) and " at step 5; training stopped" in str(e.value)
+    assert f"Last good checkpoint: {out / 'checkpoint_step_4'}" in str(e.value) and "\n" not in str(e.value)
+    assert [p.name for p in train.checkpoint_dirs(out)] == ["checkpoint_step_2", "checkpoint_step_4"]
+    assert check_loadable(out / "checkpoint_step_4") == 4
+    assert not (out / "final_model").exists() and hidden(out) == []
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if ".checkpoint_step_4." in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train.train(cli_config(*SMALL, "--max_steps", "6", "--save_steps", "2", "--output_dir", out))
+    assert str(e.value) == (f"no space left on device while writing {out / 'checkpoint_step_4'}; "
+                            "free space or choose another --output_dir")
+    assert [p.name for p in train.checkpoint_dirs(out)] == ["checkpoint_step_2"]
+    assert check_loadable(out / "checkpoint_step_2") == 2 and hidden(out) == []
+
+
+def test_really_full_disk(tmp_path):
+    """The same on a real full filesystem (a small tmpfs; skipped where mounting is not allowed): torch.save
+    and safetensors report a full disk in their own ways, and both end in the same one line."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        out = mnt / "run"
+        with pytest.raises(UserError, match=r"^no space left on device while writing .*; free space or choose "
+                                            r"another --output_dir$"):
+            train.train(cli_config(*SMALL, "--max_steps", "40", "--save_steps", "1", "--save_total_limit", "100",
+                                   "--output_dir", out))
+        ckpts = train.checkpoint_dirs(out)
+        assert len(ckpts) >= 1 and check_loadable(ckpts[-1]) == len(ckpts) and hidden(out) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_corrupt_and_too_long_rows_are_skipped_counted_and_training_goes_on(tmp_path, capsys):
+    rows = [json.dumps(r) for r in demo_rows(30)]
+    huge = " ".join(["the key ideas are stars and planets."] * 300)
+    too_long = json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: " + huge,
+                           "rejected": "\n\nHuman: hi\n\nAssistant: no. " + huge})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(rows[:15] + ['{"chosen": "cut off by a full disk', "[1, 2]"] + rows[15:]
+                              + [too_long] * 3) + "\n")
+    out = tmp_path / "run"
+    result = train.train(cli_config("--config", "demo", "--dataset", data, "--max_steps", "2",
+                                    "--max_eval_samples", "8", "--no_progress", "--output_dir", out))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data:"))
+    assert line.startswith("data: 30 training pairs, 8 eval pairs | train {'read': 35, 'kept': 33, "
+                           "'skipped': {'not an object': 1, 'unparsable line': 1}"), line
+    assert "'dropped_too_long': 3}" in line.split(" | eval ")[0], line
+    assert result["step"] == 2 and (out / "final_model" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_long_run_memory_and_disk_stay_flat(tmp_path, monkeypatch):
+    """300 steps: host RSS does not grow step over step, checkpoints do not grow with the step, and
+    --save_total_limit bounds how many there are."""
+    samples, real = [], train.append_log
+
+    def sampling_log(out, record):
+        real(out, record)
+        if "loss" in record:
+            ckpts = train.checkpoint_dirs(out)
+            samples.append({"step": record["step"], "rss": rss_mib(), "checkpoints": len(ckpts),
+                            "state_bytes": [(c / "trainer_state.json").stat().st_size for c in ckpts]})
+    monkeypatch.setattr(train, "append_log", sampling_log)
+    out = tmp_path / "run"
+    train.train(cli_config("--config", "demo", "--max_train_samples", "48", "--max_eval_samples", "8",
+                           "--batch_size", "4", "--max_steps", "300", "--logging_steps", "5", "--save_steps", "20",
+                           "--save_total_limit", "2", "--eval_steps", "100", "--no_progress", "--output_dir", out))
+    assert len(samples) == 60
+    # Host RSS swings by up to ~8 MiB from sample to sample (allocator, checkpoint writes, evaluations) with
+    # no trend (1,500 steps measured): compare the median after the warm-up (steps 35-130) with the median
+    # of the last 20 samples (steps 205-300). A leak of 30 KiB per step would add 5 MiB between them.
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    growth = median([s["rss"] for s in samples[40:]]) - median([s["rss"] for s in samples[6:26]])
+    assert growth < 5.0, (growth, [round(s["rss"], 1) for s in samples])
+    assert max(s["checkpoints"] for s in samples) <= 2
+    sizes = [b for s in samples for b in s["state_bytes"]]
+    assert max(sizes) - min(sizes) < 64, sizes  # no history inside: a few digits of difference at most

@@ -6,6 +6,7 @@ its traceback. Set RM_DEBUG=1 (or pass --debug) to see the traceback of a UserEr
 """
 import os
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -22,3 +23,23 @@ def run_cli(main, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_writable(directory: Path, what: str, fix: str):
+    """Probe with a real file that `directory` can be written (creating it if needed), then leave the disk
+    exactly as it was: a run that fails its checks must not leave an empty output directory behind."""
+    directory = Path(directory)
+    created = [d for d in [directory, *directory.parents] if not d.exists()]  # deepest first
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {what} ({e.strerror}); {fix}") from None
+    finally:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError, run_cli
+from errors import UserError, check_writable, run_cli
 
 Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal: two-sided 95%
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -331,24 +331,6 @@ def write_report(path: Path, report: dict):
         raise
 
 
-def check_writable(path: Path):
-    """Can the report be written at `path`? Probed with a real file, then everything is removed again."""
-    created = [d for d in [path.parent, *path.parent.parents] if not d.exists()]  # deepest first
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the report {path} ({e.strerror}); choose another --output") from None
-    finally:
-        for d in created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
-
-
 def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> list[Path]:
     """Three PNGs: reward histograms (chosen vs rejected), margin histogram, reward vs response length."""
     import matplotlib
@@ -489,7 +471,7 @@ def main(argv=None):
     model_dir, report_dir = find_model_dir(args.checkpoint)
     trained = reward_model_config(model_dir)
     output = Path(args.output) if args.output else report_dir / REPORT_NAME
-    check_writable(output)  # now, not after minutes of scoring
+    check_writable(output.parent, f"the report {output}", "choose another --output")  # now, not after scoring
 
     # 2. The data (before the model: a wrong path should fail in a second, not after loading weights).
     # By default the model is evaluated on what it was trained on (test split) and at its training length.

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError, run_cli
+from errors import UserError, check_writable, run_cli
 from qwen3 import CONFIGS as MODEL_CONFIGS
 from qwen3 import load_checked, read_state_dict
 from rm import HEADS, POOLINGS, RewardModel, fsync_dir, replace_dir, write_json_durably
@@ -197,20 +197,7 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         raise UserError(f"--output_dir {out} already holds another run ({', '.join(ours[:3])}); "
                         "pass --resume to continue it, --overwrite_output_dir to replace it, "
                         "or choose another --output_dir")
-    created = [d for d in [out, *out.parents] if not d.exists()]  # deepest first; removed again below
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to --output_dir {out} ({e.strerror}); choose a writable directory") from None
-    finally:
-        for d in created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+    check_writable(out, f"to --output_dir {out}", "choose a writable directory")
     return out
 
 

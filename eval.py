@@ -257,23 +257,25 @@ def prepare(model, pairs, max_length: int, stats=None):
 
 
 def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, bf16: bool = False,
-             progress: bool = True, stats=None, unsure_threshold: float = 0.1) -> dict:
+             progress: bool = True, stats=None, unsure_threshold: float = 0.1, return_rewards: bool = False):
     """Score preference pairs with a reward model and return the report (without the run information).
 
     pairs: data.Pair objects (tokenised here with model.tokenizer, too-long pairs dropped and counted)
     or data.TokenizedPair objects (used as they are). stats: the data.DataStats of loading, so that the
     skipped rows show in the report's counts; it is not modified. The model's train/eval mode is kept.
+    return_rewards: also return the per-pair numbers, for plots: (report, (chosen, rejected, chosen_len,
+    rejected_len)).
     """
     items, stats = prepare(model, pairs, max_length, stats)
     if not items:
-        raise UserError(f"no pairs left to evaluate: all {stats.dropped_too_long} are longer than max_length "
-                        f"{max_length} tokens; raise --max_length")
+        raise UserError(f"all {len(pairs)} pairs are longer than max_length {max_length} tokens; raise --max_length")
     chosen, rejected = score_pairs(model, items, batch_size=batch_size, bf16=bf16, progress=progress)
-    report = report_from_rewards(chosen, rejected, [it.chosen_response_len for it in items],
-                                 [it.rejected_response_len for it in items], [it.source for it in items],
+    chosen_len = [it.chosen_response_len for it in items]
+    rejected_len = [it.rejected_response_len for it in items]
+    report = report_from_rewards(chosen, rejected, chosen_len, rejected_len, [it.source for it in items],
                                  unsure_threshold=unsure_threshold)
     report["counts"] = counts_from_stats(len(items), stats)
-    return report
+    return (report, (chosen, rejected, chosen_len, rejected_len)) if return_rewards else report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,15 +488,9 @@ def main(argv=None):
     model = RewardModel.from_pretrained(str(model_dir), device=args.device)
     if model.tokenizer is None:
         raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
-    items, stats = prepare(model, pairs, max_length, stats)
-    if not items:
-        raise UserError(f"all {len(pairs)} pairs are longer than max_length {max_length} tokens; raise --max_length")
-    chosen, rejected = score_pairs(model, items, batch_size=args.batch_size, bf16=args.bf16, progress=True)
-    chosen_len = [it.chosen_response_len for it in items]
-    rejected_len = [it.rejected_response_len for it in items]
-    report = report_from_rewards(chosen, rejected, chosen_len, rejected_len, [it.source for it in items],
-                                 unsure_threshold=args.unsure_threshold)
-    report["counts"] = counts_from_stats(len(items), stats)
+    report, rewards = evaluate(model, pairs, batch_size=args.batch_size, max_length=max_length, bf16=args.bf16,
+                               progress=True, stats=stats, unsure_threshold=args.unsure_threshold,
+                               return_rewards=True)
     report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=args.split,
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -507,7 +503,7 @@ def main(argv=None):
     print(summary(report))
     print(f"report: {output}")
     if args.plots:
-        for path in save_plots(Path(args.plots), chosen, rejected, chosen_len, rejected_len):
+        for path in save_plots(Path(args.plots), *rewards):
             print(f"plot: {path}")
     return report
 

@@ -237,25 +237,38 @@ def _read_parquet(path: str) -> Iterator[dict]:
         raise UserError(f"{path}: not a readable parquet file ({e}); re-download or rewrite it") from None
 
 
+_UNPARSABLE = object()  # what _json_lines yields for a line that is not JSON
+
+
+def _json_lines(f) -> Iterator:
+    for line in f:
+        if line.strip():
+            try:
+                yield json.loads(line)  # bytes in: bad UTF-8 is a ValueError too
+            except ValueError:
+                yield _UNPARSABLE
+
+
+def _object_rows(objects, path: str) -> Iterator[dict | str]:
+    """Parsed JSON values -> rows of the needed columns (fixed by the first object, like a parquet
+    schema); anything that is not an object -> the reason it is skipped."""
+    columns = None
+    for obj in objects:
+        if obj is _UNPARSABLE:
+            yield "unparsable line"
+        elif not isinstance(obj, dict):
+            yield "not an object"
+        else:
+            if columns is None:
+                columns = _columns(list(obj), path)
+            yield {c: obj.get(c) for c in columns}
+
+
 def _read_jsonl(path: str) -> Iterator[dict | str]:
     opener = gzip.open if path.endswith(".gz") else open
-    columns = None  # fixed by the first object, like a parquet schema
     try:
         with opener(path, "rb") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)  # bytes in: bad UTF-8 is a ValueError too
-                except ValueError:
-                    yield "unparsable line"
-                    continue
-                if not isinstance(obj, dict):
-                    yield "not an object"
-                    continue
-                if columns is None:
-                    columns = _columns(list(obj), path)
-                yield {c: obj.get(c) for c in columns}
+            yield from _object_rows(_json_lines(f), path)
     except (OSError, EOFError, zlib.error) as e:  # corrupt or truncated gzip
         raise UserError(f"{path}: can't read it to the end ({e}); the file is corrupt or truncated, "
                         f"re-download it") from None
@@ -272,14 +285,7 @@ def _read_json(path: str) -> Iterator[dict | str]:
             objs = json.load(f)  # a JSON list can only be parsed whole
     except ValueError as e:
         raise UserError(f"{path}: invalid JSON ({e}); fix it or write one object per line (.jsonl)") from None
-    columns = None
-    for obj in objs:
-        if not isinstance(obj, dict):
-            yield "not an object"
-            continue
-        if columns is None:
-            columns = _columns(list(obj), path)
-        yield {c: obj.get(c) for c in columns}
+    yield from _object_rows(objs, path)
 
 
 def _read_file(path: str) -> Iterator[dict | str]:

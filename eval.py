@@ -477,7 +477,7 @@ def main(argv=None):
 
     # 2. The data (before the model: a wrong path should fail in a second, not after loading weights).
     # By default the model is evaluated on what it was trained on (test split) and at its training length.
-    dataset = args.dataset or trained.get("dataset") or DEFAULT_DATASET
+    dataset = args.dataset or trained.get("eval_dataset") or trained.get("dataset") or DEFAULT_DATASET
     dataset = [dataset] if isinstance(dataset, str) else list(dataset)
     dataset = [s.strip() for d in dataset for s in d.split(",") if s.strip()]
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH

@@ -59,7 +59,8 @@ class TrainConfig:
     pooling: str | None = None               # mean (default) | last
     # data
     dataset: list = field(default_factory=lambda: ["Anthropic/hh-rlhf"])
-    eval_split: str = "test"
+    eval_split: str = "test"                 # "none": no evaluation (e.g. a dataset with a train split only)
+    eval_dataset: list | None = None         # held-out sources; default: --dataset at --eval_split
     max_train_samples: int | None = None
     max_eval_samples: int | None = 1000
     max_length: int = 1024
@@ -454,14 +455,17 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = model.tokenizer
     train_stats, eval_stats = data.DataStats(), data.DataStats()
     train_pairs = data.load_pairs(cfg.dataset, split="train", max_samples=cfg.max_train_samples, stats=train_stats)
-    eval_pairs = data.load_pairs(cfg.dataset, split=cfg.eval_split, max_samples=cfg.max_eval_samples,
-                                 stats=eval_stats)
+    evaluating = cfg.eval_split != "none"
+    eval_sources = list(cfg.eval_dataset or cfg.dataset)
+    eval_pairs = data.load_pairs(eval_sources, split=cfg.eval_split, max_samples=cfg.max_eval_samples,
+                                 stats=eval_stats) if evaluating else []
     train_items = data.tokenize_pairs(train_pairs, tokenizer, cfg.max_length, train_stats)
     # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.
-    eval_items = data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, eval_stats)
-    for items, pairs, split in ((train_items, train_pairs, "train"), (eval_items, eval_pairs, cfg.eval_split)):
-        if not items:
-            raise UserError(f"all {len(pairs)} '{split}' pairs of {', '.join(cfg.dataset)} are longer than "
+    eval_items = data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, eval_stats) if evaluating else []
+    for items, pairs, split, sources in ((train_items, train_pairs, "train", cfg.dataset),
+                                         (eval_items, eval_pairs, cfg.eval_split, eval_sources)):
+        if not items and (split == "train" or evaluating):
+            raise UserError(f"all {len(pairs)} '{split}' pairs of {', '.join(sources)} are longer than "
                             f"--max_length {cfg.max_length} tokens (a response and its eos must fit); "
                             "raise --max_length")
     log(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs | train {train_stats.report()} | "
@@ -488,7 +492,8 @@ def train(cfg: TrainConfig) -> dict:
         return [(chunk[rank::world], len(chunk)) for chunk in chunks]
 
     # ---- model, memory options, optimizer, schedule
-    model.extra_config = {"dataset": list(cfg.dataset), "max_length": cfg.max_length, "eval_split": cfg.eval_split}
+    model.extra_config = {"dataset": list(cfg.dataset), "eval_dataset": eval_sources, "max_length": cfg.max_length,
+                          "eval_split": cfg.eval_split}
     if resume_from is not None:  # weights first, then the options that change the modules
         load_checked(model, read_model_state(resume_from / "model"), where=str(resume_from / "model"))
     model.freeze_layers(cfg.freeze_layers)
@@ -673,7 +678,7 @@ def train(cfg: TrainConfig) -> dict:
         if eval_items:
             report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
                               bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats)
-            report.update(checkpoint=str(out / "final_model"), dataset=list(cfg.dataset), split=cfg.eval_split,
+            report.update(checkpoint=str(out / "final_model"), dataset=eval_sources, split=cfg.eval_split,
                           max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
             with disk_errors(out / "evaluation_report.json"):
                 write_report(out / "evaluation_report.json", report)
@@ -681,6 +686,8 @@ def train(cfg: TrainConfig) -> dict:
             result["report"] = str(out / "evaluation_report.json")
             log(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "
                 f"model saved to {out / 'final_model'}")
+        else:
+            log(f"final: model saved to {out / 'final_model'} (no evaluation: --eval_split none)")
         if wandb_run:
             wandb_run.finish()
     if world > 1:
@@ -829,7 +836,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--head", default=S, choices=HEADS, help="reward head (default: the checkpoint's, else mlp)")
     p.add_argument("--pooling", default=S, choices=POOLINGS, help="pooling (default: the checkpoint's, else mean)")
     p.add_argument("--dataset", nargs="+", default=S, help="one or more sources: Hub dataset ids, files, dirs, globs, 'demo'")
-    p.add_argument("--eval_split", default=S, help="held-out split for evaluation")
+    p.add_argument("--eval_split", default=S, help="held-out split for evaluation; 'none' turns evaluation off")
+    p.add_argument("--eval_dataset", nargs="+", default=S,
+                   help="held-out sources (default: --dataset); needed when --dataset is a file without splits")
     p.add_argument("--max_train_samples", type=int, default=S, help="use at most this many training pairs")
     p.add_argument("--max_eval_samples", type=int, default=S, help="evaluate on at most this many pairs")
     p.add_argument("--max_length", type=int, default=S, help="max tokens per sequence (prompt cut from the left)")
@@ -883,8 +892,10 @@ def main(argv=None):
             raise UserError("--eval_only needs --model_path CHECKPOINT")
         import eval as eval_cli
         eval_args = [model_path, "--split", cfg.eval_split, "--batch_size", str(cfg.batch_size * 2)]
-        if "dataset" in given:
-            eval_args += ["--dataset", *cfg.dataset]
+        if cfg.eval_split == "none":
+            raise UserError("--eval_only with --eval_split none evaluates nothing; pass a split such as test")
+        if "eval_dataset" in given or "dataset" in given:
+            eval_args += ["--dataset", *(cfg.eval_dataset or cfg.dataset)]
         if "max_length" in given:
             eval_args += ["--max_length", str(cfg.max_length)]
         if cfg.max_eval_samples:

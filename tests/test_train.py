@@ -143,3 +143,22 @@ def test_bad_flag_one_line_and_no_output_dir(tmp_path, flag, message):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_dataset_and_no_evaluation(tmp_path):
+    """A local file has no splits: --eval_dataset names the held-out file, --eval_split none skips eval."""
+    import data
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+            for p in data.load_pairs("demo", split="train", max_samples=40)]
+    held = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+            for p in data.load_pairs("demo", split="test", max_samples=10)]
+    for name, rs in (("train.jsonl", rows), ("held.jsonl", held)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rs))
+    result = train(tiny_cfg(tmp_path, "held", dataset=[str(tmp_path / "train.jsonl")],
+                            eval_dataset=[str(tmp_path / "held.jsonl")], max_eval_samples=None))
+    report = json.loads((tmp_path / "held" / "evaluation_report.json").read_text())
+    assert report["num_pairs"] == 10 and report["dataset"] == [str(tmp_path / "held.jsonl")]
+    assert "eval_accuracy" in result
+    result = train(tiny_cfg(tmp_path, "noeval", dataset=[str(tmp_path / "train.jsonl")], eval_split="none"))
+    assert "eval_accuracy" not in result and (tmp_path / "noeval" / "final_model" / "model.safetensors").exists()
+    assert not (tmp_path / "noeval" / "evaluation_report.json").exists()

@@ -448,7 +448,7 @@ def bench_attention(args, device):
     mask = qwen3.packed_attention_mask(positions)
     ways["mask (dense block-diagonal, one row)"] = packed(lambda q, k, v: F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True))
-    if device.type == "cuda" and dtype != torch.float32 and qwen3.varlen_attn is not None:
+    if device.type == "cuda" and dtype != torch.float32 and qwen3.varlen_kernel()[0] is not None:
         vseg = qwen3.Segments(cu, T, None)
         ways["varlen (flash, torch.nn.attention.varlen)"] = packed(
             lambda q, k, v: qwen3.varlen_attention(q[0], k[0], v[0], vseg))

@@ -54,11 +54,24 @@ from torch.utils.checkpoint import checkpoint
 
 from errors import UserError
 
-try:  # flash attention over packed sequences (CUDA only); torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn
-    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
-except ImportError:
-    varlen_attn, _VARLEN_PARAMS = None, {}
+
+
+_VARLEN = None  # (varlen_attn, its parameters) once varlen_kernel() has looked
+
+
+def varlen_kernel():
+    """(varlen_attn, its parameters): torch's flash attention over packed sequences (CUDA only; torch
+    >= 2.10), or (None, {}). Imported on first use: the import pulls in torch.compile's machinery, about
+    a second at every start of every command otherwise. (A plain global, not functools.cache, so that
+    compiled blocks trace straight through it.)"""
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+            _VARLEN = varlen_attn, inspect.signature(varlen_attn).parameters
+        except ImportError:
+            _VARLEN = None, {}
+    return _VARLEN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,9 +216,10 @@ def segments_from_positions(position_ids) -> tuple:
 
 def varlen_attention(q, k, v, seg: Segments):
     """Causal flash attention within each segment. q (N, heads, hd), k/v (N, kv_heads, hd) -> (N, heads, hd)."""
-    kwargs = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMS else {"is_causal": True}  # torch 2.11+ / 2.10
+    varlen_attn, params = varlen_kernel()
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # torch 2.11+ / 2.10
     if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in _VARLEN_PARAMS:
+        if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         else:  # older torch: give every query head its own copy of its k/v head
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
@@ -315,7 +329,7 @@ class Qwen3(nn.Module):
         """Which packed-attention implementation this batch gets (see the module docstring)."""
         if self.packed_attention is not None:
             return self.packed_attention
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None:
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and varlen_kernel()[0] is not None:
             return "varlen"
         return "mask" if self.compiled or torch.compiler.is_compiling() else "loop"
 

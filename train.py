@@ -215,14 +215,8 @@ def claim_output_dir(cfg: TrainConfig, out: Path, resume_step: int | None):
             if LEFTOVERS.match(p.name):
                 remove(p)
         if resume_step is not None and (out / "log.jsonl").is_file():
-            kept = []
-            for line in (out / "log.jsonl").read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
-                    kept.append(line + "\n")
+            kept = [json.dumps(r) + "\n" for r in read_log(out)
+                    if isinstance(r, dict) and r.get("step", math.inf) <= resume_step]
             tmp = out / f".log.jsonl.tmp-{os.getpid()}"
             tmp.write_text("".join(kept))
             os.replace(tmp, out / "log.jsonl")
@@ -329,7 +323,7 @@ def set_rng_states(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, full_state: dict, optimizer_state: dict, scheduler,
+def save_checkpoint(out: Path, step: int, model: RewardModel, optimizer_state: dict, scheduler,
                     trainer_state: dict, save_total_limit: int) -> Path:
     """checkpoint_step_N/: model/ (a loadable reward model), optimizer.pt, trainer_state.json (last)."""
     final = out / f"checkpoint_step_{step}"
@@ -337,7 +331,7 @@ def save_checkpoint(out: Path, step: int, model, full_state: dict, optimizer_sta
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, full_state, tmp / "model")
+        model.save_pretrained(tmp / "model")
         with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
             torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states()}, f)
         write_json_durably(tmp / "trainer_state.json", trainer_state)
@@ -349,17 +343,6 @@ def save_checkpoint(out: Path, step: int, model, full_state: dict, optimizer_sta
     for old in checkpoint_dirs(out)[:-save_total_limit]:  # bounded disk: keep the newest few
         remove(old)
     return final
-
-
-def save_model(model: RewardModel, full_state: dict | None, path: Path):
-    """Save the reward model; under FSDP the gathered full state dict replaces the sharded weights."""
-    if full_state is None:
-        return model.save_pretrained(path)
-    with torch.device("meta"):
-        shell = RewardModel(model.config, model.head_type, model.pooling)
-    shell.load_state_dict(full_state, assign=True)
-    shell.tokenizer, shell.extra_config = model.tokenizer, model.extra_config
-    return shell.save_pretrained(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,7 +488,6 @@ def train(cfg: TrainConfig) -> dict:
     train_model = wrap_distributed(model, cfg, device, world)
     if cfg.compile:  # each block compiled in place: one compilation for all of them (see Qwen3.compile_blocks)
         model.model.compile_blocks()
-    step_fn = train_model
     optimizer = make_optimizer(cfg, train_model, device)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
@@ -547,7 +529,8 @@ def train(cfg: TrainConfig) -> dict:
                              "config": asdict(cfg), "total_steps": total_steps, "step_batch": step_batch,
                              "world_size": world}
             with disk_errors(out / f"checkpoint_step_{step}"):
-                save_checkpoint(out, step, model, full, opt_state, scheduler, trainer_state, cfg.save_total_limit)
+                save_checkpoint(out, step, unsharded(model, full), opt_state, scheduler, trainer_state,
+                                cfg.save_total_limit)
         if world > 1:
             dist.barrier()
         return out / f"checkpoint_step_{step}"
@@ -577,24 +560,17 @@ def train(cfg: TrainConfig) -> dict:
                                   else data.collate(items, tokenizer.pad_id), device)
                 sync = i == len(micro) - 1 or world == 1
                 with maybe_no_sync(train_model, sync, cfg), autocast:
-                    outputs = step_fn(**batch, pairs=True, center_rewards_coefficient=cfg.center_rewards_coefficient)
+                    outputs = train_model(**batch, pairs=True, center_rewards_coefficient=cfg.center_rewards_coefficient)
                 (outputs["loss"] * weight).backward()
                 tokens = batch["attention_mask"].sum() if "attention_mask" in batch else (batch["sequence_ids"] >= 0).sum()
                 metrics += torch.stack([outputs["loss"].detach() * weight, outputs["accuracy"] * weight,
                                         outputs["margin"].detach() * weight, tokens * world * (len(idx) > 0)])
             metrics = all_reduce_mean(metrics, world)
             loss_value = metrics[0].item()
-            if not math.isfinite(loss_value):
-                last = checkpoint_dirs(out)
-                raise UserError(f"the loss became {loss_value} at step {step + 1}; training stopped. "
-                                f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --learning_rate "
-                                "or check the data, then --resume")
+            stop_if_not_finite("loss", loss_value, step + 1, out, ".")
             grad_norm = clip_grad_norm(train_model, cfg.max_grad_norm)
-            if not math.isfinite(float(grad_norm)):  # a finite loss can still have an overflowing gradient
-                last = checkpoint_dirs(out)
-                raise UserError(f"the gradient norm became {float(grad_norm)} at step {step + 1}; training "
-                                f"stopped before the update. Last good checkpoint: {last[-1] if last else 'none'}. "
-                                "Lower --learning_rate or check the data, then --resume")
+            # a finite loss can still have an overflowing gradient
+            stop_if_not_finite("gradient norm", float(grad_norm), step + 1, out, " before the update.")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -628,7 +604,8 @@ def train(cfg: TrainConfig) -> dict:
             if eval_items and (step % cfg.eval_steps == 0 or step == total_steps):
                 full = gather_full_state(train_model, cfg, world)
                 if is_main:
-                    report = evaluate(model if full is None else model_from_state(model, full), eval_items,
+                    current = unsharded(model, full)
+                    report = evaluate(current, eval_items,
                                       batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
                                       progress=False, stats=eval_stats)
                     record = {"step": step, "eval_accuracy": report["accuracy"],
@@ -644,7 +621,7 @@ def train(cfg: TrainConfig) -> dict:
                         best_accuracy = record["eval_accuracy"]
                         best = out / f"best_model_step_{step}"
                         with disk_errors(best):  # the new best first, then the old one goes: never none
-                            save_model(model, full, best)
+                            current.save_pretrained(best)
                             for old in out.glob("best_model_step_*"):
                                 if old.name != best.name:
                                     remove(old)
@@ -672,9 +649,9 @@ def train(cfg: TrainConfig) -> dict:
     result = {"step": step, "output_dir": str(out), "final_model": str(out / "final_model")}
     full = gather_full_state(train_model, cfg, world)
     if is_main:
+        final_model = unsharded(model, full)
         with disk_errors(out / "final_model"):
-            save_model(model, full, out / "final_model")
-        final_model = model if full is None else model_from_state(model, full)
+            final_model.save_pretrained(out / "final_model")
         if eval_items:
             report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
                               bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats)
@@ -697,14 +674,23 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
+def stop_if_not_finite(what: str, value: float, step: int, out: Path, stopped: str):
+    if not math.isfinite(value):
+        last = checkpoint_dirs(out)
+        raise UserError(f"the {what} became {value} at step {step}; training stopped{stopped} Last good "
+                        f"checkpoint: {last[-1] if last else 'none'}. Lower --learning_rate or check the data, "
+                        "then --resume")
+
+
 def resume_args(argv: list[str]) -> list[str]:
     """The command line without a previous --resume, so the printed resume command is clean."""
     args, skip = [], False
     for a in argv:
         if skip:
             skip = False
-            continue
-        if a == "--resume":
+            if not a.startswith("-"):
+                continue
+        if a == "--resume":  # its value is optional: the next word is it only if it is not a flag
             skip = True
             continue
         if not a.startswith("--resume="):
@@ -810,7 +796,11 @@ def load_optimizer_state(optimizer, train_model, state, cfg):
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
-def model_from_state(model: RewardModel, full_state: dict) -> RewardModel:
+def unsharded(model: RewardModel, full_state: dict | None) -> RewardModel:
+    """The model to save or evaluate: `model` itself, or under FSDP a copy holding the gathered full
+    (unsharded) weights."""
+    if full_state is None:
+        return model
     with torch.device("meta"):
         shell = RewardModel(model.config, model.head_type, model.pooling)
     shell.load_state_dict(full_state, assign=True)

@@ -676,6 +676,14 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int = 0, 
     return batches
 
 
+def batch_margins(items: list[TokenizedPair]):
+    """(B,) float32 margins when any pair of the batch has one (a missing margin counts as 0), else None."""
+    margins = [it.margin for it in items]
+    if not any(m is not None for m in margins):
+        return None
+    return torch.tensor([0.0 if m is None else m for m in margins], dtype=torch.float32)
+
+
 def collate(items: list[TokenizedPair], pad_id: int) -> dict:
     """B pairs -> rows 0..B-1 chosen, rows B..2B-1 rejected, right-padded with pad_id.
 
@@ -687,11 +695,7 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict:
     for row, ids in enumerate(seqs):
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, :len(ids)] = 1
-    margins = [it.margin for it in items]
-    margin = None
-    if any(m is not None for m in margins):
-        margin = torch.tensor([0.0 if m is None else m for m in margins], dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": batch_margins(items)}
 
 
 def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | None = None,
@@ -743,12 +747,9 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
             segments.append(L - t)
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
-    margin, margins = None, [it.margin for it in items]
-    if any(m is not None for m in margins):
-        margin = torch.tensor([0.0 if m is None else m for m in margins], dtype=torch.float32)
     return {"input_ids": input_ids, "position_ids": position_ids, "sequence_ids": sequence_ids,
             "num_sequences": len(seqs), "cu_seqlens": cu_seqlens, "max_seqlen": max(segments),
-            "margin": margin}
+            "margin": batch_margins(items)}
 
 
 def padding_fraction(batches: list[list[TokenizedPair]]) -> float:

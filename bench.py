@@ -45,6 +45,10 @@ are drawn and the steps cycle through them.
 --compile compiles the transformer blocks of both sides ("regional" compilation, qwen3.Qwen3.compile_blocks;
 for transformers, each decoder layer): one compilation serves all blocks, so the GPU suite fits in a few
 minutes. --packing runs our side padding-free (data.collate_packed); transformers stays padded.
+--share_prompt (implies --packing) computes each pair's shared prompt once on our side (make_pairs gives
+chosen and rejected the same prompt: half of each sequence with uniform lengths). tokens/s and model
+FLOPs still count both sequences in full: the work of the step as padded or packed trainers define it,
+so they stay comparable with transformers'; ours does less of it, so its "MFU" is then an effective one.
 --optim_in_backward (ours only) steps each parameter's optimizer as soon as its gradient is complete and
 frees the gradient at once, so the gradients of the whole model never coexist. Without gradient
 clipping or accumulation (none here) the update is exactly the same.
@@ -80,11 +84,16 @@ SUITES = {
         "--config 1.7b --bf16 --compile --gradient_checkpointing --8bit_optim --optim_in_backward",
         "--config 0.6b --bf16 --lengths realistic --packing --compare-hf",
         "--config 0.6b --bf16 --compile --lengths realistic --packing --compare-hf",
+        "--config 0.6b --bf16 --compile --share_prompt --compare-hf",
+        "--config 1.7b --bf16 --compile --share_prompt --compare-hf",
+        "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --compare-hf",
     ],
     # The CPU rows: a ~33M-parameter config, 2 cores, eager fp32.
     "cpu": [
         "--config small --pairs 4 --max_length 256 --steps 6 --compare-hf",
         "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --packing --compare-hf",
+        "--config small --pairs 4 --max_length 256 --steps 6 --share_prompt --compare-hf",
+        "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --share_prompt --compare-hf",
     ],
 }
 
@@ -281,8 +290,8 @@ def prepare_ours(args, device, batches_items, pad_id) -> dict:
         optimizer = None
     else:
         optimizer = make_optimizer(cfg, model, device)
-    collate = (lambda items: data.collate_packed(items, pad_id)) if args.packing else \
-        (lambda items: data.collate(items, pad_id))
+    collate = (lambda items: data.collate_packed(items, pad_id, share_prompt=args.share_prompt)) \
+        if args.packing or args.share_prompt else (lambda items: data.collate(items, pad_id))
 
     def forward(batch):
         return model(**batch, pairs=True)["loss"]
@@ -495,6 +504,8 @@ def parse_args(argv=None):
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--8bit_optim", dest="optim_8bit", action="store_true", help="bitsandbytes AdamW8bit")
     p.add_argument("--packing", action="store_true", help="our side padding-free (data.collate_packed)")
+    p.add_argument("--share_prompt", action="store_true",
+                   help="our side padding-free with each pair's prompt computed once (implies --packing)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (both sides)")
     p.add_argument("--optim_in_backward", action="store_true",
                    help="ours: step each parameter as soon as its gradient is ready, then free it")
@@ -541,14 +552,20 @@ def bench(args) -> dict:
     rng = np.random.default_rng(args.seed)
     batches_items = [make_pairs(args.pairs, args.max_length, args.lengths, config.vocab_size, rng)
                      for _ in range(args.batches)]
-    opts = [o for o in ("bf16", "gradient_checkpointing", "optim_8bit", "packing", "compile", "optim_in_backward")
-            if getattr(args, o)]
+    opts = [o for o in ("bf16", "gradient_checkpointing", "optim_8bit", "packing", "share_prompt", "compile",
+                        "optim_in_backward") if getattr(args, o)]
     real = statistics.mean(sum(sequence_lengths(b)) for b in batches_items)
     padded = statistics.mean(2 * args.pairs * max(sequence_lengths(b)) for b in batches_items)
+    shared = ""
+    if args.share_prompt:
+        once = statistics.mean(sum(len(it.chosen_ids) + len(it.rejected_ids) -
+                                   data.shared_prefix_len(it.chosen_ids, it.rejected_ids) for it in b)
+                               for b in batches_items)
+        shared = f", {once:,.0f} with shared prompts"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"== {args.config} | {args.pairs} pairs x {args.max_length} ({args.lengths}: {real:,.0f} real tokens of "
-          f"{padded:,.0f} padded per step) | {', '.join(opts) or 'fp32 eager'} | {name} | torch {torch.__version__}",
-          flush=True)
+          f"{padded:,.0f} padded per step{shared}) | {', '.join(opts) or 'fp32 eager'} | {name} | "
+          f"torch {torch.__version__}", flush=True)
     row = {"command": "python bench.py " + command_line(args), "device": name, "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__}
     prepares = [prepare_ours]
@@ -576,7 +593,8 @@ def command_line(args) -> str:
     if args.lengths != "uniform":
         flags.append(f"--lengths {args.lengths}")
     for flag, on in (("--bf16", args.bf16), ("--gradient_checkpointing", args.gradient_checkpointing),
-                     ("--8bit_optim", args.optim_8bit), ("--packing", args.packing), ("--compile", args.compile),
+                     ("--8bit_optim", args.optim_8bit), ("--packing", args.packing),
+                     ("--share_prompt", args.share_prompt), ("--compile", args.compile),
                      ("--optim_in_backward", args.optim_in_backward), ("--compare-hf", args.compare_hf)):
         if on:
             flags.append(flag)

@@ -699,7 +699,7 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict:
 
 
 def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | None = None,
-                   multiple_of: int = 8) -> dict:
+                   multiple_of: int = 8, share_prompt: bool = False) -> dict:
     """B pairs -> padding-free rows: the 2B sequences laid end to end, chosen ones first (sequence k < B
     is pair k's chosen response, B + k its rejected one, as in collate).
 
@@ -712,7 +712,20 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
     Returns input_ids (R, L); position_ids (R, L) restarting at 0 for every sequence; sequence_ids
     (R, L), -1 on padding; num_sequences 2B; cu_seqlens (S+1,) int32, the segment boundaries over the
     flattened rows (each sequence and each row's padding is a segment); max_seqlen, the longest
-    segment; margin as in collate."""
+    segment; margin as in collate.
+
+    share_prompt=True: a pair's chosen and rejected sequences begin with the same prompt, and under a
+    causal mask those prompt tokens get the same hidden states in both. So compute them once: the
+    model's input becomes ONE row of "shared" tokens, per pair [prompt, chosen tail, rejected tail],
+    with the rejected tail's positions continuing from the prompt's. Only attention needs the two
+    sequences apart (the rejected tail must not see the chosen one): it copies the prompt's q/k/v into
+    both sequences, runs on the layout above, and takes each shared token's output back. Returns then
+    input_ids, position_ids (1, Ls): the shared tokens; expand_index (R, L): for each position of the
+    sequence layout, the shared token it copies; keep_index (Ls,): for each shared token, the position
+    of the sequence layout whose attention output it takes; expanded_position_ids (R, L): the positions
+    of the sequence layout; sequence_ids, cu_seqlens, max_seqlen, num_sequences, margin as above (of
+    the sequence layout: pooling reads the hidden states copied into it). Projections, MLPs and norms,
+    most of the work, see every prompt token once instead of twice."""
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     longest = max(len(s) for s in seqs)
     budget = max(max_tokens or 0, longest) if max_tokens else sum(len(s) for s in seqs)
@@ -732,7 +745,7 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
     input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), L), dtype=torch.long)
     sequence_ids = torch.full((len(rows), L), -1, dtype=torch.long)
-    segments = []
+    segments, start = [], [0] * len(seqs)                     # start[k]: sequence k's first flat position
     for r, row in enumerate(rows):
         t = 0
         for k in row:
@@ -741,15 +754,61 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
             position_ids[r, t:t + n] = torch.arange(n)
             sequence_ids[r, t:t + n] = k
             segments.append(n)
+            start[k] = r * L + t
             t += n
         if t < L:                                              # the padding tail: one dummy segment
             position_ids[r, t:] = torch.arange(L - t)
             segments.append(L - t)
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
-    return {"input_ids": input_ids, "position_ids": position_ids, "sequence_ids": sequence_ids,
-            "num_sequences": len(seqs), "cu_seqlens": cu_seqlens, "max_seqlen": max(segments),
-            "margin": batch_margins(items)}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "sequence_ids": sequence_ids,
+             "num_sequences": len(seqs), "cu_seqlens": cu_seqlens, "max_seqlen": max(segments),
+             "margin": batch_margins(items)}
+    return share_prompt_layout(batch, items, start, pad_id, multiple_of) if share_prompt else batch
+
+
+def shared_prefix_len(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences have in common, leaving each at least one token of its own
+    (its last token is where last-token pooling reads the reward)."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def share_prompt_layout(batch: dict, items: list[TokenizedPair], start: list[int], pad_id: int,
+                        multiple_of: int) -> dict:
+    """collate_packed's batch (the sequence layout) -> the same batch on shared-prompt tokens (see
+    collate_packed). start[k]: where sequence k begins in the flattened sequence layout."""
+    B = len(items)
+    ids, positions = [], []
+    shared_of = [None] * (2 * B)                 # shared_of[k][j]: the shared token of sequence k's token j
+    keep = []                                    # keep[i]: the sequence-layout position shared token i reads
+    for i, it in enumerate(items):
+        s = shared_prefix_len(it.chosen_ids, it.rejected_ids)
+        t = len(ids)
+        c, r = len(it.chosen_ids), len(it.rejected_ids)
+        ids += it.chosen_ids + it.rejected_ids[s:]
+        positions += list(range(c)) + list(range(s, r))
+        shared_of[i] = list(range(t, t + c))                                  # prompt + chosen tail
+        shared_of[B + i] = list(range(t, t + s)) + list(range(t + c, t + c + r - s))  # prompt + rejected tail
+        keep += [start[i] + j for j in range(c)] + [start[B + i] + j for j in range(s, r)]
+    n = len(ids)
+    Ls = -(-n // multiple_of) * multiple_of
+    input_ids = torch.full((1, Ls), pad_id, dtype=torch.long)
+    input_ids[0, :n] = torch.tensor(ids, dtype=torch.long)
+    position_ids = torch.zeros((1, Ls), dtype=torch.long)
+    position_ids[0, :n] = torch.tensor(positions, dtype=torch.long)
+    position_ids[0, n:] = torch.arange(Ls - n)
+    # Padding of either layout copies / reads position 0: its values never reach a reward.
+    expand_index = torch.zeros(batch["sequence_ids"].numel(), dtype=torch.long)
+    for k, shared in enumerate(shared_of):
+        expand_index[start[k]:start[k] + len(shared)] = torch.tensor(shared, dtype=torch.long)
+    keep_index = torch.zeros(Ls, dtype=torch.long)
+    keep_index[:n] = torch.tensor(keep, dtype=torch.long)
+    return {**batch, "input_ids": input_ids, "position_ids": position_ids,
+            "expand_index": expand_index.view_as(batch["sequence_ids"]), "keep_index": keep_index,
+            "expanded_position_ids": batch["position_ids"]}
 
 
 def padding_fraction(batches: list[list[TokenizedPair]]) -> float:

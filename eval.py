@@ -198,15 +198,17 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress: bool = True):
+def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress: bool = True,
+                share_prompt: bool = False):
     """Rewards of tokenised pairs: (chosen, rejected) numpy float64 arrays, in the order of `items`.
 
     Batches are formed by length (longest first: an out-of-memory batch size fails at once, not at the
-    end), chosen and rejected of a batch in one forward pass as in training. The model runs in eval mode
+    end), chosen and rejected of a batch in one forward pass as in training (share_prompt: padding-free,
+    each pair's prompt computed once, as train.py --share_prompt). The model runs in eval mode
     (no dropout) and is put back in the mode it was in, so train.py can call this mid-training.
     """
     from tqdm import tqdm
-    from data import batch_order, collate
+    from data import batch_order, collate, collate_packed
     device = model_device(model)
     pad_id = model.tokenizer.pad_id
     chosen, rejected = np.zeros(len(items)), np.zeros(len(items))
@@ -215,10 +217,12 @@ def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress
     try:
         with tqdm(total=len(items), desc="scoring", unit="pair", disable=not progress, leave=False) as bar:
             for idx in batch_order([it.length for it in items], batch_size, seed=0, shuffle=False):
-                batch = collate([items[i] for i in idx], pad_id)
+                chunk = [items[i] for i in idx]
+                batch = collate_packed(chunk, pad_id, share_prompt=True) if share_prompt else collate(chunk, pad_id)
+                del batch["margin"]  # rewards only
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                    rewards = model(batch["input_ids"].to(device),
-                                    attention_mask=batch["attention_mask"].to(device))["rewards"]
+                    rewards = model(**{k: v.to(device) if torch.is_tensor(v) else v
+                                       for k, v in batch.items()})["rewards"]
                 rewards = rewards.float().cpu().numpy()
                 B = len(idx)
                 chosen[idx], rejected[idx] = rewards[:B], rewards[B:]
@@ -257,19 +261,21 @@ def prepare(model, pairs, max_length: int, stats=None):
 
 
 def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, bf16: bool = False,
-             progress: bool = True, stats=None, unsure_threshold: float = 0.1, return_rewards: bool = False):
+             progress: bool = True, stats=None, unsure_threshold: float = 0.1, return_rewards: bool = False,
+             share_prompt: bool = False):
     """Score preference pairs with a reward model and return the report (without the run information).
 
     pairs: data.Pair objects (tokenised here with model.tokenizer, too-long pairs dropped and counted)
     or data.TokenizedPair objects (used as they are). stats: the data.DataStats of loading, so that the
     skipped rows show in the report's counts; it is not modified. The model's train/eval mode is kept.
     return_rewards: also return the per-pair numbers, for plots: (report, (chosen, rejected, chosen_len,
-    rejected_len)).
+    rejected_len)). share_prompt: score padding-free with shared prompts (the same rewards, faster).
     """
     items, stats = prepare(model, pairs, max_length, stats)
     if not items:
         raise UserError(f"all {len(pairs)} pairs are longer than max_length {max_length} tokens; raise --max_length")
-    chosen, rejected = score_pairs(model, items, batch_size=batch_size, bf16=bf16, progress=progress)
+    chosen, rejected = score_pairs(model, items, batch_size=batch_size, bf16=bf16, progress=progress,
+                                   share_prompt=share_prompt)
     chosen_len = [it.chosen_response_len for it in items]
     rejected_len = [it.rejected_response_len for it in items]
     report = report_from_rewards(chosen, rejected, chosen_len, rejected_len, [it.source for it in items],
@@ -436,6 +442,8 @@ def parse_args(argv=None):
                    help=f"tokens per sequence; longer pairs are dropped and counted (default: the training "
                         f"max_length, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
+    p.add_argument("--share_prompt", action="store_true",
+                   help="padding-free batches, each pair's prompt computed once (same rewards, faster)")
     p.add_argument("--unsure_threshold", type=float, default=0.1,
                    help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
     p.add_argument("--output", default=None, help="report file (default: CHECKPOINT/evaluation_report.json)")
@@ -490,7 +498,7 @@ def main(argv=None):
         raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
     report, rewards = evaluate(model, pairs, batch_size=args.batch_size, max_length=max_length, bf16=args.bf16,
                                progress=True, stats=stats, unsure_threshold=args.unsure_threshold,
-                               return_rewards=True)
+                               return_rewards=True, share_prompt=args.share_prompt)
     report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=args.split,
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))

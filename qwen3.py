@@ -35,6 +35,9 @@ numbers in BENCHMARKS.md; forward+backward of one layer over 16 hh-rlhf-like seq
 - "mask" (compiled blocks without "varlen", e.g. on CPU): a dense block-diagonal causal mask built
   from the positions (`packed_attention_mask`). O(L^2) memory and no flash kernel, but traceable.
 `Qwen3.packed_attention` can force one (the tests check that they agree with the padded path).
+Shared prompt: a pair's two sequences start with the same prompt, so their prompt tokens can go through
+the model once (data.collate_packed(share_prompt=True)); attention alone copies the prompt's q/k/v
+into both sequences (`expand_tokens`) and takes each shared token's output back from one copy.
 
 Mixed precision. Under autocast (train.py --bf16) the weights, gradients and optimizer state stay fp32
 but the residual stream is carried in bf16, as in a bf16 model (transformers keeps it in fp32 there).
@@ -201,9 +204,21 @@ def packed_attention_mask(position_ids):
 
 class Segments(NamedTuple):
     """Where the sequences of a packed batch lie in its flattened rows (each row's padding is a segment too)."""
-    cu_seqlens: torch.Tensor        # (S+1,) int32 on the model's device: segment k is tokens [cu[k], cu[k+1])
-    max_seqlen: int                 # the longest segment
-    lengths: list | None            # the segment lengths on the host, for the "loop" implementation
+    cu_seqlens: torch.Tensor | None  # (S+1,) int32 on the model's device: segment k is tokens [cu[k], cu[k+1])
+    max_seqlen: int                  # the longest segment
+    lengths: list | None             # the segment lengths on the host, for the "loop" implementation
+    # Shared prompt (data.collate_packed(share_prompt=True)): the rows above are the sequence layout,
+    # and the model's tokens are the shared ones. expand (R, L): the shared token each position copies;
+    # keep (N,): the position each shared token takes its attention output from.
+    expand: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+
+def expand_tokens(t, expand):
+    """(B, heads, T, hd) on the shared tokens -> (R, heads, L, hd) on the sequence layout `expand` (R, L)."""
+    R, L = expand.shape
+    flat = t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])                  # (B*T, heads, hd)
+    return flat.index_select(0, expand.reshape(-1)).view(R, L, t.shape[1], t.shape[3]).transpose(1, 2)
 
 
 def segments_from_positions(position_ids) -> tuple:
@@ -254,15 +269,22 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)               # (B, heads, T, head_dim)
-        if segments is None:
+        shared = segments is not None and segments.expand is not None
+        if shared:  # a shared prompt's q/k/v copied into both sequences of its pair: (R, heads, L, head_dim)
+            q, k, v = (expand_tokens(t, segments.expand) for t in (q, k, v))
+        R, L = q.shape[0], q.shape[2]
+        if segments is None or segments.cu_seqlens is None:  # padded rows, or packed rows with a dense mask
             # enable_gqa lets each group of query heads read its shared k/v head without copying k/v.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
-        else:  # packed: all rows' tokens end to end, (B*T, heads, head_dim)
-            q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], self.head_dim) for t in (q, k, v))
+                                               enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
+        else:  # packed: all rows' tokens end to end, (R*L, heads, head_dim)
+            q, k, v = (t.transpose(1, 2).reshape(R * L, t.shape[1], self.head_dim) for t in (q, k, v))
             attend = varlen_attention if segments.lengths is None else looped_attention
-            y = attend(q, k, v, segments).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            y = attend(q, k, v, segments)
+        y = y.reshape(R * L, self.n_heads * self.head_dim)
+        if shared:  # each shared token takes its output from one copy (the gradient flows back to both)
+            y = y.index_select(0, segments.keep)
+        return self.o_proj(y.view(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -333,13 +355,17 @@ class Qwen3(nn.Module):
             return "varlen"
         return "mask" if self.compiled or torch.compiler.is_compiling() else "loop"
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                expand_index=None, keep_index=None, expanded_position_ids=None):
         """input_ids (B, T) -> final-normed hidden states (B, T, hidden).
 
         attention_mask (B, T), 1 = real token: only needed for batches that are not right padded.
         position_ids (B, T): for packed rows, positions restarting at 0 for every sequence.
         cu_seqlens (S+1,), max_seqlen: optional, where those sequences lie in the flattened rows
         (data.collate_packed gives them; otherwise they are read off position_ids).
+        expand_index, keep_index, expanded_position_ids: a shared-prompt batch (collate_packed with
+        share_prompt=True): input_ids/position_ids are the shared tokens, and attention runs on the
+        sequence layout given by these (cu_seqlens/max_seqlen then describe that layout).
         """
         B, T = input_ids.shape
         attn_mask, segments = None, None
@@ -348,14 +374,16 @@ class Qwen3(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
                 else self.embed_tokens.weight.dtype
             impl = self.packing_impl(device, dtype)
+            attention_positions = position_ids if expand_index is None else expanded_position_ids
             if impl == "mask":
-                attn_mask = packed_attention_mask(position_ids)
+                attn_mask = packed_attention_mask(attention_positions)
+                segments = None if expand_index is None else Segments(None, 0, None, expand_index, keep_index)
             else:
                 if cu_seqlens is None:
-                    cu_seqlens, max_seqlen = segments_from_positions(position_ids)
+                    cu_seqlens, max_seqlen = segments_from_positions(attention_positions)
                 cu_seqlens = cu_seqlens.to(device, torch.int32)
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if impl == "loop" else None
-                segments = Segments(cu_seqlens, int(max_seqlen), lengths)
+                segments = Segments(cu_seqlens, int(max_seqlen), lengths, expand_index, keep_index)
         else:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
             if attention_mask is not None and not is_right_padded(attention_mask):

@@ -137,12 +137,16 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, sequence_ids=None,
                 num_sequences: int | None = None, pairs: bool = False, margin=None,
-                center_rewards_coefficient: float = 0.0, cu_seqlens=None, max_seqlen=None) -> dict:
+                center_rewards_coefficient: float = 0.0, cu_seqlens=None, max_seqlen=None,
+                expand_index=None, keep_index=None, expanded_position_ids=None) -> dict:
         """Rewards for a batch: {"rewards": (N,) fp32}.
 
         Padded batch: input_ids/attention_mask (N, T), right padded. Packed batch (padding-free): rows
         holding several sequences, with position_ids restarting per sequence, sequence_ids (-1 = padding)
-        and num_sequences (cu_seqlens/max_seqlen optional, see data.collate_packed). With pairs=True, the
+        and num_sequences (cu_seqlens/max_seqlen optional, see data.collate_packed). Shared-prompt
+        batch (collate_packed(share_prompt=True)): the backbone runs on the shared tokens, and their
+        hidden states are copied into the sequence layout (expand_index) that sequence_ids describe
+        before pooling: a prompt token counts in both sequences' mean. With pairs=True, the
         first half of the sequences are the chosen responses and the second half the rejected ones, and
         the loss, accuracy and mean margin are added.
         """
@@ -152,7 +156,11 @@ class RewardModel(nn.Module):
             sequence_ids = rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
             num_sequences = N
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, expand_index=expand_index,
+                            keep_index=keep_index, expanded_position_ids=expanded_position_ids)
+        if expand_index is not None:  # shared tokens -> the sequence layout (R, L, hidden)
+            H = hidden.shape[-1]
+            hidden = hidden.reshape(-1, H).index_select(0, expand_index.reshape(-1)).view(*expand_index.shape, H)
         rewards = self.apply_head(pool(hidden, sequence_ids, num_sequences, self.pooling))
         out = {"rewards": rewards}
         if pairs:

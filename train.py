@@ -82,6 +82,7 @@ class TrainConfig:
     model_8bit: bool = False
     compile: bool = False
     packing: bool = False
+    share_prompt: bool = False               # packing, with each pair's prompt computed once
     fsdp: bool = False
     # bookkeeping
     eval_steps: int = 200
@@ -556,8 +557,9 @@ def train(cfg: TrainConfig) -> dict:
                 # because every process must join each gradient all-reduce.
                 weight = len(idx) / pairs_in_step * world
                 items = [train_items[j] for j in idx] or [train_items[0]]
-                batch = to_device(data.collate_packed(items, tokenizer.pad_id) if cfg.packing
-                                  else data.collate(items, tokenizer.pad_id), device)
+                batch = to_device(data.collate_packed(items, tokenizer.pad_id, share_prompt=cfg.share_prompt)
+                                  if cfg.packing or cfg.share_prompt else data.collate(items, tokenizer.pad_id),
+                                  device)
                 sync = i == len(micro) - 1 or world == 1
                 with maybe_no_sync(train_model, sync, cfg), autocast:
                     outputs = train_model(**batch, pairs=True, center_rewards_coefficient=cfg.center_rewards_coefficient)
@@ -607,7 +609,7 @@ def train(cfg: TrainConfig) -> dict:
                     current = unsharded(model, full)
                     report = evaluate(current, eval_items,
                                       batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
-                                      progress=False, stats=eval_stats)
+                                      progress=False, stats=eval_stats, share_prompt=cfg.share_prompt)
                     record = {"step": step, "eval_accuracy": report["accuracy"],
                               "eval_loss": report["loss"], "eval_margin": report["margin"]["mean"]}
                     with disk_errors(out / "log.jsonl"):
@@ -654,7 +656,7 @@ def train(cfg: TrainConfig) -> dict:
             final_model.save_pretrained(out / "final_model")
         if eval_items:
             report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
-                              bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats)
+                              bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats, share_prompt=cfg.share_prompt)
             report.update(checkpoint=str(out / "final_model"), dataset=eval_sources, split=cfg.eval_split,
                           max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
             with disk_errors(out / "evaluation_report.json"):
@@ -851,6 +853,9 @@ def parse_args(argv=None) -> TrainConfig:
                    help="torch.compile each transformer block (Qwen3.compile_blocks)")
     p.add_argument("--packing", action="store_true", default=S,
                    help="padding-free batches: all sequences of a micro-batch in one row (data.collate_packed)")
+    p.add_argument("--share_prompt", action="store_true", default=S,
+                   help="padding-free batches in which each pair's prompt goes through the model once, not "
+                        "twice (implies --packing; same results)")
     p.add_argument("--fsdp", action="store_true", default=S, help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--eval_steps", type=int, default=S, help="evaluate every N steps")
     p.add_argument("--save_steps", type=int, default=S, help="checkpoint every N steps")
@@ -892,6 +897,8 @@ def main(argv=None):
             eval_args += ["--max_samples", str(cfg.max_eval_samples)]
         if cfg.bf16:
             eval_args.append("--bf16")
+        if cfg.share_prompt:
+            eval_args.append("--share_prompt")
         return eval_cli.main(eval_args)
     result = train(cfg)
     if "stopped_at" in result:  # stopped by a signal, checkpoint saved: not a finished run (`&& eval.py` must not go on)

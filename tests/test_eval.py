@@ -240,6 +240,11 @@ def test_cli_report_matches_evaluate(rm_dir, tmp_path):
     bf16 = evaluate(model, pairs, batch_size=8, max_length=64, progress=False, bf16=True)
     assert bf16["num_pairs"] == 40
     assert abs(bf16["rewards"]["chosen"]["mean"] - again["rewards"]["chosen"]["mean"]) < 0.02
+    # shared-prompt batches: the same rewards, pair by pair
+    _, (c0, r0, _, _) = evaluate(model, pairs, batch_size=8, max_length=64, progress=False, return_rewards=True)
+    _, (c1, r1, _, _) = evaluate(model, pairs, batch_size=8, max_length=64, progress=False, return_rewards=True,
+                                 share_prompt=True)
+    assert abs(c0 - c1).max() < 1e-5 and abs(r0 - r1).max() < 1e-5
 
 
 def test_cli_defaults_in_process(rm_dir, capsys):

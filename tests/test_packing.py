@@ -52,18 +52,57 @@ def run(model, batch):
     return out, grads(model)
 
 
+def edge_pairs():
+    """Shared prompts of every kind: none, a 1-token one, identical sequences (the last token must stay
+    each sequence's own), one response a prefix of the other, responses that begin alike."""
+    return [TokenizedPair([5, 6, 7, 1], [8, 9, 1], None, "t", 0, 3, 2),
+            TokenizedPair([5, 6, 1], [5, 7, 7, 7, 1], None, "t", 1, 1, 3),
+            TokenizedPair([9, 9, 9, 1], [9, 9, 9, 1], None, "t", 2, 1, 1),
+            TokenizedPair([4, 4, 6, 1], [4, 4, 6, 1, 7, 1], None, "t", 2, 1, 3),
+            TokenizedPair([4, 5, 6, 10, 11, 1], [4, 5, 6, 10, 12, 1], None, "t", 3, 2, 2)]
+
+
+def test_shared_prompt_layout():
+    """Every sequence, read back through expand_index, is exactly its tokens and positions; each
+    shared prompt is stored once; keep_index points at a copy of the same token."""
+    for items, saved in ((random_pairs(4), None), (edge_pairs(), 0 + 1 + 3 + 3 + 4)):
+        seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+        for max_tokens in (None, 40):
+            b = collate_packed(items, PAD, max_tokens=max_tokens, share_prompt=True)
+            plain = collate_packed(items, PAD, max_tokens=max_tokens)
+            ids, pos = b["input_ids"].flatten(), b["position_ids"].flatten()
+            expand = b["expand_index"]
+            assert expand.shape == plain["input_ids"].shape and b["input_ids"].shape[0] == 1
+            for key in ("sequence_ids", "cu_seqlens"):
+                assert torch.equal(b[key], plain[key])
+            assert torch.equal(b["expanded_position_ids"], plain["position_ids"])
+            for k, s in enumerate(seqs):
+                where = b["sequence_ids"] == k
+                assert ids[expand[where]].tolist() == s
+                assert pos[expand[where]].tolist() == list(range(len(s)))
+            real = (b["sequence_ids"] >= 0).sum()
+            n_shared = len(ids) - int((ids == PAD).sum())
+            if saved is None:  # random_pairs: the shared prefix is at least the prompt
+                assert real - n_shared >= sum(it.prompt_len for it in items)
+            else:
+                assert real - n_shared == saved
+            keep = b["keep_index"][:n_shared]
+            assert torch.equal(plain["input_ids"].flatten()[keep], ids[:n_shared])
+            assert torch.equal(plain["position_ids"].flatten()[keep], pos[:n_shared])
+
+
 @pytest.mark.parametrize("head,pooling", [("mlp", "mean"), ("linear", "last")])
 @pytest.mark.parametrize("impl", ["loop", "mask"])
-@pytest.mark.parametrize("max_tokens", [None, 48])
-def test_packed_equals_padded_fp32(head, pooling, impl, max_tokens):
+@pytest.mark.parametrize("max_tokens,share_prompt", [(None, False), (48, False), (None, True), (48, True)])
+def test_packed_equals_padded_fp32(head, pooling, impl, max_tokens, share_prompt):
     torch.manual_seed(0)
     model = RewardModel(CONFIGS["tiny"], head=head, pooling=pooling)
     model.model.init_weights(seed=0)
     model.init_head(0).train()
-    items = random_pairs(5)
+    items = random_pairs(5) + edge_pairs()
     padded, pg = run(model, collate(items, PAD))
     model.model.packed_attention = impl
-    packed, kg = run(model, collate_packed(items, PAD, max_tokens=max_tokens))
+    packed, kg = run(model, collate_packed(items, PAD, max_tokens=max_tokens, share_prompt=share_prompt))
     for key in ("rewards", "loss", "accuracy", "margin"):
         assert torch.allclose(packed[key], padded[key], atol=1e-5, rtol=0), key
     assert pg.keys() == kg.keys()
@@ -79,11 +118,12 @@ def test_packed_with_gradient_checkpointing_and_auto_choice():
     items = random_pairs(3, seed=1)
     padded, pg = run(model, collate(items, PAD))
     model.model.gradient_checkpointing = True
-    batch = collate_packed(items, PAD)
-    del batch["cu_seqlens"], batch["max_seqlen"]  # read off the positions instead
-    packed, kg = run(model, batch)
-    assert torch.allclose(packed["rewards"], padded["rewards"], atol=1e-5, rtol=0)
-    assert max((pg[n] - kg[n]).abs().max() for n in pg) < 1e-5
+    for share_prompt in (False, True):
+        batch = collate_packed(items, PAD, share_prompt=share_prompt)
+        del batch["cu_seqlens"], batch["max_seqlen"]  # read off the positions instead
+        packed, kg = run(model, batch)
+        assert torch.allclose(packed["rewards"], padded["rewards"], atol=1e-5, rtol=0)
+        assert max((pg[n] - kg[n]).abs().max() for n in pg) < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs CUDA")
@@ -98,19 +138,22 @@ def test_varlen_matches_padded_bf16_cuda():
         padded = model(**to(collate(items, PAD)), pairs=True)
         assert model.model.packing_impl(torch.device("cuda"), torch.bfloat16) == "varlen"
         packed = model(**to(collate_packed(items, PAD)), pairs=True)
+        shared = model(**to(collate_packed(items, PAD, share_prompt=True)), pairs=True)
     assert (packed["rewards"] - padded["rewards"]).abs().max() < 0.05  # bf16 rounding
+    assert (shared["rewards"] - padded["rewards"]).abs().max() < 0.05
 
 
 def test_train_packing_matches_padded(tmp_path):
-    """train.py --packing: the same run, padding-free, ends with the same weights (fp32, CPU)."""
+    """train.py --packing and --share_prompt: the same run, padding-free, ends with the same weights (fp32, CPU)."""
     from safetensors.torch import load_file
     from train import CONFIGS as RUNS, TrainConfig, train
     base = {**RUNS["demo"], "max_train_samples": 32, "max_eval_samples": 8, "batch_size": 4, "max_steps": 3,
             "eval_steps": 1000, "save_steps": 1000, "logging_steps": 3, "warmup_ratio": 0.0, "progress": False,
             "learning_rate": 1e-4}  # Adam turns rounding-level gradient differences into updates ~ lr
     weights = []
-    for packing in (False, True):
-        out = tmp_path / f"packing{packing}"
-        train(TrainConfig(**{**base, "packing": packing, "output_dir": str(out)}))
+    for packing, share_prompt in ((False, False), (True, False), (False, True)):
+        out = tmp_path / f"packing{packing}{share_prompt}"
+        train(TrainConfig(**{**base, "packing": packing, "share_prompt": share_prompt, "output_dir": str(out)}))
         weights.append(load_file(out / "final_model" / "model.safetensors"))
-    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 2e-5
+    for other in weights[1:]:
+        assert max((weights[0][k] - other[k]).abs().max().item() for k in weights[0]) < 2e-5

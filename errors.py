@@ -11,6 +11,7 @@ from pathlib import Path
 
 class UserError(Exception):
     """Bad input: the message names the problem and what to do about it."""
+    quiet = False  # True on the copies that torchrun ranks other than 0 raise: rank 0 prints the line, once
 
 
 def run_cli(main, argv=None):
@@ -21,7 +22,8 @@ def run_cli(main, argv=None):
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not e.quiet:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

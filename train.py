@@ -361,6 +361,33 @@ def setup_distributed(device: torch.device):
     return dist.get_rank(), dist.get_world_size()
 
 
+class rank_0_errors:
+    """`with rank_0_errors(rank, world):` around what only rank 0 does (output directory checks, writes), in
+    place of the barrier after it. A UserError raised there on rank 0 reaches every process: all of them
+    exit at once with the same message (rank 0 prints it), where the others would wait at the next
+    collective until torchrun tears them down (nccl) or die with a 'Connection closed by peer' traceback
+    (gloo). One process: nothing to share."""
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if self.world == 1 or (e is not None and not isinstance(e, UserError)):
+            return False  # a bug keeps its traceback
+        message = [str(e) if e is not None and self.rank == 0 else None]
+        dist.broadcast_object_list(message, src=0)  # rank 0's outcome; also the barrier
+        if message[0] is None:
+            return False
+        dist.destroy_process_group()  # every process is here: leave cleanly, without nccl's exit warning
+        if self.rank == 0:
+            return False  # rank 0 raises its own error (its traceback with --debug)
+        echo = UserError(message[0])
+        echo.quiet = True
+        raise echo from None
+
+
 def all_reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -418,6 +445,11 @@ def to_device(batch: dict, device) -> dict:
 # The loop
 
 
+class ForcedStop(KeyboardInterrupt):
+    """A second Ctrl-C while the first one's checkpoint is pending: stop at once, without that checkpoint.
+    The message (rank 0's; empty on the others) says what is on disk."""
+
+
 def train(cfg: TrainConfig) -> dict:
     import data
     from eval import evaluate, write_report
@@ -427,9 +459,10 @@ def train(cfg: TrainConfig) -> dict:
     is_main = rank == 0
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    out = prepare_output_dir(cfg) if is_main else Path(cfg.output_dir)
-    if world > 1:
-        dist.barrier()
+    out = Path(cfg.output_dir)
+    with rank_0_errors(rank, world):  # one process checks (and probes) the directory; all hear of a failure
+        if is_main:
+            prepare_output_dir(cfg)
     resume_from = find_resume_checkpoint(cfg, out) if cfg.resume else None
     log = print if is_main else (lambda *a, **k: None)
 
@@ -506,34 +539,38 @@ def train(cfg: TrainConfig) -> dict:
         set_rng_states(saved["rng"])
         step, best_accuracy = state["step"], state["best_accuracy"]
         log(f"resumed from {resume_from} at step {step}/{total_steps}")
-    if is_main:  # the first write into the output directory: every input has been checked by now
-        claim_output_dir(cfg, out, step if resume_from is not None else None)
-        with disk_errors(out / "train_config.json"):
-            write_report(out / "train_config.json", asdict(cfg))  # atomic JSON write
+    with rank_0_errors(rank, world):
+        if is_main:  # the first write into the output directory: every input has been checked by now
+            claim_output_dir(cfg, out, step if resume_from is not None else None)
+            with disk_errors(out / "train_config.json"):
+                write_report(out / "train_config.json", asdict(cfg))  # atomic JSON write
     wandb_run = None
     if cfg.use_wandb and is_main:
         import wandb
         wandb_run = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
 
-    # Ctrl-C / SIGTERM: finish the step in flight, checkpoint, exit with a resume line.
+    # Ctrl-C / SIGTERM: finish the step in flight, checkpoint, exit with a resume line. A second Ctrl-C means
+    # "now": it raises wherever the loop is, abandoning that checkpoint. Safe even mid-write: checkpoints are
+    # written under a hidden temporary name (removed on the way out) and renamed into place only when complete.
     stop = {"signal": None}
     def request_stop(signum, frame):
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise ForcedStop()
         stop["signal"] = signal.Signals(signum).name
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint_now():
         full = gather_full_state(train_model, cfg, world)
         opt_state = gather_optimizer_state(optimizer, train_model, cfg, world)
-        if is_main:
-            # No history here: it lives in log.jsonl, so a checkpoint's size does not grow with the step.
-            trainer_state = {"step": step, "best_accuracy": best_accuracy,
-                             "config": asdict(cfg), "total_steps": total_steps, "step_batch": step_batch,
-                             "world_size": world}
-            with disk_errors(out / f"checkpoint_step_{step}"):
-                save_checkpoint(out, step, unsharded(model, full), opt_state, scheduler, trainer_state,
-                                cfg.save_total_limit)
-        if world > 1:
-            dist.barrier()
+        with rank_0_errors(rank, world):  # e.g. a full disk on rank 0 ends every process
+            if is_main:
+                # No history here: it lives in log.jsonl, so a checkpoint's size does not grow with the step.
+                trainer_state = {"step": step, "best_accuracy": best_accuracy,
+                                 "config": asdict(cfg), "total_steps": total_steps, "step_batch": step_batch,
+                                 "world_size": world}
+                with disk_errors(out / f"checkpoint_step_{step}"):
+                    save_checkpoint(out, step, unsharded(model, full), opt_state, scheduler, trainer_state,
+                                    cfg.save_total_limit)
         return out / f"checkpoint_step_{step}"
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -630,17 +667,20 @@ def train(cfg: TrainConfig) -> dict:
                 if world > 1:
                     dist.barrier()
 
-            if step % cfg.save_steps == 0 and step < total_steps:
+            saved = step % cfg.save_steps == 0 and step < total_steps
+            if saved:
                 checkpoint_now()
             if world > 1:  # every process must agree to stop at the same step (checkpointing is collective)
                 flag = torch.tensor([float(stop["signal"] is not None)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
             if stop["signal"] and step < total_steps:
-                path = checkpoint_now()
+                path = out / f"checkpoint_step_{step}" if saved else checkpoint_now()  # not the same one twice
                 log(f"\n{stop['signal']} received: saved {path} at step {step}/{total_steps}. Resume with:\n"
                     f"  python train.py {shlex.join(resume_args(sys.argv[1:]))} --resume {shlex.quote(str(path))}")
                 return {"stopped_at": step, "checkpoint": str(path), "signal": stop["signal"]}
+    except ForcedStop:
+        raise ForcedStop(forced_stop_message(out, step, total_steps) if is_main else "") from None
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -682,6 +722,20 @@ def stop_if_not_finite(what: str, value: float, step: int, out: Path, stopped: s
         raise UserError(f"the {what} became {value} at step {step}; training stopped{stopped} Last good "
                         f"checkpoint: {last[-1] if last else 'none'}. Lower --learning_rate or check the data, "
                         "then --resume")
+
+
+def forced_stop_message(out: Path, step: int, total_steps: int) -> str:
+    """What a second Ctrl-C leaves: the newest complete checkpoint (a write it cut short never counts)."""
+    ckpts = checkpoint_dirs(out)
+    head = f"second SIGINT (Ctrl-C): stopped at once after step {step}/{total_steps}"
+    if not ckpts:
+        return (f"{head}, without the checkpoint the first one asked for; no checkpoint had been saved yet, so "
+                "there is nothing to resume: run again with --overwrite_output_dir")
+    last = ckpts[-1]
+    done = "its checkpoint was complete" if last.name == f"checkpoint_step_{step}" else \
+        "without the checkpoint the first one asked for"
+    return (f"{head}, {done}; the last saved checkpoint {last} is intact. Resume with: "
+            f"python train.py {shlex.join(resume_args(sys.argv[1:]))} --resume {shlex.quote(str(last))}")
 
 
 def resume_args(argv: list[str]) -> list[str]:
@@ -819,6 +873,27 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python train.py --help)")
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-5` as `--learning_rate=-1e-5`. argparse takes a word that starts with '-' for a
+    flag unless it matches its negative-number pattern, which before Python 3.14 misses exponents ('-1e-5')
+    and '-inf'/'-nan': the user got "expected one argument" instead of validate()'s message."""
+    joined = []
+    for i, a in enumerate(argv):
+        if a == "--":  # everything after it is a value anyway
+            return joined + argv[i:]
+        before = joined[-1] if joined else ""
+        if a.startswith("-") and before.startswith("--") and "=" not in before:
+            try:
+                float(a)
+            except ValueError:
+                pass
+            else:
+                joined[-1] = f"{before}={a}"
+                continue
+        joined.append(a)
+    return joined
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = Parser(description="Train a Qwen3 reward model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     S = argparse.SUPPRESS  # flags not given stay unset, so the named config's value applies
@@ -873,7 +948,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--eval_only", action="store_true", help="only evaluate --model_path (same report as eval.py)")
     p.add_argument("--model_path", help="checkpoint to evaluate with --eval_only")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
-    args = vars(p.parse_args(argv))
+    args = vars(p.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv))))
     name, eval_only, model_path = args.pop("config"), args.pop("eval_only"), args.pop("model_path")
     args.pop("debug")
     cfg = TrainConfig(**{**CONFIGS[name], **args})
@@ -900,7 +975,12 @@ def main(argv=None):
         if cfg.share_prompt:
             eval_args.append("--share_prompt")
         return eval_cli.main(eval_args)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except ForcedStop as e:  # like the first Ctrl-C: exit status 130, not 0
+        if str(e):
+            print(e, file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if "stopped_at" in result:  # stopped by a signal, checkpoint saved: not a finished run (`&& eval.py` must not go on)
         sys.exit(128 + signal.Signals[result["signal"]].value)
 

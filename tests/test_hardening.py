@@ -8,7 +8,9 @@ stay bounded.
   as it was (absent if it was absent).
 - SIGKILL at random moments (in checkpoint writes too): a loadable last checkpoint is always there, and
   --resume ends with the same weights as an uninterrupted run, bitwise. SIGINT/SIGTERM: checkpoint, a
-  resume line that works, exit status 128 + signal.
+  resume line that works, exit status 128 + signal; a second SIGINT: out at once (130), the pending
+  checkpoint abandoned without a trace, the last complete one named.
+- Under torchrun, a refusal that only rank 0 checks ends every process at once (status 2, one line).
 - NaN/inf loss or gradient, disk full (simulated and, where a tmpfs can be mounted, real): one line, the
   last good checkpoint intact. A corrupt row mid-file: skipped and counted, training goes on.
 - Long runs: host RSS flat over a few hundred steps, checkpoints of constant size, --save_total_limit holds.
@@ -440,6 +442,26 @@ def test_bad_input_in_process(fx, case, tmp_path, capsys, monkeypatch):
     assert not out.exists() and not report.exists() and [snapshot(p) for p in watched(fx)] == before
 
 
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "-1e-5"), ("--learning_rate", "-inf"),
+                                        ("--max_grad_norm", "-1E-3")])
+def test_negative_number_after_a_flag_is_its_value(tmp_path, capsys, monkeypatch, flag, value):
+    """`--learning_rate -1e-5` gets validate()'s message, as `--learning_rate=-1e-5` does, not argparse's
+    "expected one argument" (its negative-number pattern misses exponents and inf before Python 3.14)."""
+    from errors import run_cli
+    monkeypatch.delenv("RM_DEBUG", raising=False)
+    argv = [*DEMO, "--output_dir", str(tmp_path / "o")]
+    messages = []
+    for words in ([flag, value], [f"{flag}={value}"]):
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv, *words])  # as `python train.py ...` (argv=None)
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(train.main)
+        assert exit_.value.code == 2
+        messages.append(capsys.readouterr().err.strip())
+    assert messages[0] == messages[1] and messages[0].count("\n") == 0, messages
+    assert messages[0].startswith(f"error: {flag} must be "), messages[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_bf16_without_gpu_support(tmp_path, capsys, monkeypatch):
     """--bf16 on a CUDA GPU without bfloat16 (e.g. a T4): refused before anything is written."""
     from errors import run_cli
@@ -585,6 +607,83 @@ def test_signal_saves_a_checkpoint_and_prints_a_working_resume_line(tmp_path, si
     assert result["step"] == stopped + 2 and (out / "final_model" / "model.safetensors").is_file()
 
 
+# `python train.py ARGS` whose checkpoint writes, after the first, stall for a minute once the model files are
+# in the temporary directory (a very slow disk): the signals of a test land in the middle of a checkpoint write.
+SLOW_CHECKPOINTS = (
+    "import runpy, sys, time, rm\n"
+    "sys.argv.pop(0); real, writes = rm.RewardModel.save_pretrained, []\n"
+    "def slow(self, path, *args, **kwargs):\n"
+    "    real(self, path, *args, **kwargs)\n"
+    "    if '.checkpoint_step_' in str(path):\n"
+    "        writes.append(path)\n"
+    "        if len(writes) > 1:\n"
+    "            print('stalling in', path, flush=True)\n"
+    "            time.sleep(60)\n"
+    "rm.RewardModel.save_pretrained = slow\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_second_sigint_stops_at_once_and_leaves_no_half_written_checkpoint(tmp_path):
+    """Ctrl-C twice: the first asks for a checkpoint, the second abandons it (here: in the middle of writing
+    it) and exits at once with 130, naming the last complete checkpoint, from which --resume continues."""
+    out = tmp_path / "run"
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_CHECKPOINTS, "train.py", *SMALL, "--max_steps", "5000",
+                                 "--save_steps", "2", "--output_dir", str(out)], cwd=ROOT, env=ENV, stdout=so, stderr=se)
+    try:
+        # The step-2 checkpoint is complete; the step-4 one is half-written (model/ only) and stalls.
+        assert wait_for(lambda: "stalling in" in (tmp_path / "stdout").read_text(), proc), \
+            (tmp_path / "stderr").read_text()
+        proc.send_signal(signal.SIGINT)  # the first: "checkpoint, then stop" (the write goes on)
+        time.sleep(0.5)                  # two signals at once could merge into one
+        proc.send_signal(signal.SIGINT)  # the second: "now"
+        proc.wait(timeout=30)            # not the minute the stalled write would take
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = (tmp_path / "stderr").read_text().strip()
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 0, stderr
+    last = out / "checkpoint_step_2"
+    assert stderr.startswith("second SIGINT (Ctrl-C): stopped at once after step 4/5000, without the checkpoint "
+                             f"the first one asked for; the last saved checkpoint {last} is intact. Resume with: "
+                             "python train.py "), stderr
+    # Nothing of the abandoned write is left, nor anything resume could take for a checkpoint.
+    assert train.checkpoint_dirs(out) == [last] and hidden(out) == [] and not (out / "checkpoint_step_4").exists()
+    assert check_loadable(last) == 2
+    command = shlex.split(stderr.split("Resume with: ")[1])
+    assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", str(last)]
+    result = train.train(cli_config(*command[2:], "--max_steps", 4))
+    assert result["step"] == 4 and (out / "final_model" / "model.safetensors").is_file()
+
+
+def test_second_sigint_before_the_first_checkpoint(tmp_path, capsys, monkeypatch):
+    """Ctrl-C twice before any checkpoint exists: exit 130 at once, saying there is nothing to resume."""
+    from errors import run_cli
+    real, handler = train.append_log, signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_twice(out, record):
+        real(out, record)
+        if record["step"] == 2:
+            signal.raise_signal(signal.SIGINT)  # the handler runs before raise_signal returns
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(train, "append_log", ctrl_c_twice)
+    out = tmp_path / "run"
+    try:  # anything but SystemExit (a KeyboardInterrupt above all) must fail this test, not stop pytest
+        run_cli(train.main, [*SMALL, "--max_steps", "50", "--save_steps", "10", "--output_dir", str(out)])
+        outcome = "returned"
+    except BaseException as e:
+        outcome = e
+    assert isinstance(outcome, SystemExit) and outcome.code == 128 + signal.SIGINT, repr(outcome)
+    stderr = capsys.readouterr().err.strip()
+    assert stderr == ("second SIGINT (Ctrl-C): stopped at once after step 2/50, without the checkpoint the first "
+                      "one asked for; no checkpoint had been saved yet, so there is nothing to resume: run again "
+                      "with --overwrite_output_dir"), stderr
+    assert train.checkpoint_dirs(out) == [] and hidden(out) == []
+    assert signal.getsignal(signal.SIGINT) is handler  # train() put its handlers back
+
+
 class InfGrad(torch.autograd.Function):
     """Identity forward, infinite gradient backward: a finite loss whose gradient overflows."""
     @staticmethod
@@ -673,6 +772,39 @@ def test_corrupt_and_too_long_rows_are_skipped_counted_and_training_goes_on(tmp_
                            "'skipped': {'not an object': 1, 'unparsable line': 1}"), line
     assert "'dropped_too_long': 3}" in line.split(" | eval ")[0], line
     assert result["step"] == 2 and (out / "final_model" / "model.safetensors").is_file()
+
+
+def test_rank_0_only_error_ends_every_process_at_once(tmp_path):
+    """Under torchrun only rank 0 checks the output directory. Its refusal must reach the other process at
+    once: both exit with status 2, the message is printed once (by rank 0), no traceback anywhere. The two
+    processes get the environment torchrun gives its workers (gloo on CPU), so each one's exit status shows."""
+    import socket
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_config.json").write_text("{}")  # another run's file: refused unless --resume/--overwrite
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, t0 = [], time.monotonic()
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "train.py", *DEMO, "--output_dir", str(out)], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    elapsed = time.monotonic() - t0
+    stderrs = [err.strip() for _, err in results]
+    assert [p.returncode for p in procs] == [2, 2], stderrs
+    assert stderrs[0].startswith(f"error: --output_dir {out} already holds another run (train_config.json)")
+    assert stderrs[0].count("\n") == 0 and stderrs[1] == "", stderrs
+    assert sorted(p.name for p in out.iterdir()) == ["train_config.json"]  # nothing written
+    assert elapsed < 60, elapsed
 
 
 # ----------------------------------------------------------------------------------------------

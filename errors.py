@@ -15,7 +15,8 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run `main(argv)`, turning a UserError into one line on stderr and exit status 2."""
+    """Run `main(argv)`, turning a UserError into one line on stderr and exit status 2, and a Ctrl-C that
+    nothing else handled (loading data, scoring, the training loop handles its own) into one line and 130."""
     debug = os.environ.get("RM_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv)
     try:
         return main(argv)
@@ -25,6 +26,11 @@ def run_cli(main, argv=None):
         if not e.quiet:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_writable(directory: Path, what: str, fix: str):

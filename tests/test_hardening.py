@@ -684,6 +684,18 @@ def test_second_sigint_before_the_first_checkpoint(tmp_path, capsys, monkeypatch
     assert signal.getsignal(signal.SIGINT) is handler  # train() put its handlers back
 
 
+def test_ctrl_c_outside_the_training_loop_is_one_line(capsys, monkeypatch):
+    """Ctrl-C while a CLI loads data or scores pairs (no handler of its own): one line and status 130."""
+    from errors import run_cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.delenv("RM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(interrupted, [])
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
 class InfGrad(torch.autograd.Function):
     """Identity forward, infinite gradient backward: a finite loss whose gradient overflows."""
     @staticmethod

@@ -45,8 +45,9 @@ are drawn and the steps cycle through them.
 --compile compiles the transformer blocks of both sides ("regional" compilation, qwen3.Qwen3.compile_blocks;
 for transformers, each decoder layer): one compilation serves all blocks, so the GPU suite fits in a few
 minutes. --packing runs our side padding-free (data.collate_packed); transformers stays padded.
---share_prompt (implies --packing) computes each pair's shared prompt once on our side (make_pairs gives
-chosen and rejected the same prompt: half of each sequence with uniform lengths). tokens/s and model
+--share_prompt computes each pair's shared prompt once on our side (make_pairs gives chosen and rejected
+the same prompt: half of each sequence with uniform lengths); attention then runs on padded rows, or with
+--packing too, on packed ones. tokens/s and model
 FLOPs still count both sequences in full: the work of the step as padded or packed trainers define it,
 so they stay comparable with transformers'; ours does less of it, so its "MFU" is then an effective one.
 --optim_in_backward (ours only) steps each parameter's optimizer as soon as its gradient is complete and
@@ -86,14 +87,15 @@ SUITES = {
         "--config 0.6b --bf16 --compile --lengths realistic --packing --compare-hf",
         "--config 0.6b --bf16 --compile --share_prompt --compare-hf",
         "--config 1.7b --bf16 --compile --share_prompt --compare-hf",
-        "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --compare-hf",
+        "--config 0.6b --bf16 --compile --share_prompt --packing --compare-hf",
+        "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --packing --compare-hf",
     ],
     # The CPU rows: a ~33M-parameter config, 2 cores, eager fp32.
     "cpu": [
         "--config small --pairs 4 --max_length 256 --steps 6 --compare-hf",
         "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --packing --compare-hf",
         "--config small --pairs 4 --max_length 256 --steps 6 --share_prompt --compare-hf",
-        "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --share_prompt --compare-hf",
+        "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --share_prompt --packing --compare-hf",
     ],
 }
 
@@ -291,7 +293,7 @@ def prepare_ours(args, device, batches_items, pad_id) -> dict:
     else:
         optimizer = make_optimizer(cfg, model, device)
     collate = (lambda items: data.collate_packed(items, pad_id, share_prompt=args.share_prompt)) \
-        if args.packing or args.share_prompt else (lambda items: data.collate(items, pad_id))
+        if args.packing else (lambda items: data.collate(items, pad_id, args.share_prompt))
 
     def forward(batch):
         return model(**batch, pairs=True)["loss"]
@@ -505,7 +507,7 @@ def parse_args(argv=None):
     p.add_argument("--8bit_optim", dest="optim_8bit", action="store_true", help="bitsandbytes AdamW8bit")
     p.add_argument("--packing", action="store_true", help="our side padding-free (data.collate_packed)")
     p.add_argument("--share_prompt", action="store_true",
-                   help="our side padding-free with each pair's prompt computed once (implies --packing)")
+                   help="our side computes each pair's prompt once (with --packing: padding-free too)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (both sides)")
     p.add_argument("--optim_in_backward", action="store_true",
                    help="ours: step each parameter as soon as its gradient is ready, then free it")

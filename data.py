@@ -684,10 +684,13 @@ def batch_margins(items: list[TokenizedPair]):
     return torch.tensor([0.0 if m is None else m for m in margins], dtype=torch.float32)
 
 
-def collate(items: list[TokenizedPair], pad_id: int) -> dict:
+def collate(items: list[TokenizedPair], pad_id: int, share_prompt: bool = False) -> dict:
     """B pairs -> rows 0..B-1 chosen, rows B..2B-1 rejected, right-padded with pad_id.
 
-    margin: (B,) floats when any pair has one (a missing margin counts as 0), else None."""
+    margin: (B,) floats when any pair has one (a missing margin counts as 0), else None.
+    share_prompt=True: each pair's prompt computed once, as in collate_packed, with these padded rows as
+    the sequence layout that attention runs on (causal attention over right-padded rows needs no mask,
+    so it keeps the plain fused kernel); no attention_mask then, but sequence_ids/num_sequences."""
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -695,7 +698,12 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict:
     for row, ids in enumerate(seqs):
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": batch_margins(items)}
+    if not share_prompt:
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": batch_margins(items)}
+    rows = torch.arange(len(seqs))[:, None].expand(len(seqs), T)
+    batch = {"input_ids": input_ids, "sequence_ids": torch.where(attention_mask.bool(), rows, -1),
+             "num_sequences": len(seqs), "margin": batch_margins(items)}
+    return share_prompt_layout(batch, items, [k * T for k in range(len(seqs))], pad_id, multiple_of=8)
 
 
 def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | None = None,
@@ -778,8 +786,8 @@ def shared_prefix_len(a: list[int], b: list[int]) -> int:
 
 def share_prompt_layout(batch: dict, items: list[TokenizedPair], start: list[int], pad_id: int,
                         multiple_of: int) -> dict:
-    """collate_packed's batch (the sequence layout) -> the same batch on shared-prompt tokens (see
-    collate_packed). start[k]: where sequence k begins in the flattened sequence layout."""
+    """A batch of collate or collate_packed (the sequence layout) -> the same batch on shared-prompt tokens
+    (see collate_packed). start[k]: where sequence k begins in the flattened sequence layout."""
     B = len(items)
     ids, positions = [], []
     shared_of = [None] * (2 * B)                 # shared_of[k][j]: the shared token of sequence k's token j
@@ -808,7 +816,7 @@ def share_prompt_layout(batch: dict, items: list[TokenizedPair], start: list[int
     keep_index[:n] = torch.tensor(keep, dtype=torch.long)
     return {**batch, "input_ids": input_ids, "position_ids": position_ids,
             "expand_index": expand_index.view_as(batch["sequence_ids"]), "keep_index": keep_index,
-            "expanded_position_ids": batch["position_ids"]}
+            "expanded_position_ids": batch.get("position_ids")}  # None: padded rows (collate)
 
 
 def padding_fraction(batches: list[list[TokenizedPair]]) -> float:

@@ -203,12 +203,12 @@ def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress
     """Rewards of tokenised pairs: (chosen, rejected) numpy float64 arrays, in the order of `items`.
 
     Batches are formed by length (longest first: an out-of-memory batch size fails at once, not at the
-    end), chosen and rejected of a batch in one forward pass as in training (share_prompt: padding-free,
-    each pair's prompt computed once, as train.py --share_prompt). The model runs in eval mode
+    end), chosen and rejected of a batch in one forward pass as in training (share_prompt: each pair's
+    prompt computed once, as train.py --share_prompt). The model runs in eval mode
     (no dropout) and is put back in the mode it was in, so train.py can call this mid-training.
     """
     from tqdm import tqdm
-    from data import batch_order, collate, collate_packed
+    from data import batch_order, collate
     device = model_device(model)
     pad_id = model.tokenizer.pad_id
     chosen, rejected = np.zeros(len(items)), np.zeros(len(items))
@@ -218,7 +218,7 @@ def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress
         with tqdm(total=len(items), desc="scoring", unit="pair", disable=not progress, leave=False) as bar:
             for idx in batch_order([it.length for it in items], batch_size, seed=0, shuffle=False):
                 chunk = [items[i] for i in idx]
-                batch = collate_packed(chunk, pad_id, share_prompt=True) if share_prompt else collate(chunk, pad_id)
+                batch = collate(chunk, pad_id, share_prompt)
                 del batch["margin"]  # rewards only
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     rewards = model(**{k: v.to(device) if torch.is_tensor(v) else v
@@ -269,7 +269,7 @@ def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_L
     or data.TokenizedPair objects (used as they are). stats: the data.DataStats of loading, so that the
     skipped rows show in the report's counts; it is not modified. The model's train/eval mode is kept.
     return_rewards: also return the per-pair numbers, for plots: (report, (chosen, rejected, chosen_len,
-    rejected_len)). share_prompt: score padding-free with shared prompts (the same rewards, faster).
+    rejected_len)). share_prompt: compute each pair's prompt once (the same rewards, faster).
     """
     items, stats = prepare(model, pairs, max_length, stats)
     if not items:
@@ -443,7 +443,7 @@ def parse_args(argv=None):
                         f"max_length, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
     p.add_argument("--share_prompt", action="store_true",
-                   help="padding-free batches, each pair's prompt computed once (same rewards, faster)")
+                   help="compute each pair's prompt once (same rewards, faster)")
     p.add_argument("--unsure_threshold", type=float, default=0.1,
                    help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
     p.add_argument("--output", default=None, help="report file (default: CHECKPOINT/evaluation_report.json)")

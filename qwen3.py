@@ -363,9 +363,10 @@ class Qwen3(nn.Module):
         position_ids (B, T): for packed rows, positions restarting at 0 for every sequence.
         cu_seqlens (S+1,), max_seqlen: optional, where those sequences lie in the flattened rows
         (data.collate_packed gives them; otherwise they are read off position_ids).
-        expand_index, keep_index, expanded_position_ids: a shared-prompt batch (collate_packed with
-        share_prompt=True): input_ids/position_ids are the shared tokens, and attention runs on the
-        sequence layout given by these (cu_seqlens/max_seqlen then describe that layout).
+        expand_index, keep_index, expanded_position_ids: a shared-prompt batch (data.collate_packed or
+        data.collate with share_prompt=True): input_ids/position_ids are the shared tokens, and attention
+        runs on the sequence layout given by these: packed rows (cu_seqlens/max_seqlen then describe that
+        layout), or, with expanded_position_ids None, right-padded rows (plain causal attention).
         """
         B, T = input_ids.shape
         attn_mask, segments = None, None
@@ -375,7 +376,9 @@ class Qwen3(nn.Module):
                 else self.embed_tokens.weight.dtype
             impl = self.packing_impl(device, dtype)
             attention_positions = position_ids if expand_index is None else expanded_position_ids
-            if impl == "mask":
+            if expand_index is not None and expanded_position_ids is None:  # right-padded rows: no mask
+                segments = Segments(None, 0, None, expand_index, keep_index)
+            elif impl == "mask":
                 attn_mask = packed_attention_mask(attention_positions)
                 segments = None if expand_index is None else Segments(None, 0, None, expand_index, keep_index)
             else:

@@ -82,7 +82,7 @@ class TrainConfig:
     model_8bit: bool = False
     compile: bool = False
     packing: bool = False
-    share_prompt: bool = False               # packing, with each pair's prompt computed once
+    share_prompt: bool = False               # each pair's prompt computed once (padded or packed batches)
     fsdp: bool = False
     # bookkeeping
     eval_steps: int = 200
@@ -595,8 +595,7 @@ def train(cfg: TrainConfig) -> dict:
                 weight = len(idx) / pairs_in_step * world
                 items = [train_items[j] for j in idx] or [train_items[0]]
                 batch = to_device(data.collate_packed(items, tokenizer.pad_id, share_prompt=cfg.share_prompt)
-                                  if cfg.packing or cfg.share_prompt else data.collate(items, tokenizer.pad_id),
-                                  device)
+                                  if cfg.packing else data.collate(items, tokenizer.pad_id, cfg.share_prompt), device)
                 sync = i == len(micro) - 1 or world == 1
                 with maybe_no_sync(train_model, sync, cfg), autocast:
                     outputs = train_model(**batch, pairs=True, center_rewards_coefficient=cfg.center_rewards_coefficient)
@@ -929,8 +928,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--packing", action="store_true", default=S,
                    help="padding-free batches: all sequences of a micro-batch in one row (data.collate_packed)")
     p.add_argument("--share_prompt", action="store_true", default=S,
-                   help="padding-free batches in which each pair's prompt goes through the model once, not "
-                        "twice (implies --packing; same results)")
+                   help="each pair's prompt goes through the model once, not twice (same results; with "
+                        "--packing too: padding-free)")
     p.add_argument("--fsdp", action="store_true", default=S, help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--eval_steps", type=int, default=S, help="evaluate every N steps")
     p.add_argument("--save_steps", type=int, default=S, help="checkpoint every N steps")

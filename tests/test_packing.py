@@ -89,11 +89,20 @@ def test_shared_prompt_layout():
             keep = b["keep_index"][:n_shared]
             assert torch.equal(plain["input_ids"].flatten()[keep], ids[:n_shared])
             assert torch.equal(plain["position_ids"].flatten()[keep], pos[:n_shared])
+        # the same shared tokens over collate's padded rows
+        b, plain = collate(items, PAD, share_prompt=True), collate(items, PAD)
+        assert b["expanded_position_ids"] is None and "attention_mask" not in b
+        assert torch.equal(b["input_ids"], collate_packed(items, PAD, share_prompt=True)["input_ids"])
+        assert torch.equal(b["sequence_ids"] >= 0, plain["attention_mask"].bool())
+        ids, expand = b["input_ids"].flatten(), b["expand_index"]
+        assert torch.equal(ids[expand][plain["attention_mask"].bool()], plain["input_ids"][plain["attention_mask"].bool()])
+        assert torch.equal(b["sequence_ids"][:, 0], torch.arange(len(seqs)))
 
 
 @pytest.mark.parametrize("head,pooling", [("mlp", "mean"), ("linear", "last")])
 @pytest.mark.parametrize("impl", ["loop", "mask"])
-@pytest.mark.parametrize("max_tokens,share_prompt", [(None, False), (48, False), (None, True), (48, True)])
+@pytest.mark.parametrize("max_tokens,share_prompt", [(None, False), (48, False), (None, True), (48, True),
+                                                     ("padded rows", True)])
 def test_packed_equals_padded_fp32(head, pooling, impl, max_tokens, share_prompt):
     torch.manual_seed(0)
     model = RewardModel(CONFIGS["tiny"], head=head, pooling=pooling)
@@ -102,7 +111,10 @@ def test_packed_equals_padded_fp32(head, pooling, impl, max_tokens, share_prompt
     items = random_pairs(5) + edge_pairs()
     padded, pg = run(model, collate(items, PAD))
     model.model.packed_attention = impl
-    packed, kg = run(model, collate_packed(items, PAD, max_tokens=max_tokens, share_prompt=share_prompt))
+    if max_tokens == "padded rows":  # shared prompt, attention over collate's padded rows
+        packed, kg = run(model, collate(items, PAD, share_prompt=True))
+    else:
+        packed, kg = run(model, collate_packed(items, PAD, max_tokens=max_tokens, share_prompt=share_prompt))
     for key in ("rewards", "loss", "accuracy", "margin"):
         assert torch.allclose(packed[key], padded[key], atol=1e-5, rtol=0), key
     assert pg.keys() == kg.keys()
@@ -151,7 +163,7 @@ def test_train_packing_matches_padded(tmp_path):
             "eval_steps": 1000, "save_steps": 1000, "logging_steps": 3, "warmup_ratio": 0.0, "progress": False,
             "learning_rate": 1e-4}  # Adam turns rounding-level gradient differences into updates ~ lr
     weights = []
-    for packing, share_prompt in ((False, False), (True, False), (False, True)):
+    for packing, share_prompt in ((False, False), (True, False), (False, True), (True, True)):
         out = tmp_path / f"packing{packing}{share_prompt}"
         train(TrainConfig(**{**base, "packing": packing, "share_prompt": share_prompt, "output_dir": str(out)}))
         weights.append(load_file(out / "final_model" / "model.safetensors"))

@@ -68,7 +68,7 @@ import torch
 
 import data
 import qwen3
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 from rm import RewardModel, pairwise_loss
 
 SUITES = {
@@ -489,8 +489,8 @@ def bench_attention(args, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark a reward-model training step (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="bench.py", description="Benchmark a reward-model training step (see the module "
+                       "docstring).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="small", help=f"model config, one of {sorted(qwen3.CONFIGS)}")
     p.add_argument("--pairs", type=int, default=None, help="pairs per step (default: 8 on CUDA, 4 on CPU)")
     p.add_argument("--max_length", type=int, default=None,

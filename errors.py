@@ -4,6 +4,7 @@ A `UserError` is a mistake the user can fix (a missing file, wrong columns, an i
 The CLIs print its message as ONE line on stderr and exit with status 2; a genuine bug still shows
 its traceback. Set RM_DEBUG=1 (or pass --debug) to see the traceback of a UserError too.
 """
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,38 @@ def run_cli(main, argv=None):
             raise
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for our CLIs: a bad flag is a user error like any other (one line, exit status 2), and a
+    negative number after a flag is its value."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(join_negative_values(sys.argv[1:] if args is None else list(args)), namespace)
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-5` as `--learning_rate=-1e-5`. argparse takes a word that starts with '-' for a
+    flag unless it matches its negative-number pattern, which before Python 3.14 misses exponents ('-1e-5')
+    and '-inf'/'-nan': the user got "expected one argument" instead of validate()'s message."""
+    joined = []
+    for i, a in enumerate(argv):
+        if a == "--":  # everything after it is a value anyway
+            return joined + argv[i:]
+        before = joined[-1] if joined else ""
+        if a.startswith("-") and before.startswith("--") and "=" not in before:
+            try:
+                float(a)
+            except ValueError:
+                pass
+            else:
+                joined[-1] = f"{before}={a}"
+                continue
+        joined.append(a)
+    return joined
 
 
 def check_writable(directory: Path, what: str, fix: str):

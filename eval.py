@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError, check_writable, run_cli
+from errors import ArgumentParser, UserError, check_writable, run_cli
 
 Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal: two-sided 95%
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -422,14 +422,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # a bad option is a user error like any other: one line, exit 2
-        raise UserError(f"{message} (see python eval.py --help)")
-
-
 def parse_args(argv=None):
-    p = Parser(description="Evaluate a reward model on preference pairs: accuracy with a 95% CI, reward and "
-                           "margin statistics, length bias. Writes evaluation_report.json.")
+    p = ArgumentParser(prog="eval.py", description="Evaluate a reward model on preference pairs: accuracy with a "
+                       "95% CI, reward and margin statistics, length bias. Writes evaluation_report.json.")
     p.add_argument("checkpoint", help="a model directory (out/final_model), a train.py checkpoint or output "
                                       "directory, or a Hub id of a Qwen3ForSequenceClassification reward model")
     p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError, check_writable, run_cli
+from errors import ArgumentParser, UserError, check_writable, run_cli
 from qwen3 import CONFIGS as MODEL_CONFIGS
 from qwen3 import load_checked, read_state_dict
 from rm import HEADS, POOLINGS, RewardModel, fsync_dir, replace_dir, write_json_durably
@@ -867,34 +867,9 @@ def unsharded(model: RewardModel, full_state: dict | None) -> RewardModel:
 # Command line: argparse builds a TrainConfig; the named config supplies defaults, flags override.
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # a bad flag is a user error like any other: one line, exit status 2
-        raise UserError(f"{message} (see python train.py --help)")
-
-
-def join_negative_values(argv: list[str]) -> list[str]:
-    """`--learning_rate -1e-5` as `--learning_rate=-1e-5`. argparse takes a word that starts with '-' for a
-    flag unless it matches its negative-number pattern, which before Python 3.14 misses exponents ('-1e-5')
-    and '-inf'/'-nan': the user got "expected one argument" instead of validate()'s message."""
-    joined = []
-    for i, a in enumerate(argv):
-        if a == "--":  # everything after it is a value anyway
-            return joined + argv[i:]
-        before = joined[-1] if joined else ""
-        if a.startswith("-") and before.startswith("--") and "=" not in before:
-            try:
-                float(a)
-            except ValueError:
-                pass
-            else:
-                joined[-1] = f"{before}={a}"
-                continue
-        joined.append(a)
-    return joined
-
-
 def parse_args(argv=None) -> TrainConfig:
-    p = Parser(description="Train a Qwen3 reward model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="train.py", description="Train a Qwen3 reward model.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     S = argparse.SUPPRESS  # flags not given stay unset, so the named config's value applies
     p.add_argument("--config", default="custom", choices=sorted(CONFIGS), help="named configuration to start from")
     p.add_argument("--model", "--model_name", dest="model", default=S, help="Hub repo id or local checkpoint directory")
@@ -947,7 +922,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--eval_only", action="store_true", help="only evaluate --model_path (same report as eval.py)")
     p.add_argument("--model_path", help="checkpoint to evaluate with --eval_only")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
-    args = vars(p.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv))))
+    args = vars(p.parse_args(argv))
     name, eval_only, model_path = args.pop("config"), args.pop("eval_only"), args.pop("model_path")
     args.pop("debug")
     cfg = TrainConfig(**{**CONFIGS[name], **args})

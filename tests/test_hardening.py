@@ -462,6 +462,13 @@ def test_negative_number_after_a_flag_is_its_value(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "o").exists()
 
 
+def test_negative_number_after_an_eval_flag_is_its_value(capsys):
+    """The same for eval.py (one errors.ArgumentParser serves every CLI): the value's own message."""
+    import eval as eval_cli
+    with pytest.raises(UserError, match=r"--unsure_threshold -0.001 must be a number >= 0"):
+        eval_cli.parse_args(["ckpt", "--unsure_threshold", "-1e-3"])
+
+
 def test_bf16_without_gpu_support(tmp_path, capsys, monkeypatch):
     """--bf16 on a CUDA GPU without bfloat16 (e.g. a T4): refused before anything is written."""
     from errors import run_cli

@@ -641,30 +641,29 @@ def train(cfg: TrainConfig) -> dict:
             # -- periodic evaluation on the held-out split; keep the best model
             if eval_items and (step % cfg.eval_steps == 0 or step == total_steps):
                 full = gather_full_state(train_model, cfg, world)
-                if is_main:
-                    current = unsharded(model, full)
-                    report = evaluate(current, eval_items,
-                                      batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
-                                      progress=False, stats=eval_stats, share_prompt=cfg.share_prompt)
-                    record = {"step": step, "eval_accuracy": report["accuracy"],
-                              "eval_loss": report["loss"], "eval_margin": report["margin"]["mean"]}
-                    with disk_errors(out / "log.jsonl"):
-                        append_log(out, record)
-                    if wandb_run:
-                        wandb_run.log(record, step=step)
-                    (bar.write if bar is not None else print)(
-                        f"eval step {step}: accuracy {record['eval_accuracy']:.4f} | loss {record['eval_loss']:.4f}"
-                        f" | margin {record['eval_margin']:.4f}")
-                    if record["eval_accuracy"] > best_accuracy:
-                        best_accuracy = record["eval_accuracy"]
-                        best = out / f"best_model_step_{step}"
-                        with disk_errors(best):  # the new best first, then the old one goes: never none
-                            current.save_pretrained(best)
-                            for old in out.glob("best_model_step_*"):
-                                if old.name != best.name:
-                                    remove(old)
-                if world > 1:
-                    dist.barrier()
+                with rank_0_errors(rank, world):  # e.g. a full disk while saving the best model
+                    if is_main:
+                        current = unsharded(model, full)
+                        report = evaluate(current, eval_items,
+                                          batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
+                                          progress=False, stats=eval_stats, share_prompt=cfg.share_prompt)
+                        record = {"step": step, "eval_accuracy": report["accuracy"],
+                                  "eval_loss": report["loss"], "eval_margin": report["margin"]["mean"]}
+                        with disk_errors(out / "log.jsonl"):
+                            append_log(out, record)
+                        if wandb_run:
+                            wandb_run.log(record, step=step)
+                        (bar.write if bar is not None else print)(
+                            f"eval step {step}: accuracy {record['eval_accuracy']:.4f} | loss {record['eval_loss']:.4f}"
+                            f" | margin {record['eval_margin']:.4f}")
+                        if record["eval_accuracy"] > best_accuracy:
+                            best_accuracy = record["eval_accuracy"]
+                            best = out / f"best_model_step_{step}"
+                            with disk_errors(best):  # the new best first, then the old one goes: never none
+                                current.save_pretrained(best)
+                                for old in out.glob("best_model_step_*"):
+                                    if old.name != best.name:
+                                        remove(old)
 
             saved = step % cfg.save_steps == 0 and step < total_steps
             if saved:
@@ -689,27 +688,27 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the end: final model and its evaluation report
     result = {"step": step, "output_dir": str(out), "final_model": str(out / "final_model")}
     full = gather_full_state(train_model, cfg, world)
-    if is_main:
-        final_model = unsharded(model, full)
-        with disk_errors(out / "final_model"):
-            final_model.save_pretrained(out / "final_model")
-        if eval_items:
-            report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
-                              bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats, share_prompt=cfg.share_prompt)
-            report.update(checkpoint=str(out / "final_model"), dataset=eval_sources, split=cfg.eval_split,
-                          max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
-            with disk_errors(out / "evaluation_report.json"):
-                write_report(out / "evaluation_report.json", report)
-            result["eval_accuracy"] = report["accuracy"]
-            result["report"] = str(out / "evaluation_report.json")
-            log(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "
-                f"model saved to {out / 'final_model'}")
-        else:
-            log(f"final: model saved to {out / 'final_model'} (no evaluation: --eval_split none)")
-        if wandb_run:
-            wandb_run.finish()
+    with rank_0_errors(rank, world):  # a failed final save or report ends every process
+        if is_main:
+            final_model = unsharded(model, full)
+            with disk_errors(out / "final_model"):
+                final_model.save_pretrained(out / "final_model")
+            if eval_items:
+                report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
+                                  bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats, share_prompt=cfg.share_prompt)
+                report.update(checkpoint=str(out / "final_model"), dataset=eval_sources, split=cfg.eval_split,
+                              max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
+                with disk_errors(out / "evaluation_report.json"):
+                    write_report(out / "evaluation_report.json", report)
+                result["eval_accuracy"] = report["accuracy"]
+                result["report"] = str(out / "evaluation_report.json")
+                log(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "
+                    f"model saved to {out / 'final_model'}")
+            else:
+                log(f"final: model saved to {out / 'final_model'} (no evaluation: --eval_split none)")
+            if wandb_run:
+                wandb_run.finish()
     if world > 1:
-        dist.barrier()
         dist.destroy_process_group()
     result["history"] = read_log(out) if is_main else []  # the whole run's records, resumed parts included
     return result

@@ -41,10 +41,11 @@ def runs(tmp_path_factory):
     launch(root / "single", "--batch_size", "4", procs=1)
     launch(root / "ddp", "--batch_size", "2", cwd=root)
     launch(root / "fsdp", "--batch_size", "2", "--fsdp", cwd=root)
+    launch(root / "fsdp_shared", "--batch_size", "2", "--fsdp", "--share_prompt", "--packing", cwd=root)
     return root
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_shared"])  # fsdp_shared: with shared-prompt packed batches
 def test_two_processes_equal_one_with_the_whole_batch(runs, mode):
     assert max_diff(weights(runs / "single"), weights(runs / mode)) < 1e-5
 
@@ -71,7 +72,7 @@ def test_only_rank_0_writes(runs):
         records = [json.loads(line) for line in (runs / mode / "log.jsonl").read_text().splitlines()]
         assert [("loss" in r, r["step"]) for r in records] == [(True, 4), (False, 4)]  # written once, not twice
     # the processes ran with cwd=runs: nothing but the output directories appeared there
-    assert sorted(p.name for p in runs.iterdir()) == ["ddp", "fsdp", "single"]
+    assert sorted(p.name for p in runs.iterdir()) == ["ddp", "fsdp", "fsdp_shared", "single"]
 
 
 def test_resume_with_other_pairs_per_step_is_refused(runs, tmp_path):

@@ -46,8 +46,8 @@ are drawn and the steps cycle through them.
 for transformers, each decoder layer): one compilation serves all blocks, so the GPU suite fits in a few
 minutes. --packing runs our side padding-free (data.collate_packed); transformers stays padded.
 --share_prompt computes each pair's shared prompt once on our side (make_pairs gives chosen and rejected
-the same prompt: half of each sequence with uniform lengths); attention then runs on padded rows, or with
---packing too, on packed ones. tokens/s and model
+the same prompt: half of each sequence with uniform lengths), and no padding; attention alone runs on
+the sequences whole, in padded rows, or with --packing too, in packed ones. tokens/s and model
 FLOPs still count both sequences in full: the work of the step as padded or packed trainers define it,
 so they stay comparable with transformers'; ours does less of it, so its "MFU" is then an effective one.
 --optim_in_backward (ours only) steps each parameter's optimizer as soon as its gradient is complete and
@@ -89,6 +89,7 @@ SUITES = {
         "--config 1.7b --bf16 --compile --share_prompt --compare-hf",
         "--config 0.6b --bf16 --compile --share_prompt --packing --compare-hf",
         "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --packing --compare-hf",
+        "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --compare-hf",
     ],
     # The CPU rows: a ~33M-parameter config, 2 cores, eager fp32.
     "cpu": [
@@ -96,6 +97,7 @@ SUITES = {
         "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --packing --compare-hf",
         "--config small --pairs 4 --max_length 256 --steps 6 --share_prompt --compare-hf",
         "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --share_prompt --packing --compare-hf",
+        "--config small --pairs 4 --max_length 512 --steps 6 --lengths realistic --share_prompt --compare-hf",
     ],
 }
 
@@ -292,8 +294,7 @@ def prepare_ours(args, device, batches_items, pad_id) -> dict:
         optimizer = None
     else:
         optimizer = make_optimizer(cfg, model, device)
-    collate = (lambda items: data.collate_packed(items, pad_id, share_prompt=args.share_prompt)) \
-        if args.packing else (lambda items: data.collate(items, pad_id, args.share_prompt))
+    collate = data.collate_packed if args.packing else data.collate
 
     def forward(batch):
         return model(**batch, pairs=True)["loss"]
@@ -302,7 +303,8 @@ def prepare_ours(args, device, batches_items, pad_id) -> dict:
         for handle in handles:
             handle.remove()
     return {"side": "ours", "step": make_step(forward, optimizer, autocast(args, device), args.optim_in_backward),
-            "batches": [to_device(collate(items), device) for items in batches_items],
+            "batches": [to_device(collate(items, pad_id, share_prompt=args.share_prompt), device)
+                        for items in batches_items],
             "n_params": model.model.num_params(), "cleanup": cleanup}
 
 
@@ -398,10 +400,20 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
+def timed_batches(args, batches_items) -> list:
+    """The batches of the timed steps (the steps cycle through the batches): per-step averages are over these."""
+    return [batches_items[i % len(batches_items)] for i in range(args.warmup, args.warmup + args.steps)]
+
+
+def shared_prompt_tokens(items) -> int:
+    """Tokens a shared-prompt batch of these pairs puts through the model: each common prefix once."""
+    return sum(len(it.chosen_ids) + len(it.rejected_ids) - data.shared_prefix_len(it.chosen_ids, it.rejected_ids)
+               for it in items)
+
+
 def summarise(side: dict, args, device, times, host, batches_items) -> dict:
     config = qwen3.Qwen3Config.from_name(args.config)
-    # The steps cycled through the batches: average tokens and FLOPs per step over the timed ones.
-    timed = [batches_items[i % len(batches_items)] for i in range(args.warmup, args.warmup + args.steps)]
+    timed = timed_batches(args, batches_items)
     tokens = statistics.mean(sum(sequence_lengths(items)) for items in timed)
     flops = statistics.mean(step_flops(config, side["n_params"], sequence_lengths(items)) for items in timed)
     median = statistics.median(times)
@@ -409,7 +421,9 @@ def summarise(side: dict, args, device, times, host, batches_items) -> dict:
     return {"side": side["side"], "tokens_per_s": tokens / median, "tflops": flops / median / 1e12,
             "mfu": flops / median / peak, "peak_mem_gib": peak_memory_gib(device), "step_ms": 1000 * median,
             "step_min_ms": 1000 * min(times), "step_max_ms": 1000 * max(times), "tokens_per_step": tokens,
-            "peak_tflops": peak / 1e12, "host_ms": 1000 * statistics.median(host)}
+            "peak_tflops": peak / 1e12, "host_ms": 1000 * statistics.median(host),
+            "tokens_computed_per_step": statistics.mean(shared_prompt_tokens(items) for items in timed)
+            if side["side"] == "ours" and args.share_prompt else tokens}
 
 
 def line(r: dict, device) -> str:
@@ -507,7 +521,8 @@ def parse_args(argv=None):
     p.add_argument("--8bit_optim", dest="optim_8bit", action="store_true", help="bitsandbytes AdamW8bit")
     p.add_argument("--packing", action="store_true", help="our side padding-free (data.collate_packed)")
     p.add_argument("--share_prompt", action="store_true",
-                   help="our side computes each pair's prompt once (with --packing: padding-free too)")
+                   help="our side computes each pair's prompt once (and no padding; attention on padded rows, "
+                        "or with --packing on packed ones)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (both sides)")
     p.add_argument("--optim_in_backward", action="store_true",
                    help="ours: step each parameter as soon as its gradient is ready, then free it")
@@ -556,17 +571,15 @@ def bench(args) -> dict:
                      for _ in range(args.batches)]
     opts = [o for o in ("bf16", "gradient_checkpointing", "optim_8bit", "packing", "share_prompt", "compile",
                         "optim_in_backward") if getattr(args, o)]
-    real = statistics.mean(sum(sequence_lengths(b)) for b in batches_items)
-    padded = statistics.mean(2 * args.pairs * max(sequence_lengths(b)) for b in batches_items)
+    timed = timed_batches(args, batches_items)
+    real = statistics.mean(sum(sequence_lengths(b)) for b in timed)
+    padded = statistics.mean(2 * args.pairs * max(sequence_lengths(b)) for b in timed)
     shared = ""
     if args.share_prompt:
-        once = statistics.mean(sum(len(it.chosen_ids) + len(it.rejected_ids) -
-                                   data.shared_prefix_len(it.chosen_ids, it.rejected_ids) for it in b)
-                               for b in batches_items)
-        shared = f", {once:,.0f} with shared prompts"
+        shared = f", {statistics.mean(shared_prompt_tokens(b) for b in timed):,.0f} with shared prompts"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"== {args.config} | {args.pairs} pairs x {args.max_length} ({args.lengths}: {real:,.0f} real tokens of "
-          f"{padded:,.0f} padded per step{shared}) | {', '.join(opts) or 'fp32 eager'} | {name} | "
+          f"{padded:,.0f} padded per timed step on average{shared}) | {', '.join(opts) or 'fp32 eager'} | {name} | "
           f"torch {torch.__version__}", flush=True)
     row = {"command": "python bench.py " + command_line(args), "device": name, "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__}

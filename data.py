@@ -63,6 +63,9 @@ Batching
 - collate_packed (train.py --packing) lays the same 2B sequences end to end in one row, with positions
   restarting per sequence and their boundaries (cu_seqlens): no padding at all (qwen3.py confines
   attention to each sequence). On hh-rlhf-like lengths that halves the tokens of a step.
+- share_prompt=True (train.py --share_prompt, either collate): chosen and rejected begin with the same
+  prompt, so the model's input holds it once per pair, and no padding; only attention sees the 2B
+  sequences whole, in the rows above (see collate_packed).
 """
 import argparse
 import glob
@@ -684,13 +687,15 @@ def batch_margins(items: list[TokenizedPair]):
     return torch.tensor([0.0 if m is None else m for m in margins], dtype=torch.float32)
 
 
-def collate(items: list[TokenizedPair], pad_id: int, share_prompt: bool = False) -> dict:
-    """B pairs -> rows 0..B-1 chosen, rows B..2B-1 rejected, right-padded with pad_id.
+def collate(items: list[TokenizedPair], pad_id: int, *, share_prompt: bool = False) -> dict:
+    """B pairs -> input_ids/attention_mask (2B, T): rows 0..B-1 chosen, rows B..2B-1 rejected, right-padded
+    with pad_id.
 
     margin: (B,) floats when any pair has one (a missing margin counts as 0), else None.
-    share_prompt=True: each pair's prompt computed once, as in collate_packed, with these padded rows as
-    the sequence layout that attention runs on (causal attention over right-padded rows needs no mask,
-    so it keeps the plain fused kernel); no attention_mask then, but sequence_ids/num_sequences."""
+    share_prompt=True: input_ids (1, N) hold each pair's prompt once (see collate_packed), and these
+    padded rows become the sequence layout that attention alone runs on (causal attention over
+    right-padded rows needs no mask, so it keeps the plain fused kernel): expand_index (2B, T),
+    keep_index, and sequence_ids (2B, T) / num_sequences in place of attention_mask."""
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     T = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -701,13 +706,13 @@ def collate(items: list[TokenizedPair], pad_id: int, share_prompt: bool = False)
     if not share_prompt:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": batch_margins(items)}
     rows = torch.arange(len(seqs))[:, None].expand(len(seqs), T)
-    batch = {"input_ids": input_ids, "sequence_ids": torch.where(attention_mask.bool(), rows, -1),
+    batch = {"input_ids": input_ids, "sequence_ids": torch.where(attention_mask.bool(), rows, -1),  # as rm.py
              "num_sequences": len(seqs), "margin": batch_margins(items)}
     return share_prompt_layout(batch, items, [k * T for k in range(len(seqs))], pad_id, multiple_of=8)
 
 
 def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | None = None,
-                   multiple_of: int = 8, share_prompt: bool = False) -> dict:
+                   multiple_of: int = 8, *, share_prompt: bool = False) -> dict:
     """B pairs -> padding-free rows: the 2B sequences laid end to end, chosen ones first (sequence k < B
     is pair k's chosen response, B + k its rejected one, as in collate).
 
@@ -724,16 +729,16 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
 
     share_prompt=True: a pair's chosen and rejected sequences begin with the same prompt, and under a
     causal mask those prompt tokens get the same hidden states in both. So compute them once: the
-    model's input becomes ONE row of "shared" tokens, per pair [prompt, chosen tail, rejected tail],
-    with the rejected tail's positions continuing from the prompt's. Only attention needs the two
-    sequences apart (the rejected tail must not see the chosen one): it copies the prompt's q/k/v into
-    both sequences, runs on the layout above, and takes each shared token's output back. Returns then
-    input_ids, position_ids (1, Ls): the shared tokens; expand_index (R, L): for each position of the
-    sequence layout, the shared token it copies; keep_index (Ls,): for each shared token, the position
-    of the sequence layout whose attention output it takes; expanded_position_ids (R, L): the positions
-    of the sequence layout; sequence_ids, cu_seqlens, max_seqlen, num_sequences, margin as above (of
-    the sequence layout: pooling reads the hidden states copied into it). Projections, MLPs and norms,
-    most of the work, see every prompt token once instead of twice."""
+    model's input becomes ONE row of tokens, per pair [prompt, chosen tail, rejected tail], with the
+    rejected tail's positions continuing from the prompt's. Only attention needs the two sequences
+    apart (the rejected tail must not see the chosen one): it copies the prompt's q/k/v into both
+    sequences, runs on the rows above (the "sequence layout"), and each token takes its output back
+    from one copy. Returns then input_ids, position_ids (1, N): the tokens; expand_index (R, L): for
+    each position of the sequence layout, the token it copies; keep_index (N,): for each token, the
+    position of the sequence layout whose attention output it takes; expanded_position_ids (R, L):
+    the positions of the sequence layout; sequence_ids, cu_seqlens, max_seqlen, num_sequences, margin
+    as above (of the sequence layout: pooling reads the hidden states copied into it). Projections,
+    MLPs and norms, most of the work, see every prompt token once instead of twice."""
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     longest = max(len(s) for s in seqs)
     budget = max(max_tokens or 0, longest) if max_tokens else sum(len(s) for s in seqs)
@@ -776,9 +781,8 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
 
 
 def shared_prefix_len(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences have in common, leaving each at least one token of its own
-    (its last token is where last-token pooling reads the reward)."""
-    n, limit = 0, min(len(a), len(b)) - 1
+    """How many leading tokens two sequences have in common (the prompt, at least)."""
+    n, limit = 0, min(len(a), len(b))
     while n < limit and a[n] == b[n]:
         n += 1
     return n
@@ -786,33 +790,38 @@ def shared_prefix_len(a: list[int], b: list[int]) -> int:
 
 def share_prompt_layout(batch: dict, items: list[TokenizedPair], start: list[int], pad_id: int,
                         multiple_of: int) -> dict:
-    """A batch of collate or collate_packed (the sequence layout) -> the same batch on shared-prompt tokens
-    (see collate_packed). start[k]: where sequence k begins in the flattened sequence layout."""
+    """A batch of collate or collate_packed (the "sequence layout") -> the same batch whose input_ids hold
+    each pair's shared prefix once. start[k]: where sequence k begins in the flattened sequence layout.
+
+    Example, one pair: chosen [p q a], rejected [p q b c] (prompt p q), sequence layout one packed row
+    [p q a | p q b c]. Tokens: [p q a b c], positions [0 1 2 2 3]. expand_index = [0 1 2 0 1 3 4] (the
+    token each position of the sequence layout copies), keep_index = [0 1 2 5 6] (the position of the
+    sequence layout whose attention output each token takes: the prompt from the chosen copy)."""
     B = len(items)
-    ids, positions = [], []
-    shared_of = [None] * (2 * B)                 # shared_of[k][j]: the shared token of sequence k's token j
-    keep = []                                    # keep[i]: the sequence-layout position shared token i reads
+    ids, positions, keep = [], [], []
+    token_of = [None] * (2 * B)            # token_of[k][j]: the token that is sequence k's j-th
     for i, it in enumerate(items):
-        s = shared_prefix_len(it.chosen_ids, it.rejected_ids)
-        t = len(ids)
-        c, r = len(it.chosen_ids), len(it.rejected_ids)
-        ids += it.chosen_ids + it.rejected_ids[s:]
-        positions += list(range(c)) + list(range(s, r))
-        shared_of[i] = list(range(t, t + c))                                  # prompt + chosen tail
-        shared_of[B + i] = list(range(t, t + s)) + list(range(t + c, t + c + r - s))  # prompt + rejected tail
-        keep += [start[i] + j for j in range(c)] + [start[B + i] + j for j in range(s, r)]
+        n_shared, n_chosen, n_rejected = (shared_prefix_len(it.chosen_ids, it.rejected_ids),
+                                          len(it.chosen_ids), len(it.rejected_ids))
+        offset = len(ids)                                                      # this pair's first token
+        ids += it.chosen_ids + it.rejected_ids[n_shared:]                      # prompt, chosen tail, rejected tail
+        positions += list(range(n_chosen)) + list(range(n_shared, n_rejected))
+        token_of[i] = list(range(offset, offset + n_chosen))
+        token_of[B + i] = list(range(offset, offset + n_shared)) + \
+            list(range(offset + n_chosen, offset + n_chosen + n_rejected - n_shared))
+        keep += [start[i] + j for j in range(n_chosen)] + [start[B + i] + j for j in range(n_shared, n_rejected)]
     n = len(ids)
-    Ls = -(-n // multiple_of) * multiple_of
-    input_ids = torch.full((1, Ls), pad_id, dtype=torch.long)
+    padded = -(-n // multiple_of) * multiple_of
+    input_ids = torch.full((1, padded), pad_id, dtype=torch.long)
     input_ids[0, :n] = torch.tensor(ids, dtype=torch.long)
-    position_ids = torch.zeros((1, Ls), dtype=torch.long)
+    position_ids = torch.zeros((1, padded), dtype=torch.long)
     position_ids[0, :n] = torch.tensor(positions, dtype=torch.long)
-    position_ids[0, n:] = torch.arange(Ls - n)
-    # Padding of either layout copies / reads position 0: its values never reach a reward.
+    position_ids[0, n:] = torch.arange(padded - n)
+    # Padding, in either layout, copies / reads position 0: its values never reach a reward.
     expand_index = torch.zeros(batch["sequence_ids"].numel(), dtype=torch.long)
-    for k, shared in enumerate(shared_of):
-        expand_index[start[k]:start[k] + len(shared)] = torch.tensor(shared, dtype=torch.long)
-    keep_index = torch.zeros(Ls, dtype=torch.long)
+    for k, tokens in enumerate(token_of):
+        expand_index[start[k]:start[k] + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    keep_index = torch.zeros(padded, dtype=torch.long)
     keep_index[:n] = torch.tensor(keep, dtype=torch.long)
     return {**batch, "input_ids": input_ids, "position_ids": position_ids,
             "expand_index": expand_index.view_as(batch["sequence_ids"]), "keep_index": keep_index,

@@ -218,7 +218,7 @@ def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress
         with tqdm(total=len(items), desc="scoring", unit="pair", disable=not progress, leave=False) as bar:
             for idx in batch_order([it.length for it in items], batch_size, seed=0, shuffle=False):
                 chunk = [items[i] for i in idx]
-                batch = collate(chunk, pad_id, share_prompt)
+                batch = collate(chunk, pad_id, share_prompt=share_prompt)
                 del batch["margin"]  # rewards only
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     rewards = model(**{k: v.to(device) if torch.is_tensor(v) else v
@@ -496,7 +496,7 @@ def main(argv=None):
                                return_rewards=True, share_prompt=args.share_prompt)
     report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=args.split,
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
-                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  share_prompt=args.share_prompt, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     # 4. Outputs: the report (atomically), the plots, the table.
     try:

@@ -35,9 +35,12 @@ numbers in BENCHMARKS.md; forward+backward of one layer over 16 hh-rlhf-like seq
 - "mask" (compiled blocks without "varlen", e.g. on CPU): a dense block-diagonal causal mask built
   from the positions (`packed_attention_mask`). O(L^2) memory and no flash kernel, but traceable.
 `Qwen3.packed_attention` can force one (the tests check that they agree with the padded path).
-Shared prompt: a pair's two sequences start with the same prompt, so their prompt tokens can go through
-the model once (data.collate_packed(share_prompt=True)); attention alone copies the prompt's q/k/v
-into both sequences (`expand_tokens`) and takes each shared token's output back from one copy.
+
+Shared prompt. A pair's two sequences start with the same prompt, and under a causal mask the prompt's
+hidden states are the same in both, so its tokens can go through the model once (data.collate or
+data.collate_packed with share_prompt=True): projections, MLPs and norms run on those tokens; attention
+alone copies the prompt's q/k/v into both sequences (padded or packed rows, `SharedPrompt`), runs as
+above, and each token takes its output back from one copy.
 
 Mixed precision. Under autocast (train.py --bf16) the weights, gradients and optimizer state stay fp32
 but the residual stream is carried in bf16, as in a bf16 model (transformers keeps it in fp32 there).
@@ -204,21 +207,23 @@ def packed_attention_mask(position_ids):
 
 class Segments(NamedTuple):
     """Where the sequences of a packed batch lie in its flattened rows (each row's padding is a segment too)."""
-    cu_seqlens: torch.Tensor | None  # (S+1,) int32 on the model's device: segment k is tokens [cu[k], cu[k+1])
+    cu_seqlens: torch.Tensor         # (S+1,) int32 on the model's device: segment k is tokens [cu[k], cu[k+1])
     max_seqlen: int                  # the longest segment
     lengths: list | None             # the segment lengths on the host, for the "loop" implementation
-    # Shared prompt (data.collate_packed(share_prompt=True)): the rows above are the sequence layout,
-    # and the model's tokens are the shared ones. expand (R, L): the shared token each position copies;
-    # keep (N,): the position each shared token takes its attention output from.
-    expand: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
 
 
-def expand_tokens(t, expand):
-    """(B, heads, T, hd) on the shared tokens -> (R, heads, L, hd) on the sequence layout `expand` (R, L)."""
-    R, L = expand.shape
-    flat = t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])                  # (B*T, heads, hd)
-    return flat.index_select(0, expand.reshape(-1)).view(R, L, t.shape[1], t.shape[3]).transpose(1, 2)
+class SharedPrompt(NamedTuple):
+    """A shared-prompt batch (data.collate / data.collate_packed with share_prompt=True): the model's N
+    tokens hold each pair's prompt once; attention runs on the "sequence layout" (R, L), every sequence
+    whole (padded rows, or packed rows described by Segments)."""
+    expand: torch.Tensor             # (R, L): the token each position of the sequence layout copies
+    keep: torch.Tensor               # (N,): the position of the sequence layout each token takes its output from
+
+
+def gather_tokens(x, index):
+    """x (B, T, ...) -> (*index.shape, ...): the tokens of x at the flat positions `index` (into B*T)."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return flat.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[2:])
 
 
 def segments_from_positions(position_ids) -> tuple:
@@ -263,17 +268,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, over head_dim
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask=None, segments: Segments | None = None):
+    def forward(self, x, cos, sin, attn_mask=None, segments: Segments | None = None,
+                shared: SharedPrompt | None = None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)               # (B, heads, T, head_dim)
-        shared = segments is not None and segments.expand is not None
-        if shared:  # a shared prompt's q/k/v copied into both sequences of its pair: (R, heads, L, head_dim)
-            q, k, v = (expand_tokens(t, segments.expand) for t in (q, k, v))
+        if shared is not None:  # the prompt's q/k/v copied into both sequences of its pair: (R, heads, L, head_dim)
+            q, k, v = (gather_tokens(t.transpose(1, 2), shared.expand).transpose(1, 2) for t in (q, k, v))
         R, L = q.shape[0], q.shape[2]
-        if segments is None or segments.cu_seqlens is None:  # padded rows, or packed rows with a dense mask
+        if segments is None:  # padded rows, or packed rows with a dense mask
             # enable_gqa lets each group of query heads read its shared k/v head without copying k/v.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
@@ -282,8 +287,8 @@ class Attention(nn.Module):
             attend = varlen_attention if segments.lengths is None else looped_attention
             y = attend(q, k, v, segments)
         y = y.reshape(R * L, self.n_heads * self.head_dim)
-        if shared:  # each shared token takes its output from one copy (the gradient flows back to both)
-            y = y.index_select(0, segments.keep)
+        if shared is not None:  # each token takes its output from one copy (the gradient flows back to both)
+            y = y.index_select(0, shared.keep)
         return self.o_proj(y.view(B, T, self.n_heads * self.head_dim))
 
 
@@ -306,8 +311,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, segments=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, segments)
+    def forward(self, x, cos, sin, attn_mask=None, segments=None, shared=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, segments, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -363,31 +368,35 @@ class Qwen3(nn.Module):
         position_ids (B, T): for packed rows, positions restarting at 0 for every sequence.
         cu_seqlens (S+1,), max_seqlen: optional, where those sequences lie in the flattened rows
         (data.collate_packed gives them; otherwise they are read off position_ids).
-        expand_index, keep_index, expanded_position_ids: a shared-prompt batch (data.collate_packed or
-        data.collate with share_prompt=True): input_ids/position_ids are the shared tokens, and attention
-        runs on the sequence layout given by these: packed rows (cu_seqlens/max_seqlen then describe that
-        layout), or, with expanded_position_ids None, right-padded rows (plain causal attention).
+        expand_index (R, L), keep_index (N,): a shared-prompt batch (data.collate or data.collate_packed
+        with share_prompt=True; see SharedPrompt): input_ids/position_ids (1, N) are its tokens, each
+        pair's prompt once, and attention runs on the sequence layout (R, L): right-padded rows when
+        expanded_position_ids is None (data.collate), else packed rows with these positions
+        (data.collate_packed; cu_seqlens/max_seqlen then describe that layout).
         """
         B, T = input_ids.shape
-        attn_mask, segments = None, None
-        if position_ids is not None:
+        attn_mask, segments, shared = None, None, None
+        if expand_index is not None:
+            if position_ids is None or keep_index is None:
+                raise ValueError("a shared-prompt batch needs position_ids, expand_index and keep_index together "
+                                 "(data.collate / data.collate_packed with share_prompt=True give them)")
+            shared = SharedPrompt(expand_index, keep_index)
+        # The positions attention sees: packed rows have them; right-padded rows need no mask.
+        attention_positions = position_ids if shared is None else expanded_position_ids
+        if attention_positions is not None:
             device = input_ids.device
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
                 else self.embed_tokens.weight.dtype
             impl = self.packing_impl(device, dtype)
-            attention_positions = position_ids if expand_index is None else expanded_position_ids
-            if expand_index is not None and expanded_position_ids is None:  # right-padded rows: no mask
-                segments = Segments(None, 0, None, expand_index, keep_index)
-            elif impl == "mask":
+            if impl == "mask":
                 attn_mask = packed_attention_mask(attention_positions)
-                segments = None if expand_index is None else Segments(None, 0, None, expand_index, keep_index)
             else:
                 if cu_seqlens is None:
                     cu_seqlens, max_seqlen = segments_from_positions(attention_positions)
                 cu_seqlens = cu_seqlens.to(device, torch.int32)
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if impl == "loop" else None
-                segments = Segments(cu_seqlens, int(max_seqlen), lengths, expand_index, keep_index)
-        else:
+                segments = Segments(cu_seqlens, int(max_seqlen), lengths)
+        elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
             if attention_mask is not None and not is_right_padded(attention_mask):
                 key_is_real = attention_mask.bool()[:, None, None, :]          # (B, 1, 1, T)
@@ -406,9 +415,9 @@ class Qwen3(nn.Module):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations during backward.
-                x = checkpoint(layer, x, cos, sin, attn_mask, segments, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn_mask, segments, shared, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, segments)
+                x = layer(x, cos, sin, attn_mask, segments, shared)
         return self.norm(x)
 
     def lm_logits(self, hidden):

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from qwen3 import Qwen3, Qwen3Config, load_checked, read_json, read_state_dict, resolve_model_dir
+from qwen3 import Qwen3, Qwen3Config, gather_tokens, load_checked, read_json, read_state_dict, resolve_model_dir
 
 HEADS = ("mlp", "linear")
 DISK_NAMES = {"linear_head.weight": "score.weight"}            # our module name -> checkpoint key
@@ -144,9 +144,10 @@ class RewardModel(nn.Module):
         Padded batch: input_ids/attention_mask (N, T), right padded. Packed batch (padding-free): rows
         holding several sequences, with position_ids restarting per sequence, sequence_ids (-1 = padding)
         and num_sequences (cu_seqlens/max_seqlen optional, see data.collate_packed). Shared-prompt
-        batch (collate_packed(share_prompt=True)): the backbone runs on the shared tokens, and their
-        hidden states are copied into the sequence layout (expand_index) that sequence_ids describe
-        before pooling: a prompt token counts in both sequences' mean. With pairs=True, the
+        batch (data.collate / collate_packed with share_prompt=True): the backbone runs on the batch's
+        tokens (each prompt once), and their hidden states are copied into the sequence layout
+        (expand_index) that sequence_ids describe before pooling: a prompt token counts in both
+        sequences' mean. With pairs=True, the
         first half of the sequences are the chosen responses and the second half the rejected ones, and
         the loss, accuracy and mean margin are added.
         """
@@ -158,9 +159,8 @@ class RewardModel(nn.Module):
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, expand_index=expand_index,
                             keep_index=keep_index, expanded_position_ids=expanded_position_ids)
-        if expand_index is not None:  # shared tokens -> the sequence layout (R, L, hidden)
-            H = hidden.shape[-1]
-            hidden = hidden.reshape(-1, H).index_select(0, expand_index.reshape(-1)).view(*expand_index.shape, H)
+        if expand_index is not None:  # shared-prompt tokens -> the sequence layout (R, L, hidden), to pool
+            hidden = gather_tokens(hidden, expand_index)
         rewards = self.apply_head(pool(hidden, sequence_ids, num_sequences, self.pooling))
         out = {"rewards": rewards}
         if pairs:

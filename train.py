@@ -594,8 +594,8 @@ def train(cfg: TrainConfig) -> dict:
                 # because every process must join each gradient all-reduce.
                 weight = len(idx) / pairs_in_step * world
                 items = [train_items[j] for j in idx] or [train_items[0]]
-                batch = to_device(data.collate_packed(items, tokenizer.pad_id, share_prompt=cfg.share_prompt)
-                                  if cfg.packing else data.collate(items, tokenizer.pad_id, cfg.share_prompt), device)
+                collate = data.collate_packed if cfg.packing else data.collate
+                batch = to_device(collate(items, tokenizer.pad_id, share_prompt=cfg.share_prompt), device)
                 sync = i == len(micro) - 1 or world == 1
                 with maybe_no_sync(train_model, sync, cfg), autocast:
                     outputs = train_model(**batch, pairs=True, center_rewards_coefficient=cfg.center_rewards_coefficient)
@@ -678,7 +678,7 @@ def train(cfg: TrainConfig) -> dict:
                     f"  python train.py {shlex.join(resume_args(sys.argv[1:]))} --resume {shlex.quote(str(path))}")
                 return {"stopped_at": step, "checkpoint": str(path), "signal": stop["signal"]}
     except ForcedStop:
-        raise ForcedStop(forced_stop_message(out, step, total_steps) if is_main else "") from None
+        raise ForcedStop(forced_stop_message(out, step, total_steps, stop["signal"]) if is_main else "") from None
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -722,16 +722,19 @@ def stop_if_not_finite(what: str, value: float, step: int, out: Path, stopped: s
                         "then --resume")
 
 
-def forced_stop_message(out: Path, step: int, total_steps: int) -> str:
-    """What a second Ctrl-C leaves: the newest complete checkpoint (a write it cut short never counts)."""
+def forced_stop_message(out: Path, step: int, total_steps: int, first: str = "SIGINT") -> str:
+    """What a Ctrl-C during a pending stop (`first`: the signal that asked for it) leaves: the newest
+    complete checkpoint (a write it cut short never counts)."""
     ckpts = checkpoint_dirs(out)
-    head = f"second SIGINT (Ctrl-C): stopped at once after step {step}/{total_steps}"
+    head = ("second SIGINT (Ctrl-C)" if first == "SIGINT" else f"SIGINT (Ctrl-C) after {first}") + \
+        f": stopped at once after step {step}/{total_steps}"
+    abandoned = "without the checkpoint the first one asked for" if first == "SIGINT" else \
+        f"without the checkpoint {first} asked for"
     if not ckpts:
-        return (f"{head}, without the checkpoint the first one asked for; no checkpoint had been saved yet, so "
+        return (f"{head}, {abandoned}; no checkpoint had been saved yet, so "
                 "there is nothing to resume: run again with --overwrite_output_dir")
     last = ckpts[-1]
-    done = "its checkpoint was complete" if last.name == f"checkpoint_step_{step}" else \
-        "without the checkpoint the first one asked for"
+    done = "its checkpoint was complete" if last.name == f"checkpoint_step_{step}" else abandoned
     return (f"{head}, {done}; the last saved checkpoint {last} is intact. Resume with: "
             f"python train.py {shlex.join(resume_args(sys.argv[1:]))} --resume {shlex.quote(str(last))}")
 
@@ -902,8 +905,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--packing", action="store_true", default=S,
                    help="padding-free batches: all sequences of a micro-batch in one row (data.collate_packed)")
     p.add_argument("--share_prompt", action="store_true", default=S,
-                   help="each pair's prompt goes through the model once, not twice (same results; with "
-                        "--packing too: padding-free)")
+                   help="each pair's prompt goes through the model once, not twice, and no padding does (same "
+                        "results); attention runs on padded rows, or with --packing on packed ones")
     p.add_argument("--fsdp", action="store_true", default=S, help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--eval_steps", type=int, default=S, help="evaluate every N steps")
     p.add_argument("--save_steps", type=int, default=S, help="checkpoint every N steps")

@@ -53,8 +53,8 @@ def run(model, batch):
 
 
 def edge_pairs():
-    """Shared prompts of every kind: none, a 1-token one, identical sequences (the last token must stay
-    each sequence's own), one response a prefix of the other, responses that begin alike."""
+    """Shared prefixes of every kind: none, a 1-token one, identical sequences (all shared), one sequence a
+    prefix of the other (all of it shared), responses that begin alike."""
     return [TokenizedPair([5, 6, 7, 1], [8, 9, 1], None, "t", 0, 3, 2),
             TokenizedPair([5, 6, 1], [5, 7, 7, 7, 1], None, "t", 1, 1, 3),
             TokenizedPair([9, 9, 9, 1], [9, 9, 9, 1], None, "t", 2, 1, 1),
@@ -65,7 +65,7 @@ def edge_pairs():
 def test_shared_prompt_layout():
     """Every sequence, read back through expand_index, is exactly its tokens and positions; each
     shared prompt is stored once; keep_index points at a copy of the same token."""
-    for items, saved in ((random_pairs(4), None), (edge_pairs(), 0 + 1 + 3 + 3 + 4)):
+    for items, saved in ((random_pairs(4), None), (edge_pairs(), 0 + 1 + 4 + 4 + 4)):
         seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
         for max_tokens in (None, 40):
             b = collate_packed(items, PAD, max_tokens=max_tokens, share_prompt=True)

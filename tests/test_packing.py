@@ -99,6 +99,15 @@ def test_shared_prompt_layout():
         assert torch.equal(b["sequence_ids"][:, 0], torch.arange(len(seqs)))
 
 
+def test_shared_batch_without_its_positions_is_refused():
+    """Without position_ids a shared batch would attend across its pair's two tails: refused, not wrong."""
+    model = RewardModel(CONFIGS["tiny"])
+    batch = collate(random_pairs(2), PAD, share_prompt=True)
+    del batch["position_ids"]
+    with pytest.raises(ValueError, match="position_ids, expand_index and keep_index together"):
+        model(**batch)
+
+
 @pytest.mark.parametrize("head,pooling", [("mlp", "mean"), ("linear", "last")])
 @pytest.mark.parametrize("impl", ["loop", "mask"])
 @pytest.mark.parametrize("max_tokens,share_prompt", [(None, False), (48, False), (None, True), (48, True),

@@ -438,7 +438,8 @@ def parse_args(argv=None):
                         f"max_length, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
     p.add_argument("--share_prompt", action="store_true",
-                   help="compute each pair's prompt once (same rewards, faster)")
+                   help="compute each pair's prompt once (same rewards, faster; the default for a model "
+                        "trained with --share_prompt)")
     p.add_argument("--unsure_threshold", type=float, default=0.1,
                    help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
     p.add_argument("--output", default=None, help="report file (default: CHECKPOINT/evaluation_report.json)")
@@ -484,6 +485,7 @@ def main(argv=None):
     dataset = [dataset] if isinstance(dataset, str) else list(dataset)
     dataset = [s.strip() for d in dataset for s in d.split(",") if s.strip()]
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
+    share_prompt = args.share_prompt or bool(trained.get("share_prompt"))  # as in training: same rewards, faster
     stats = DataStats()
     pairs = load_pairs(dataset, split=args.split, max_samples=args.max_samples, stats=stats)
 
@@ -493,10 +495,10 @@ def main(argv=None):
         raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
     report, rewards = evaluate(model, pairs, batch_size=args.batch_size, max_length=max_length, bf16=args.bf16,
                                progress=True, stats=stats, unsure_threshold=args.unsure_threshold,
-                               return_rewards=True, share_prompt=args.share_prompt)
+                               return_rewards=True, share_prompt=share_prompt)
     report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=args.split,
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
-                  share_prompt=args.share_prompt, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  share_prompt=share_prompt, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     # 4. Outputs: the report (atomically), the plots, the table.
     try:

@@ -513,7 +513,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- model, memory options, optimizer, schedule
     model.extra_config = {"dataset": list(cfg.dataset), "eval_dataset": eval_sources, "max_length": cfg.max_length,
-                          "eval_split": cfg.eval_split}
+                          "eval_split": cfg.eval_split, "share_prompt": cfg.share_prompt}
     if resume_from is not None:  # weights first, then the options that change the modules
         load_checked(model, read_model_state(resume_from / "model"), where=str(resume_from / "model"))
     model.freeze_layers(cfg.freeze_layers)

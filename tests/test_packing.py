@@ -174,7 +174,11 @@ def test_train_packing_matches_padded(tmp_path):
     weights = []
     for packing, share_prompt in ((False, False), (True, False), (False, True), (True, True)):
         out = tmp_path / f"packing{packing}{share_prompt}"
-        train(TrainConfig(**{**base, "packing": packing, "share_prompt": share_prompt, "output_dir": str(out)}))
+        result = train(TrainConfig(**{**base, "packing": packing, "share_prompt": share_prompt, "output_dir": str(out)}))
         weights.append(load_file(out / "final_model" / "model.safetensors"))
     for other in weights[1:]:
         assert max((weights[0][k] - other[k]).abs().max().item() for k in weights[0]) < 2e-5
+    # eval.py scores a --share_prompt model as it was trained (shared prompts) and reproduces its accuracy
+    from eval import main as eval_main
+    report = eval_main([str(out), "--max_samples", "8", "--output", str(tmp_path / "report.json")])
+    assert report["share_prompt"] is True and report["accuracy"] == result["eval_accuracy"]

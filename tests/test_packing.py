@@ -95,7 +95,8 @@ def test_shared_prompt_layout():
         assert torch.equal(b["input_ids"], collate_packed(items, PAD, share_prompt=True)["input_ids"])
         assert torch.equal(b["sequence_ids"] >= 0, plain["attention_mask"].bool())
         ids, expand = b["input_ids"].flatten(), b["expand_index"]
-        assert torch.equal(ids[expand][plain["attention_mask"].bool()], plain["input_ids"][plain["attention_mask"].bool()])
+        real = plain["attention_mask"].bool()
+        assert torch.equal(ids[expand][real], plain["input_ids"][real])
         assert torch.equal(b["sequence_ids"][:, 0], torch.arange(len(seqs)))
 
 
@@ -174,7 +175,8 @@ def test_train_packing_matches_padded(tmp_path):
     weights = []
     for packing, share_prompt in ((False, False), (True, False), (False, True), (True, True)):
         out = tmp_path / f"packing{packing}{share_prompt}"
-        result = train(TrainConfig(**{**base, "packing": packing, "share_prompt": share_prompt, "output_dir": str(out)}))
+        options = {"packing": packing, "share_prompt": share_prompt, "output_dir": str(out)}
+        result = train(TrainConfig(**{**base, **options}))
         weights.append(load_file(out / "final_model" / "model.safetensors"))
     for other in weights[1:]:
         assert max((weights[0][k] - other[k]).abs().max().item() for k in weights[0]) < 2e-5

@@ -365,13 +365,13 @@ def setup_distributed(device: torch.device):
 
 
 class rank_0_errors:
-    """`with rank_0_errors(rank, world):` around what only rank 0 does (output directory checks, writes), in
-    place of the barrier after it. A UserError raised there on rank 0 reaches every process: all of them
-    exit at once with the same message (rank 0 prints it), where the others would wait at the next
+    """`with rank_0_errors(rank, world, device):` around what only rank 0 does (output directory checks,
+    writes), in place of the barrier after it. A UserError raised there on rank 0 ends every process at
+    once with exit status 2 (rank 0 prints the message), where the others would wait at the next
     collective until torchrun tears them down (nccl) or die with a 'Connection closed by peer' traceback
     (gloo). One process: nothing to share."""
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, device
 
     def __enter__(self):
         return self
@@ -379,15 +379,18 @@ class rank_0_errors:
     def __exit__(self, kind, e, tb):
         if self.world == 1 or (e is not None and not isinstance(e, UserError)):
             return False  # a bug keeps its traceback
-        message = [str(e) if e is not None and self.rank == 0 else None]
-        dist.broadcast_object_list(message, src=0)  # rank 0's outcome; also the barrier
-        if message[0] is None:
+        # A tensor all-reduce, like the stop flag in the loop: every process waits here for rank 0's outcome.
+        # (broadcast_object_list carried the message once, but let gloo abort at exit under load.)
+        failed = torch.tensor([float(e is not None)], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not failed.item():
             return False
+        dist.barrier()
         dist.destroy_process_group()  # every process is here: leave cleanly, without nccl's exit warning
-        if self.rank == 0:
+        if e is not None:
             return False  # rank 0 raises its own error (its traceback with --debug)
-        echo = UserError(message[0])
-        echo.quiet = True
+        echo = UserError("rank 0 stopped the run; its message says why")
+        echo.quiet = True  # only rank 0 prints
         raise echo from None
 
 
@@ -463,7 +466,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     out = Path(cfg.output_dir)
-    with rank_0_errors(rank, world):  # one process checks (and probes) the directory; all hear of a failure
+    with rank_0_errors(rank, world, device):  # one process checks (and probes) the directory; all hear of failure
         if is_main:
             prepare_output_dir(cfg)
     resume_from = find_resume_checkpoint(cfg, out) if cfg.resume else None
@@ -542,7 +545,7 @@ def train(cfg: TrainConfig) -> dict:
         set_rng_states(saved["rng"])
         step, best_accuracy = state["step"], state["best_accuracy"]
         log(f"resumed from {resume_from} at step {step}/{total_steps}")
-    with rank_0_errors(rank, world):
+    with rank_0_errors(rank, world, device):
         if is_main:  # the first write into the output directory: every input has been checked by now
             claim_output_dir(cfg, out, step if resume_from is not None else None)
             with disk_errors(out / "train_config.json"):
@@ -565,7 +568,7 @@ def train(cfg: TrainConfig) -> dict:
     def checkpoint_now():
         full = gather_full_state(train_model, cfg, world)
         opt_state = gather_optimizer_state(optimizer, train_model, cfg, world)
-        with rank_0_errors(rank, world):  # e.g. a full disk on rank 0 ends every process
+        with rank_0_errors(rank, world, device):  # e.g. a full disk on rank 0 ends every process
             if is_main:
                 # No history here: it lives in log.jsonl, so a checkpoint's size does not grow with the step.
                 trainer_state = {"step": step, "best_accuracy": best_accuracy,
@@ -644,7 +647,7 @@ def train(cfg: TrainConfig) -> dict:
             # -- periodic evaluation on the held-out split; keep the best model
             if eval_items and (step % cfg.eval_steps == 0 or step == total_steps):
                 full = gather_full_state(train_model, cfg, world)
-                with rank_0_errors(rank, world):  # e.g. a full disk while saving the best model
+                with rank_0_errors(rank, world, device):  # e.g. a full disk while saving the best model
                     if is_main:
                         current = unsharded(model, full)
                         report = evaluate(current, eval_items,
@@ -691,27 +694,29 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the end: final model and its evaluation report
     result = {"step": step, "output_dir": str(out), "final_model": str(out / "final_model")}
     full = gather_full_state(train_model, cfg, world)
-    with rank_0_errors(rank, world):  # a failed final save or report ends every process
-        if is_main:
-            final_model = unsharded(model, full)
-            with disk_errors(out / "final_model"):
-                final_model.save_pretrained(out / "final_model")
-            if eval_items:
-                report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
-                                  bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats, share_prompt=cfg.share_prompt)
-                report.update(checkpoint=str(out / "final_model"), dataset=eval_sources, split=cfg.eval_split,
-                              max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
-                with disk_errors(out / "evaluation_report.json"):
-                    write_report(out / "evaluation_report.json", report)
-                result["eval_accuracy"] = report["accuracy"]
-                result["report"] = str(out / "evaluation_report.json")
-                log(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "
-                    f"model saved to {out / 'final_model'}")
-            else:
-                log(f"final: model saved to {out / 'final_model'} (no evaluation: --eval_split none)")
-            if wandb_run:
-                wandb_run.finish()
+    if is_main:
+        final_model = unsharded(model, full)
+        with disk_errors(out / "final_model"):
+            final_model.save_pretrained(out / "final_model")
+        if eval_items:
+            report = evaluate(final_model, eval_items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
+                              bf16=cfg.bf16, progress=cfg.progress, stats=eval_stats, share_prompt=cfg.share_prompt)
+            report.update(checkpoint=str(out / "final_model"), dataset=eval_sources, split=cfg.eval_split,
+                          max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
+            with disk_errors(out / "evaluation_report.json"):
+                write_report(out / "evaluation_report.json", report)
+            result["eval_accuracy"] = report["accuracy"]
+            result["report"] = str(out / "evaluation_report.json")
+            log(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "
+                f"model saved to {out / 'final_model'}")
+        else:
+            log(f"final: model saved to {out / 'final_model'} (no evaluation: --eval_split none)")
+        if wandb_run:
+            wandb_run.finish()
+    # Not under rank_0_errors: one more collective right before destroy_process_group let gloo abort at exit
+    # now and then (1 run in 18 under load); a failure here ends rank 0, and torchrun then stops the others.
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
     result["history"] = read_log(out) if is_main else []  # the whole run's records, resumed parts included
     return result

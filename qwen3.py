@@ -207,17 +207,17 @@ def packed_attention_mask(position_ids):
 
 class Segments(NamedTuple):
     """Where the sequences of a packed batch lie in its flattened rows (each row's padding is a segment too)."""
-    cu_seqlens: torch.Tensor         # (S+1,) int32 on the model's device: segment k is tokens [cu[k], cu[k+1])
-    max_seqlen: int                  # the longest segment
-    lengths: list | None             # the segment lengths on the host, for the "loop" implementation
+    cu_seqlens: torch.Tensor        # (S+1,) int32 on the model's device: segment k is tokens [cu[k], cu[k+1])
+    max_seqlen: int                 # the longest segment
+    lengths: list | None            # the segment lengths on the host, for the "loop" implementation
 
 
 class SharedPrompt(NamedTuple):
     """A shared-prompt batch (data.collate / data.collate_packed with share_prompt=True): the model's N
     tokens hold each pair's prompt once; attention runs on the "sequence layout" (R, L), every sequence
     whole (padded rows, or packed rows described by Segments)."""
-    expand: torch.Tensor             # (R, L): the token each position of the sequence layout copies
-    keep: torch.Tensor               # (N,): the position of the sequence layout each token takes its output from
+    expand: torch.Tensor            # (R, L): the token each position of the sequence layout copies
+    keep: torch.Tensor              # (N,): the position of the sequence layout each token takes its output from
 
 
 def gather_tokens(x, index):

@@ -147,9 +147,8 @@ class RewardModel(nn.Module):
         batch (data.collate / collate_packed with share_prompt=True): the backbone runs on the batch's
         tokens (each prompt once), and their hidden states are copied into the sequence layout
         (expand_index) that sequence_ids describe before pooling: a prompt token counts in both
-        sequences' mean. With pairs=True, the
-        first half of the sequences are the chosen responses and the second half the rejected ones, and
-        the loss, accuracy and mean margin are added.
+        sequences' mean. With pairs=True, the first half of the sequences are the chosen responses and
+        the second half the rejected ones, and the loss, accuracy and mean margin are added.
         """
         if sequence_ids is None:  # padded batch: row i is sequence i
             N = input_ids.shape[0]

@@ -364,14 +364,21 @@ def setup_distributed(device: torch.device):
     return dist.get_rank(), dist.get_world_size()
 
 
+def any_process(flag: bool, device) -> bool:
+    """True on every process if `flag` is True on any of them (a collective: every process must call it)."""
+    flags = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
+
+
 class rank_0_errors:
-    """`with rank_0_errors(rank, world, device):` around what only rank 0 does (output directory checks,
+    """`with rank_0_errors(world, device):` around what only rank 0 does (output directory checks,
     writes), in place of the barrier after it. A UserError raised there on rank 0 ends every process at
     once with exit status 2 (rank 0 prints the message), where the others would wait at the next
     collective until torchrun tears them down (nccl) or die with a 'Connection closed by peer' traceback
     (gloo). One process: nothing to share."""
-    def __init__(self, rank: int, world: int, device: torch.device):
-        self.rank, self.world, self.device = rank, world, device
+    def __init__(self, world: int, device: torch.device):
+        self.world, self.device = world, device
 
     def __enter__(self):
         return self
@@ -379,11 +386,9 @@ class rank_0_errors:
     def __exit__(self, kind, e, tb):
         if self.world == 1 or (e is not None and not isinstance(e, UserError)):
             return False  # a bug keeps its traceback
-        # A tensor all-reduce, like the stop flag in the loop: every process waits here for rank 0's outcome.
-        # (broadcast_object_list carried the message once, but let gloo abort at exit under load.)
-        failed = torch.tensor([float(e is not None)], device=self.device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if not failed.item():
+        # Every process waits here for rank 0's outcome. (broadcast_object_list carried the message once, but
+        # let gloo abort at exit under load.)
+        if not any_process(e is not None, self.device):
             return False
         dist.barrier()
         dist.destroy_process_group()  # every process is here: leave cleanly, without nccl's exit warning
@@ -466,7 +471,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     out = Path(cfg.output_dir)
-    with rank_0_errors(rank, world, device):  # one process checks (and probes) the directory; all hear of failure
+    with rank_0_errors(world, device):  # one process checks (and probes) the directory; all hear of failure
         if is_main:
             prepare_output_dir(cfg)
     resume_from = find_resume_checkpoint(cfg, out) if cfg.resume else None
@@ -545,7 +550,7 @@ def train(cfg: TrainConfig) -> dict:
         set_rng_states(saved["rng"])
         step, best_accuracy = state["step"], state["best_accuracy"]
         log(f"resumed from {resume_from} at step {step}/{total_steps}")
-    with rank_0_errors(rank, world, device):
+    with rank_0_errors(world, device):
         if is_main:  # the first write into the output directory: every input has been checked by now
             claim_output_dir(cfg, out, step if resume_from is not None else None)
             with disk_errors(out / "train_config.json"):
@@ -568,7 +573,7 @@ def train(cfg: TrainConfig) -> dict:
     def checkpoint_now():
         full = gather_full_state(train_model, cfg, world)
         opt_state = gather_optimizer_state(optimizer, train_model, cfg, world)
-        with rank_0_errors(rank, world, device):  # e.g. a full disk on rank 0 ends every process
+        with rank_0_errors(world, device):  # e.g. a full disk on rank 0 ends every process
             if is_main:
                 # No history here: it lives in log.jsonl, so a checkpoint's size does not grow with the step.
                 trainer_state = {"step": step, "best_accuracy": best_accuracy,
@@ -580,6 +585,7 @@ def train(cfg: TrainConfig) -> dict:
         return out / f"checkpoint_step_{step}"
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    collate = data.collate_packed if cfg.packing else data.collate  # either takes share_prompt
     bar = None
     if is_main and cfg.progress:
         from tqdm import tqdm
@@ -600,7 +606,6 @@ def train(cfg: TrainConfig) -> dict:
                 # because every process must join each gradient all-reduce.
                 weight = len(idx) / pairs_in_step * world
                 items = [train_items[j] for j in idx] or [train_items[0]]
-                collate = data.collate_packed if cfg.packing else data.collate
                 batch = to_device(collate(items, tokenizer.pad_id, share_prompt=cfg.share_prompt), device)
                 sync = i == len(micro) - 1 or world == 1
                 with maybe_no_sync(train_model, sync, cfg), autocast:
@@ -647,7 +652,7 @@ def train(cfg: TrainConfig) -> dict:
             # -- periodic evaluation on the held-out split; keep the best model
             if eval_items and (step % cfg.eval_steps == 0 or step == total_steps):
                 full = gather_full_state(train_model, cfg, world)
-                with rank_0_errors(rank, world, device):  # e.g. a full disk while saving the best model
+                with rank_0_errors(world, device):  # e.g. a full disk while saving the best model
                     if is_main:
                         current = unsharded(model, full)
                         report = evaluate(current, eval_items,
@@ -675,9 +680,8 @@ def train(cfg: TrainConfig) -> dict:
             if saved:
                 checkpoint_now()
             if world > 1:  # every process must agree to stop at the same step (checkpointing is collective)
-                flag = torch.tensor([float(stop["signal"] is not None)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
+                if any_process(stop["signal"] is not None, device):
+                    stop["signal"] = stop["signal"] or "SIGTERM"
             if stop["signal"] and step < total_steps:
                 path = out / f"checkpoint_step_{step}" if saved else checkpoint_now()  # not the same one twice
                 log(f"\n{stop['signal']} received: saved {path} at step {step}/{total_steps}. Resume with:\n"

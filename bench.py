@@ -6,54 +6,17 @@
     python bench.py --suite gpu --json results.json          # the GPU rows (one H100, ~2 minutes after start-up)
     python bench.py --attention --config 0.6b --bf16 --lengths realistic   # packed attention alone
 
-On a CPU shared with other work, set OMP_WAIT_POLICY=PASSIVE: with OpenMP's default spin-waiting, two
-threads on a machine where another process holds a core run small ops hundreds of times slower
-(a 2048 x 64 multiply: 16.5 ms instead of 64 us, measured here), which drowns every comparison.
-
-One step = what train.py does per optimizer step (less gradient clipping, as in shared/README.md's
-baseline), on random weights of a qwen3.CONFIGS config: chosen and rejected in ONE forward pass
-(rm.RewardModel(..., pairs=True): rewards and the pairwise loss), backward, optimizer step
-(train.make_optimizer: AdamW, fused on CUDA, or bitsandbytes AdamW8bit), zero_grad. The
-model uses the linear head with last-token pooling: the layout of transformers'
-Qwen3ForSequenceClassification, so --compare-hf can copy the very same weights into it
-(rm.RewardModel.export_state_dict has its key names) and run it on the same pairs with the same
-optimizer, in the same process (transformers first, so anything left behind counts against ours):
-padded as TRL pads (one right-padded batch of 2B rows, chosen first, attention_mask from the lengths),
-use_cache off, with rm.pairwise_loss on its pooled logits.
-
-Printed for each side (after --warmup steps, over --steps steps):
-  tokens/s       real (non-pad) tokens per second, from the median step time
-  model TFLOP/s  FLOPs of the real tokens: 6 * N * tokens + 6 * layers * heads * head_dim * sum(len^2)
-                 (N = non-embedding parameters; the second term is causal attention, forward + backward)
-  MFU            that rate over the peak measured here: a bf16 8192^3 matmul on CUDA; on CPU a 2048^3
-                 matmul in the compute dtype (bf16 with --bf16, else fp32)
-  peak memory    CUDA: torch.cuda.max_memory_allocated, each side alone on the GPU; CPU: what the side
-                 added to the process's peak RSS (VmHWM) while built and warmed up
-  step time      median, with min and max (on CPU the two sides' steps alternate, so that the load
-                 of a shared machine falls on both alike); "host": the time until the step returns, before the final
-                 synchronize (close to the step time = the GPU waits for Python)
-and with --compare-hf the ratio ours / transformers of each.
-
---lengths uniform: every sequence is --max_length tokens. --lengths realistic draws them like
-Anthropic/hh-rlhf's: the chosen sequence's length is LogNormal(ln 170, 0.8) (median 170 tokens),
-clipped to [16, max_length]; its prompt takes a Uniform(0.3, 0.9) share of it (at least 1 token); the
-rejected response's length is the chosen response's times LogNormal(0, 0.5), the rejected total clipped
-to [16, max_length]. Token ids are uniform over the vocabulary minus its last id, which is the pad id
-(so transformers' pad-based pooling finds the same last token as ours). --batches different batches
-are drawn and the steps cycle through them.
-
---compile compiles the transformer blocks of both sides ("regional" compilation, qwen3.Qwen3.compile_blocks;
-for transformers, each decoder layer): one compilation serves all blocks, so the GPU suite fits in a few
-minutes. --packing runs our side padding-free (data.collate_packed); transformers stays padded.
---share_prompt computes each pair's shared prompt once on our side (make_pairs gives chosen and rejected
-the same prompt: half of each sequence with uniform lengths), and no padding; attention alone runs on
-the sequences whole, in padded rows, or with --packing too, in packed ones. tokens/s and model
-FLOPs still count both sequences in full: the work of the step as padded or packed trainers define it,
-so they stay comparable with transformers'; ours does less of it, so its "MFU" is then an effective one.
---optim_in_backward (ours only) steps each parameter's optimizer as soon as its gradient is complete and
-frees the gradient at once, so the gradients of the whole model never coexist. Without gradient
-clipping or accumulation (none here) the update is exactly the same.
---attention times the packed-attention implementations alone (one layer, forward + backward).
+- One step is train.py's optimizer step less gradient clipping: chosen and rejected in one forward pass,
+  rm.pairwise_loss, backward, optimizer step (train.make_optimizer), zero_grad, on random weights with the
+  linear head and last pooling: transformers' Qwen3ForSequenceClassification layout, so --compare-hf runs
+  the very same weights there (padded as TRL pads), on the same pairs, in the same process.
+- Printed per side: tokens/s (real tokens), model TFLOP/s (6 N tokens + 6 layers heads head_dim sum(len^2)),
+  MFU (over a measured matmul peak), peak memory (CUDA max allocated; CPU: what the side added to the peak
+  RSS), step time (median, min, max, host); with --compare-hf the ratios ours / transformers.
+- On a CPU shared with other work set OMP_WAIT_POLICY=PASSIVE: OpenMP's spin-waiting slows small ops
+  by orders of magnitude when another process holds a core.
+- BENCHMARKS.md ("Method") defines each figure, the --lengths realistic distribution, and what --packing,
+  --share_prompt, --compile and --optim_in_backward change.
 """
 import argparse
 import gc
@@ -67,9 +30,11 @@ import numpy as np
 import torch
 
 import data
+import packing
 import qwen3
 from errors import ArgumentParser, UserError, run_cli
 from rm import RewardModel, pairwise_loss
+from train import TrainConfig, make_optimizer, peak_memory_gib
 
 SUITES = {
     # The GPU table of BENCHMARKS.md, most important rows first: 8 pairs x 512 tokens, bf16 autocast over
@@ -187,20 +152,6 @@ def reset_peak_memory(device):
         pass
 
 
-def peak_memory_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def allocated_gib(device):
     """What is still allocated before a side starts (CUDA): should be ~0, else a side leaked memory."""
     gc.collect()
@@ -241,7 +192,6 @@ def profile_step(step, batch, device, rows: int = 18):
 
 
 def train_config(args):
-    from train import TrainConfig
     return TrainConfig(learning_rate=1e-5, weight_decay=0.0, optim_8bit=args.optim_8bit)
 
 
@@ -251,7 +201,7 @@ def build_ours(args, device) -> RewardModel:
     with torch.device(device):
         model = RewardModel(qwen3.Qwen3Config.from_name(args.config), head="linear", pooling="last")
     model.model.init_weights()
-    torch.nn.init.normal_(model.linear_head.weight, std=0.02)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
     return model
 
 
@@ -282,7 +232,6 @@ def optimizer_in_backward(model, make_optimizer):
 
 def prepare_ours(args, device, batches_items, pad_id) -> dict:
     """Our model, optimizer, batches and step function, ready to run."""
-    from train import make_optimizer
     model = build_ours(args, device).train()
     model.model.gradient_checkpointing = args.gradient_checkpointing
     if args.compile:
@@ -294,24 +243,23 @@ def prepare_ours(args, device, batches_items, pad_id) -> dict:
         optimizer = None
     else:
         optimizer = make_optimizer(cfg, model, device)
-    collate = data.collate_packed if args.packing else data.collate
+    collate = packing.choose_collate(args.packing, args.share_prompt)
 
     def forward(batch):
-        return model(**batch, pairs=True)["loss"]
+        chosen, rejected = model(batch.input_ids, batch.attention_mask, batch.layout).chunk(2)
+        return pairwise_loss(chosen, rejected, batch.margin)["loss"]
 
     def cleanup():
         for handle in handles:
             handle.remove()
     return {"side": "ours", "step": make_step(forward, optimizer, autocast(args, device), args.optim_in_backward),
-            "batches": [to_device(collate(items, pad_id, share_prompt=args.share_prompt), device)
-                        for items in batches_items],
+            "batches": [collate(items, pad_id).to(device) for items in batches_items],
             "n_params": model.model.num_params(), "cleanup": cleanup}
 
 
 def prepare_hf(args, device, batches_items, pad_id) -> dict:
     """transformers' Qwen3ForSequenceClassification with our initial weights, padded batches (as TRL)."""
     import transformers
-    from train import make_optimizer
     config = qwen3.Qwen3Config.from_name(args.config)
     hf_config = transformers.Qwen3Config(**{**config.to_hf_dict(), "num_labels": 1, "pad_token_id": pad_id,
                                             "use_cache": False})
@@ -335,12 +283,12 @@ def prepare_hf(args, device, batches_items, pad_id) -> dict:
     optimizer = make_optimizer(train_config(args), hf, device)
 
     def forward(batch):
-        logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         rewards = logits.squeeze(-1).float()
         B = rewards.shape[0] // 2
         return pairwise_loss(rewards[:B], rewards[B:])["loss"]
     return {"side": "transformers", "step": make_step(forward, optimizer, autocast(args, device)),
-            "batches": [to_device(data.collate(items, pad_id), device) for items in batches_items],
+            "batches": [data.collate(items, pad_id).to(device) for items in batches_items],
             "n_params": sum(p.numel() for n, p in hf.named_parameters() if "embed_tokens" not in n),
             "cleanup": lambda: None}
 
@@ -392,10 +340,6 @@ def run_sides(args, device, batches_items, pad_id, prepares: list) -> list:
     return results
 
 
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
@@ -407,7 +351,7 @@ def timed_batches(args, batches_items) -> list:
 
 def shared_prompt_tokens(items) -> int:
     """Tokens a shared-prompt batch of these pairs puts through the model: each common prefix once."""
-    return sum(len(it.chosen_ids) + len(it.rejected_ids) - data.shared_prefix_len(it.chosen_ids, it.rejected_ids)
+    return sum(len(it.chosen_ids) + len(it.rejected_ids) - packing.shared_prefix_len(it.chosen_ids, it.rejected_ids)
                for it in items)
 
 
@@ -446,7 +390,7 @@ def ratio_line(ours: dict, theirs: dict) -> str:
 
 def bench_attention(args, device):
     """Forward + backward of one attention layer over a batch of --lengths sequences, each way we could
-    confine attention to a sequence; prints the median time of each (the numbers behind qwen3's choice)."""
+    confine attention to a sequence; prints the median time of each (the numbers behind packing.choose_impl)."""
     import torch.nn.functional as F
     config = qwen3.Qwen3Config.from_name(args.config)
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -464,19 +408,17 @@ def bench_attention(args, device):
         q, k, v = tensors((1, N, H, D), (1, N, KV, D))
         return lambda: fn(q, k, v).float().sum().backward()
 
-    seg = qwen3.Segments(cu, T, lengths)
     q, k, v = tensors((S, T, H, D), (S, T, KV, D))
     ways = {"padded (SDPA is_causal, 2B x T)": lambda: F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 enable_gqa=True).float().sum().backward(),
-            "loop": packed(lambda q, k, v: qwen3.looped_attention(q[0], k[0], v[0], seg))}
-    mask = qwen3.packed_attention_mask(positions)
+            "loop": packed(lambda q, k, v: packing.looped_attention(q[0], k[0], v[0], lengths))}
+    mask = packing.packed_attention_mask(positions)
     ways["mask (dense block-diagonal, one row)"] = packed(lambda q, k, v: F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True))
-    if device.type == "cuda" and dtype != torch.float32 and qwen3.varlen_kernel()[0] is not None:
-        vseg = qwen3.Segments(cu, T, None)
+    if device.type == "cuda" and dtype != torch.float32 and packing.varlen_kernel()[0] is not None:
         ways["varlen (flash, torch.nn.attention.varlen)"] = packed(
-            lambda q, k, v: qwen3.varlen_attention(q[0], k[0], v[0], vseg))
+            lambda q, k, v: packing.varlen_attention(q[0], k[0], v[0], cu, T))
     if device.type == "cuda":  # FlexAttention has no CPU backward
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         doc = torch.repeat_interleave(torch.arange(S, device=device), torch.tensor(lengths, device=device))
@@ -519,7 +461,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 master weights")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--8bit_optim", dest="optim_8bit", action="store_true", help="bitsandbytes AdamW8bit")
-    p.add_argument("--packing", action="store_true", help="our side padding-free (data.collate_packed)")
+    p.add_argument("--packing", action="store_true", help="our side padding-free (packing.collate_packed)")
     p.add_argument("--share_prompt", action="store_true",
                    help="our side computes each pair's prompt once (and no padding; attention on padded rows, "
                         "or with --packing on packed ones)")

@@ -4,45 +4,19 @@
     python eval.py out/ --dataset demo --max_samples 200 --plots plots/
     python eval.py Skywork/Skywork-Reward-V2-Qwen3-0.6B --dataset Anthropic/hh-rlhf --bf16 --device cuda
 
-For every pair we compute r_chosen and r_rejected (chosen and rejected in one forward pass, as in training)
-and report, in `evaluation_report.json` and as a short table on stdout:
-
-- accuracy: the share of pairs with r_chosen > r_rejected (a tie counts as wrong, as in training), with a
-  95% Wilson score interval. Wilson rather than the textbook p +- 1.96*sqrt(p(1-p)/n): it stays inside
-  [0, 1] and does not collapse to zero width at 0% or 100%, which small per-source test sets do hit.
-  Overall and per source dataset.
-- rewards: mean, std, min, max and the 5/25/50/75/95th percentiles of the chosen and of the rejected rewards.
-- margin = r_chosen - r_rejected: mean, std, min, max, and the share of pairs with |margin| below a small
-  threshold (0.1): pairs on which the model is unsure.
-- length: reward models like to learn "longer is better". Pearson and Spearman correlation between reward
-  and response length in tokens (all chosen and rejected responses together); accuracy on pairs where the
-  chosen response is longer, shorter, or the same length; and the accuracy of the rule "prefer the longer
-  response" on the pairs whose lengths differ (same-length pairs are excluded, not counted as half), next
-  to the model's accuracy on those very pairs. A model no better than that rule has learnt little else.
-- loss: the mean Bradley-Terry loss -log sigmoid(margin), without the dataset's own target margins, so the
-  number is comparable across datasets; and the counts of pairs evaluated, skipped (bad rows) and dropped
-  because they do not fit in max_length.
-
-Stds are population stds (ddof=0). Statistics are plain numpy (no scipy): Spearman's rho is the Pearson
-correlation of the ranks, tied values sharing their average rank. A statistic that is undefined (an empty
-group, a correlation of a constant) is null in the JSON, never NaN.
-
-CHECKPOINT may be a model directory, a train.py checkpoint (checkpoint_step_N/, model in model/), a
-train.py output directory (final_model/ inside) or a Hub id of a Qwen3ForSequenceClassification. A plain
-language model is refused: its reward head would be random. By default the model is evaluated on the test
-split of the data it was trained on, at its training max_length (both recorded in config.json by train.py),
-and the report goes to CHECKPOINT/evaluation_report.json (for a Hub id: the current directory), written
-atomically: a failed run leaves no report.
-
-The code is three layers so that each can be used and tested alone:
-    report_from_rewards(...)  pure statistics on arrays of rewards and lengths: checkable by hand
-    evaluate(model, pairs)    tokenise, score, report: what train.py calls for its periodic evaluations
-    main()                    the command line: find the checkpoint, load data, write the report (and plots)
+- Each pair's chosen and rejected responses are scored in one forward pass, as in training.
+- The report (evaluation_report.json, and a table on stdout): accuracy with a 95% Wilson interval, overall
+  and per source; reward and margin distributions; length bias; the Bradley-Terry loss; how many pairs were
+  evaluated, skipped and dropped. report_from_rewards says exactly what each number is.
+- Three layers, each usable and testable alone: report_from_rewards (statistics on arrays, plain numpy),
+  evaluate(model, pairs) (tokenise, score, report: what train.py calls), main() (the command line).
+- CHECKPOINT: a model directory, a train.py checkpoint or output directory, or a Hub id of a
+  Qwen3ForSequenceClassification; a plain language model is refused (its reward head would be random).
+  By default: the test split of the training data, at the training max_length (both in config.json).
 """
 import argparse
 import copy
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +24,8 @@ import numpy as np
 import torch
 
 from errors import ArgumentParser, UserError, check_writable, run_cli
+from fileio import write_json_atomic
+from hub import find_model_dir, read_json
 
 Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal: two-sided 95%
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -59,11 +35,14 @@ REPORT_NAME = "evaluation_report.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics (numpy only)
+# Statistics (numpy only, no scipy). Stds are population stds (ddof=0). A statistic that is undefined
+# (an empty group, the correlation of a constant) is None (null in the JSON), never NaN.
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple:
     """Wilson score interval for a binomial proportion: (low, high), or (None, None) when n == 0.
+    Rather than the textbook p +- 1.96*sqrt(p(1-p)/n): it stays inside [0, 1] and does not collapse to
+    zero width at 0% or 100%, which small per-source test sets do hit.
 
         center = (p + z^2/2n) / (1 + z^2/n)      half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
     """
@@ -139,6 +118,19 @@ def report_from_rewards(chosen, rejected, chosen_len, rejected_len, sources=None
 
     chosen, rejected: rewards, one per pair; chosen_len, rejected_len: the responses' lengths in tokens;
     sources: the dataset each pair came from (None: all from one unnamed source).
+
+    - accuracy: the share of pairs with r_chosen > r_rejected (a tie counts as wrong, as in training),
+      with its 95% Wilson interval; overall and per source.
+    - rewards: mean, std, min, max and the 5/25/50/75/95th percentiles of the chosen and rejected rewards.
+    - margin = r_chosen - r_rejected: mean, std, min, max, and the share of pairs with |margin| below
+      unsure_threshold: pairs on which the model is unsure.
+    - length: reward models like to learn "longer is better". Pearson and Spearman correlation of reward
+      and response length (chosen and rejected responses together); accuracy on pairs whose chosen
+      response is longer, shorter, or the same length; and the accuracy of the rule "prefer the longer
+      response" on the pairs whose lengths differ (ties excluded, not counted as half), next to the
+      model's accuracy on those very pairs. A model no better than that rule has learnt little else.
+    - loss: the mean Bradley-Terry loss -log sigmoid(margin), without the dataset's own target margins,
+      so that it is comparable across datasets.
     """
     c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
     lc, lr = np.asarray(chosen_len, dtype=np.int64), np.asarray(rejected_len, dtype=np.int64)
@@ -208,7 +200,9 @@ def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress
     (no dropout) and is put back in the mode it was in, so train.py can call this mid-training.
     """
     from tqdm import tqdm
-    from data import batch_order, collate
+    from data import batch_order
+    from packing import choose_collate
+    collate = choose_collate(False, share_prompt)
     device = model_device(model)
     pad_id = model.tokenizer.pad_id
     chosen, rejected = np.zeros(len(items)), np.zeros(len(items))
@@ -217,16 +211,12 @@ def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress
     try:
         with tqdm(total=len(items), desc="scoring", unit="pair", disable=not progress, leave=False) as bar:
             for idx in batch_order([it.length for it in items], batch_size, seed=0, shuffle=False):
-                chunk = [items[i] for i in idx]
-                batch = collate(chunk, pad_id, share_prompt=share_prompt)
-                del batch["margin"]  # rewards only
+                batch = collate([items[i] for i in idx], pad_id).to(device)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                    rewards = model(**{k: v.to(device) if torch.is_tensor(v) else v
-                                       for k, v in batch.items()})["rewards"]
-                rewards = rewards.float().cpu().numpy()
-                B = len(idx)
-                chosen[idx], rejected[idx] = rewards[:B], rewards[B:]
-                bar.update(B)
+                    rewards = model(batch.input_ids, batch.attention_mask, batch.layout)
+                rewards = rewards.float().cpu().numpy()  # the B chosen sequences first, then the B rejected
+                chosen[idx], rejected[idx] = rewards[:len(idx)], rewards[len(idx):]
+                bar.update(len(idx))
     finally:
         model.train(was_training)
     bad = int((~np.isfinite(chosen)).sum() + (~np.isfinite(rejected)).sum())
@@ -288,55 +278,18 @@ def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_L
 # The command line
 
 
-def find_model_dir(ckpt: str) -> tuple[Path, Path]:
-    """(the directory holding the model's config.json, the directory the report goes to by default).
-
-    A local path may be a model directory itself, a train.py checkpoint (its model in model/), or a
-    train.py output directory (final_model/ inside). Anything else that looks like org/name is a Hub id:
-    the model comes from the Hub (or its local cache) and the report goes to the current directory, not
-    into the cache.
-    """
-    from qwen3 import looks_like_repo_id, resolve_model_dir
-    path = Path(ckpt).expanduser()
-    if path.is_dir():
-        for candidate in (path, path / "model", path / "final_model"):
-            if (candidate / "config.json").is_file():
-                return candidate, path
-        raise UserError(f"{ckpt} holds no model: expected config.json in it, in {ckpt}/model/ (a train.py "
-                        f"checkpoint) or in {ckpt}/final_model/ (a train.py output directory)")
-    if path.exists():
-        raise UserError(f"{ckpt} is a file; pass the checkpoint DIRECTORY (the one holding config.json)")
-    if not looks_like_repo_id(ckpt):
-        raise UserError(f"checkpoint {ckpt} does not exist; pass a directory written by train.py "
-                        f"(e.g. out/final_model) or a Hub model id")
-    return resolve_model_dir(ckpt), Path.cwd()
-
-
-def reward_model_config(model_dir: Path) -> dict:
-    """The "reward_model" entry of config.json ({} for a transformers sequence classifier). A plain
-    language model would load with a freshly initialised random head: its scores would mean nothing."""
-    from qwen3 import read_json
+def trained_settings(model_dir: Path) -> dict:
+    """What config.json records of the reward model's training (dataset, max_length, share_prompt, ...).
+    A plain language model is refused: it would load with a freshly initialised random head, and its
+    scores would mean nothing."""
+    from rm import reward_model_config
     raw = read_json(model_dir / "config.json", "a model directory must hold config.json")
-    if isinstance(raw.get("reward_model"), dict):
-        return raw["reward_model"]
-    if "Qwen3ForSequenceClassification" in (raw.get("architectures") or []):
-        return {}
-    raise UserError(f"{model_dir} is not a reward model (architectures {raw.get('architectures')}, no "
-                    f"\"reward_model\" entry in config.json): its reward head would be random; train one "
-                    f"with train.py or pass a Qwen3ForSequenceClassification checkpoint")
-
-
-def write_report(path: Path, report: dict):
-    """Atomically: a temporary file in the same directory, renamed over the target when complete."""
-    from rm import write_json_durably
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write_json_durably(tmp, report)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    settings = reward_model_config(raw, model_dir)
+    if settings is None:
+        raise UserError(f"{model_dir} is not a reward model (architectures {raw.get('architectures')}, no "
+                        f"\"reward_model\" entry in config.json): its reward head would be random; train one "
+                        f"with train.py or pass a Qwen3ForSequenceClassification checkpoint")
+    return settings
 
 
 def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> list[Path]:
@@ -475,7 +428,7 @@ def main(argv=None):
 
     # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.
     model_dir, report_dir = find_model_dir(args.checkpoint)
-    trained = reward_model_config(model_dir)
+    trained = trained_settings(model_dir)
     output = Path(args.output) if args.output else report_dir / REPORT_NAME
     check_writable(output.parent, f"the report {output}", "choose another --output")  # now, not after scoring
 
@@ -500,9 +453,9 @@ def main(argv=None):
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
                   share_prompt=share_prompt, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
-    # 4. Outputs: the report (atomically), the plots, the table.
+    # 4. Outputs: the report (atomically: a failed run leaves no report), the plots, the table.
     try:
-        write_report(output, report)
+        write_json_atomic(output, report)
     except OSError as e:  # the disk filled up or went read-only while scoring
         raise UserError(f"cannot write the report {output} ({e.strerror}); free space or choose another --output") from None
     print(summary(report))

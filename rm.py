@@ -5,39 +5,29 @@
     reward = head(pooled)                     # (N,)            "how good is this response?"
 
 Training data are pairs: for one prompt, a `chosen` response people preferred and a `rejected` one.
-The Bradley-Terry model says P(chosen preferred) = sigmoid(r_chosen - r_rejected), so we minimise
+Chosen and rejected run through the backbone together, in ONE forward pass (rows 0..B-1 chosen, B..2B-1
+rejected, see data.collate). The Bradley-Terry model says P(chosen preferred) = sigmoid(r_chosen -
+r_rejected), so `pairwise_loss` minimises -log sigmoid(r_chosen - r_rejected - margin).
 
-    loss = -log sigmoid(r_chosen - r_rejected - margin)          (+ optional centering term)
-
-Chosen and rejected run through the backbone together, in ONE forward pass: rows 0..B-1 of a batch are
-the chosen sequences and rows B..2B-1 the rejected ones (see data.collate).
-
-Two heads:
-- `mlp` (default): hidden -> hidden/2 -> 1 with a GELU between (no output bias); pooling `mean` by default.
-- `linear`: a bias-free `score` layer hidden -> 1 with `last` pooling: the layout of transformers'
-  Qwen3ForSequenceClassification, so a model saved with it loads in transformers/TRL/vLLM as is.
-
-Pooling always follows the attention mask (or, for packed rows, the sequence ids), never a search for
-the pad token: pad and eos can be the same token. We gather the pooled vector first and apply the head
-to it alone: the head never runs on positions we would throw away.
+- Heads: `mlp` (default; hidden -> hidden/2 -> 1, GELU, mean pooling) or `linear` (a bias-free `score`
+  layer with last-token pooling: transformers' Qwen3ForSequenceClassification, so it loads there as is).
+- Pooling follows the attention mask (or a packing.Layout's sequence ids), never a search for the pad
+  token: pad and eos can be the same token. The head runs on the pooled vectors only.
 """
-import json
 import math
-import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import Tokenizer, pad_rows
 from errors import UserError
-from qwen3 import Qwen3, Qwen3Config, gather_tokens, load_checked, read_json, read_state_dict, resolve_model_dir
+from fileio import atomic_dir, write_json
+from hub import read_json, resolve_model_dir
+from qwen3 import Qwen3, Qwen3Config, load_checked, read_state_dict
 
 HEADS = ("mlp", "linear")
-DISK_NAMES = {"linear_head.weight": "score.weight"}            # our module name -> checkpoint key
-MODULE_NAMES = {v: k for k, v in DISK_NAMES.items()}
 POOLINGS = ("mean", "last")
 
 
@@ -91,9 +81,49 @@ class MLPHead(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def padded_sequence_ids(input_ids, attention_mask=None):
+    """Sequence ids of padded rows for `pool`: row i is sequence i, -1 on padding."""
+    N = input_ids.shape[0]
+    rows = torch.arange(N, device=input_ids.device)[:, None].expand_as(input_ids)
+    return rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
+
+
+def disk_name(name: str) -> str:
+    """Module name -> checkpoint key: the head is saved as `reward_head.*` (mlp) or `score.weight`
+    (linear, as transformers' Qwen3ForSequenceClassification names it)."""
+    if name == "head.weight":
+        return "score.weight"
+    return "reward_head." + name[len("head."):] if name.startswith("head.") else name
+
+
+def module_name(key: str) -> str:
+    """Checkpoint key -> module name (the inverse of disk_name)."""
+    if key == "score.weight":
+        return "head.weight"
+    return "head." + key[len("reward_head."):] if key.startswith("reward_head.") else key
+
+
+def reward_model_config(raw_config: dict, where) -> dict | None:
+    """What a config.json says about the reward model in its directory: our {"head", "pooling", provenance...}
+    entry, {"head": "linear", "pooling": "last"} for a transformers Qwen3ForSequenceClassification, or None
+    for a plain language model (whose reward head would have to be freshly initialised)."""
+    saved = raw_config.get("reward_model")
+    if saved is None and "Qwen3ForSequenceClassification" in (raw_config.get("architectures") or []):
+        num_labels = len(raw_config.get("id2label") or {"0": ""})
+        if num_labels != 1:
+            raise UserError(f"{where} is a sequence classifier with {num_labels} labels; a reward "
+                            "model has exactly one output")
+        return {"head": "linear", "pooling": "last"}
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or saved.get("head") not in HEADS or saved.get("pooling") not in POOLINGS:
+        raise UserError(f"{where}: its \"reward_model\" entry {saved!r} needs a head in {HEADS} and a pooling "
+                        f"in {POOLINGS}; re-save the model with train.py")
+    return saved
+
+
 class RewardModel(nn.Module):
-    # Module names follow the transformers layout: `model.*` for the backbone. The linear head is
-    # `linear_head` here (`score` is our scoring method) and `score.weight` on disk, as transformers names it.
+    # Module names follow the transformers layout: `model.*` for the backbone, then one `head`.
     def __init__(self, config: Qwen3Config, head: str = "mlp", pooling: str = "mean"):
         super().__init__()
         if head not in HEADS:
@@ -102,74 +132,42 @@ class RewardModel(nn.Module):
             raise UserError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
         self.config, self.head_type, self.pooling = config, head, pooling
         self.model = Qwen3(config)
-        if head == "mlp":
-            self.reward_head = MLPHead(config.hidden_size)
-        else:
-            self.linear_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.head = MLPHead(config.hidden_size) if head == "mlp" else nn.Linear(config.hidden_size, 1, bias=False)
         self.tokenizer = None           # a data.Tokenizer, set by from_pretrained when the checkpoint has one
-        self.extra_config = {}          # training provenance and reward statistics saved in config.json
-
-    # ---- the head ----------------------------------------------------------------------------
-
-    def head_modules(self) -> list:
-        return [self.reward_head] if self.head_type == "mlp" else [self.linear_head]
+        self.provenance = {}            # how it was trained, and reward statistics: saved in config.json
 
     def init_head(self, seed: int = 0):
         """Small random init of the output layer, so initial rewards are near 0 (about +-0.02)."""
         gen = torch.Generator().manual_seed(seed)
-        out = self.reward_head.fc2 if self.head_type == "mlp" else self.linear_head
+        out = self.head.fc2 if self.head_type == "mlp" else self.head
         with torch.no_grad():
             if self.head_type == "mlp":
-                fc1 = self.reward_head.fc1
+                fc1 = self.head.fc1
                 bound = 1 / math.sqrt(fc1.in_features)  # nn.Linear's default, seeded
                 fc1.weight.copy_(torch.empty(fc1.weight.shape).uniform_(-bound, bound, generator=gen))
                 fc1.bias.zero_()
             out.weight.copy_(torch.empty(out.weight.shape).normal_(0, 0.02 / math.sqrt(out.in_features), generator=gen))
         return self
 
-    def apply_head(self, pooled):
-        head = self.reward_head if self.head_type == "mlp" else self.linear_head
+    def forward(self, input_ids, attention_mask=None, layout=None):
+        """Rewards (N,) fp32, one per sequence.
+
+        Padded batch: input_ids/attention_mask (N, T), right padded. Packed or shared-prompt batch: a
+        packing.Layout says where the sequences are; the hidden states are read in its sequence layout,
+        so a shared prompt token counts in both sequences' mean.
+        """
+        hidden = self.model(input_ids, attention_mask, layout)
+        if layout is None:
+            sequence_ids, num_sequences = padded_sequence_ids(input_ids, attention_mask), input_ids.shape[0]
+        else:
+            hidden, sequence_ids, num_sequences = layout.sequence_hidden(hidden), layout.sequence_ids, layout.num_sequences
         # (N, 1) -> (N,) by a sum over the single column: a new tensor rather than a view, because FSDP2
         # warns about module outputs that are views (an in-place op on them would skip its hooks).
-        return head(pooled).sum(-1).float()
-
-    # ---- forward -----------------------------------------------------------------------------
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, sequence_ids=None,
-                num_sequences: int | None = None, pairs: bool = False, margin=None,
-                center_rewards_coefficient: float = 0.0, cu_seqlens=None, max_seqlen=None,
-                expand_index=None, keep_index=None, expanded_position_ids=None) -> dict:
-        """Rewards for a batch: {"rewards": (N,) fp32}.
-
-        Padded batch: input_ids/attention_mask (N, T), right padded. Packed batch (padding-free): rows
-        holding several sequences, with position_ids restarting per sequence, sequence_ids (-1 = padding)
-        and num_sequences (cu_seqlens/max_seqlen optional, see data.collate_packed). Shared-prompt
-        batch (data.collate / collate_packed with share_prompt=True): the backbone runs on the batch's
-        tokens (each prompt once), and their hidden states are copied into the sequence layout
-        (expand_index) that sequence_ids describe before pooling: a prompt token counts in both
-        sequences' mean. With pairs=True, the first half of the sequences are the chosen responses and
-        the second half the rejected ones, and the loss, accuracy and mean margin are added.
-        """
-        if sequence_ids is None:  # padded batch: row i is sequence i
-            N = input_ids.shape[0]
-            rows = torch.arange(N, device=input_ids.device)[:, None].expand_as(input_ids)
-            sequence_ids = rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
-            num_sequences = N
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, expand_index=expand_index,
-                            keep_index=keep_index, expanded_position_ids=expanded_position_ids)
-        if expand_index is not None:  # shared-prompt tokens -> the sequence layout (R, L, hidden), to pool
-            hidden = gather_tokens(hidden, expand_index)
-        rewards = self.apply_head(pool(hidden, sequence_ids, num_sequences, self.pooling))
-        out = {"rewards": rewards}
-        if pairs:
-            B = num_sequences // 2
-            out.update(pairwise_loss(rewards[:B], rewards[B:], margin, center_rewards_coefficient))
-        return out
+        return self.head(pool(hidden, sequence_ids, num_sequences, self.pooling)).sum(-1).float()
 
     @torch.no_grad()
     def score(self, texts: list[str], batch_size: int = 8, max_length: int | None = None) -> list[float]:
-        """Rewards for whole transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."), in input order.
+        """Rewards for whole transcripts ("\n\nHuman: ...\n\nAssistant: ..."), in input order.
 
         Each text is tokenised with the model's tokenizer, eos appended; longer than max_length keeps
         the END (the response), as training does. Batches are formed by length to waste little padding.
@@ -188,15 +186,9 @@ class RewardModel(nn.Module):
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                T = max(len(seqs[i]) for i in idx)
-                ids = torch.full((len(idx), T), tok.pad_id, dtype=torch.long)
-                mask = torch.zeros(len(idx), T, dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-                    mask[row, :len(seqs[i])] = 1
-                out = self(ids.to(device), attention_mask=mask.to(device))["rewards"].tolist()
-                for row, i in enumerate(idx):
-                    rewards[i] = out[row]
+                input_ids, attention_mask = pad_rows([seqs[i] for i in idx], tok.pad_id)
+                for i, reward in zip(idx, self(input_ids.to(device), attention_mask.to(device)).tolist()):
+                    rewards[i] = reward
         finally:
             self.train(was_training)
         return rewards
@@ -242,43 +234,34 @@ class RewardModel(nn.Module):
         else:
             cfg.update(architectures=["Qwen3RewardModel"])
         cfg.update(pad_token_id=pad_id, torch_dtype=str(self.model.norm.weight.dtype).replace("torch.", ""),
-                   reward_model={"head": self.head_type, "pooling": self.pooling, **self.extra_config})
+                   reward_model={"head": self.head_type, "pooling": self.pooling, **self.provenance})
         return cfg
 
     def export_state_dict(self) -> dict:
-        """The state dict in plain tensors: int8 layers are dequantised back to ordinary weights so the
-        saved model loads anywhere (with the small int8 rounding baked in)."""
-        state = {}
-        for name, t in self.state_dict().items():
+        """The state dict in plain tensors under the checkpoint key names: int8 layers are dequantised
+        back to ordinary weights so the saved model loads anywhere (with the small int8 rounding baked in)."""
+        state, own = {}, self.state_dict()
+        for name, t in own.items():
             if name.endswith(".SCB") or name.endswith(".weight_format"):
                 continue
             if t.dtype == torch.int8:  # Linear8bitLt: weight = int8 * row scale / 127
-                scb = self.state_dict()[name[: -len("weight")] + "SCB"]
+                scb = own[name[: -len("weight")] + "SCB"]
                 t = (t.float() * scb[:, None] / 127).to(self.model.norm.weight.dtype)
-            state[DISK_NAMES.get(name, name)] = t.detach().contiguous()
+            state[disk_name(name)] = t.detach().contiguous()
         return state
 
     def save_pretrained(self, out_dir, extra_files: dict | None = None):
-        """Write model.safetensors, config.json and the tokenizer files, atomically: everything goes into
-        a temporary sibling directory that is renamed into place only when complete."""
+        """Write model.safetensors, config.json and the tokenizer files into a temporary sibling directory
+        that is renamed into place only when complete (fileio.atomic_dir)."""
         from safetensors.torch import save_file
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(out_dir) as tmp:
             save_file(self.export_state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
             for name, write in (extra_files or {}).items():
                 write(tmp / name)
-            write_json_durably(tmp / "config.json", self.hf_config())  # last: marks the directory complete
-            fsync_dir(tmp)
-            replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+            write_json(tmp / "config.json", self.hf_config())  # last: marks the directory complete
+        return Path(out_dir)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, head: str | None = None, pooling: str | None = None,
@@ -291,15 +274,8 @@ class RewardModel(nn.Module):
         model_dir = resolve_model_dir(name_or_path)
         raw = read_json(model_dir / "config.json", "a checkpoint directory must hold the model's config.json")
         config = Qwen3Config.from_hf_dict(raw, where=str(model_dir / "config.json"))
-        saved = raw.get("reward_model")
-        if saved is None and "Qwen3ForSequenceClassification" in (raw.get("architectures") or []):
-            num_labels = len(raw.get("id2label") or {"0": ""})
-            if num_labels != 1:
-                raise UserError(f"{model_dir} is a sequence classifier with {num_labels} labels; a reward "
-                                "model has exactly one output")
-            saved = {"head": "linear", "pooling": "last"}
-        fresh_head = saved is None
-        if not fresh_head:
+        saved = reward_model_config(raw, model_dir)
+        if saved is not None:
             for what, asked in (("head", head), ("pooling", pooling)):
                 if asked is not None and asked != saved[what]:
                     raise UserError(f"{model_dir} was saved with {what} {saved[what]!r}; it cannot be loaded "
@@ -309,54 +285,19 @@ class RewardModel(nn.Module):
             model = cls(config, head=head or "mlp", pooling=pooling or "mean")
         state = read_state_dict(model_dir, dtype)
         state.pop("lm_head.weight", None)  # a reward model never uses the LM head
-        state = {MODULE_NAMES.get(k, k): v for k, v in state.items()}
-        if fresh_head:
-            for m in model.head_modules():
-                m.to_empty(device="cpu")
+        state = {module_name(k): v for k, v in state.items()}
+        if saved is None:  # a plain language model: a fresh head
+            model.head.to_empty(device="cpu")
             model.init_head(seed)
             state.update({k: v for k, v in model.state_dict().items() if not v.is_meta})
         load_checked(model, state, where=str(model_dir))
         model.to(dtype=dtype)
-        if saved:
-            model.extra_config = {k: v for k, v in saved.items() if k not in ("head", "pooling")}
+        if saved is not None:
+            model.provenance = {k: v for k, v in saved.items() if k not in ("head", "pooling")}
         if (model_dir / "tokenizer.json").is_file():
-            from data import Tokenizer
             model.tokenizer = Tokenizer.from_dir(model_dir)
             if model.tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embeddings
                 raise UserError(f"{model_dir}/tokenizer.json has {model.tokenizer.vocab_size} tokens but the model's "
                                 f"vocab_size is {config.vocab_size}: the tokenizer belongs to another model; "
                                 "copy the base model's tokenizer files there")
         return model.to(device)
-
-
-# ---- durable, atomic file writes (shared with train.py's checkpoints) ---------------------------
-
-def write_json_durably(path: Path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path, files: bool = True):
-    """Flush a directory's files (and its entry list) to disk, so a power cut cannot undo a rename."""
-    for f in Path(path).iterdir() if files else []:
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(src: Path, dst: Path):
-    """Move a finished directory into place. An existing `dst` is moved aside first and deleted after,
-    so at every instant `dst` is either the old complete directory, absent, or the new complete one."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    fsync_dir(dst.parent, files=False)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Tests for data.py: every expectation below is written out by hand, no network is used."""
+"""Tests for data.py, hub.py's dataset files and demo.py: every expectation is written out by hand, no network."""
 import gzip
 import json
 import os
@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import demo  # noqa: E402
+import hub  # noqa: E402
 from data import DataStats, Pair, TokenizedPair  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -119,9 +121,9 @@ def test_margin_is_carried_and_collated(tmp_path):
     pairs, stats = read(path)
     assert [p.margin for p in pairs] == [1.5, None, 0.0]
     assert stats.skipped == {"bad margin": 1}
-    tok = data.demo_tokenizer()
+    tok = demo.demo_tokenizer()
     items = data.tokenize_pairs(pairs, tok, 64)
-    assert data.collate(items, tok.pad_id)["margin"].tolist() == [1.5, 0.0, 0.0]  # missing margin -> 0
+    assert data.collate(items, tok.pad_id).margin.tolist() == [1.5, 0.0, 0.0]  # missing margin -> 0
 
 
 def test_json_list_and_json_lines(tmp_path):
@@ -169,6 +171,19 @@ def test_load_pairs_interleaves_sources(tmp_path):
     assert [p.chosen for p in pairs] == [" a0", " b0", " a1", " b1", " a2", " a3", " a4"]
     assert [p.source for p in pairs[:2]] == [a, b]
     assert stats.sources == {a: 5, b: 2}
+
+
+def test_make_pair_returns_the_skip_reason_and_dataset_files_fetches_local_paths(tmp_path):
+    assert data.make_pair({"chosen": f"{H} x{A} y", "rejected": f"{H} x{A} y"}, "s") == data.Skip("chosen == rejected")
+    assert data.make_pair({"prompt": P1, "chosen": " a", "rejected": " b", "margin": "big"}, "s") == data.Skip("bad margin")
+    assert data.make_pair({"prompt": P1, "chosen": " a", "rejected": " b", "margin": 2}, "s") == Pair(P1, " a", " b", 2.0, "s")
+    stats = DataStats()
+    for row in (data.Skip("unparsable line"), Pair(P1, " a", " b", source="s")):
+        stats.count(row)
+    assert (stats.read, stats.kept, stats.skipped, stats.sources) == (2, 1, {"unparsable line": 1}, {"s": 1})
+    root = make_split_dir(tmp_path / "d")
+    names, fetch = hub.dataset_files(root, "test")
+    assert names == [os.path.join(root, "test.jsonl.gz")] and fetch(names[0]) == names[0]
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +374,7 @@ def tokens(tok, ids):
 
 
 def test_truncation_keeps_response_end_and_cuts_prompt_from_left():
-    tok = data.demo_tokenizer()
+    tok = demo.demo_tokenizer()
     pair = Pair(f"{H} any tips on cats?{A}", " sure! cats", " ugh. boring.", source="t")
     # prompt: Human : any tips on cats ? Assistant : (9); chosen 3 tokens, rejected 4 tokens
     stats = DataStats()
@@ -387,12 +402,22 @@ def item(chosen, rejected, margin=None):
 
 def test_collate_layout():
     batch = data.collate([item([1, 2, 3], [4, 5]), item([6], [7, 8, 9, 10])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [6, 0, 0, 0], [4, 5, 0, 0], [7, 8, 9, 10]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
-    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
-    assert batch["margin"] is None
-    margin = data.collate([item([1], [2], 2.5), item([3], [4])], pad_id=9)["margin"]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 0], [6, 0, 0, 0], [4, 5, 0, 0], [7, 8, 9, 10]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch.input_ids.dtype == torch.long and batch.attention_mask.dtype == torch.long
+    assert batch.margin is None and batch.layout is None
+    margin = data.collate([item([1], [2], 2.5), item([3], [4])], pad_id=9).margin
     assert margin.dtype == torch.float32 and margin.tolist() == [2.5, 0.0]
+
+
+def padding_fraction(batches: list[list[TokenizedPair]]) -> float:
+    """Share of pad positions if these batches (lists of pairs, as given to collate) were collated."""
+    real = total = 0
+    for items in batches:
+        lens = [len(it.chosen_ids) for it in items] + [len(it.rejected_ids) for it in items]
+        real += sum(lens)
+        total += max(lens) * len(lens)
+    return 1.0 - real / total if total else 0.0
 
 
 def test_batch_order_and_padding():
@@ -412,9 +437,9 @@ def test_batch_order_and_padding():
     perm = list(range(1003))
     rng.shuffle(perm)
     random_batches = [[items[i] for i in perm[s:s + 8]] for s in range(0, 1003, 8)]
-    grouped = data.padding_fraction([[items[i] for i in b] for b in order])
-    assert grouped < 0.1 < 0.4 < data.padding_fraction(random_batches)
-    assert data.padding_fraction([[item([1, 1], [1, 1, 1, 1])]]) == 0.25  # 2 pads out of 8 positions
+    grouped = padding_fraction([[items[i] for i in b] for b in order])
+    assert grouped < 0.1 < 0.4 < padding_fraction(random_batches)
+    assert padding_fraction([[item([1, 1], [1, 1, 1, 1])]]) == 0.25  # 2 pads out of 8 positions
 
 
 # -----------------------------------------------------------------------------
@@ -428,8 +453,8 @@ def test_demo_is_deterministic_disjoint_and_follows_its_rule():
     assert not {first_question(p) for p in train} & {first_question(p) for p in test}  # unseen combinations
     rude = {"ugh", "seriously", "whatever", "stupid", "again", "boring", "away", "yourself", "bother", "waste", "stop"}
     for p in train + test:
-        subject = next(s for s, _ in data.DEMO_TOPICS if re.search(rf"\b{s}\b", first_question(p)))
-        topic_words = {subject, *dict(data.DEMO_TOPICS)[subject].split()}
+        subject = next(s for s, _ in demo.DEMO_TOPICS if re.search(rf"\b{s}\b", first_question(p)))
+        topic_words = {subject, *dict(demo.DEMO_TOPICS)[subject].split()}
         chosen = set(re.findall(r"\w+", p.chosen))
         rejected = set(re.findall(r"\w+", p.rejected))
         assert chosen & topic_words and not chosen & rude  # on topic and polite
@@ -438,7 +463,7 @@ def test_demo_is_deterministic_disjoint_and_follows_its_rule():
 
 
 def test_demo_tokenizer_covers_demo_and_round_trips(tmp_path):
-    tok = data.demo_tokenizer()
+    tok = demo.demo_tokenizer()
     assert tok.vocab_size < 400
     assert (tok.pad_id, tok.eos_id) == (0, 1)
     unk = tok.tok.token_to_id("<unk>")
@@ -465,7 +490,7 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="tokenizer.json: not a valid tokenizer.json"):
         data.Tokenizer.from_dir(str(tmp_path))
-    data.demo_tokenizer().save(str(tmp_path / "t"))
+    demo.demo_tokenizer().save(str(tmp_path / "t"))
     (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(UserError, match=r"eos '</s>' or pad '<\|endoftext\|>' is not in the vocabulary"):
         data.Tokenizer.from_dir(str(tmp_path / "t"))

@@ -12,9 +12,9 @@ import torch.nn as nn
 from conftest import ROOT, save_hf_model
 from data import DataStats, Pair, load_pairs, tokenize_pairs
 from errors import UserError, run_cli
-from eval import (average_ranks, evaluate, find_model_dir, main, pearson, report_from_rewards, reward_model_config,
-                  spearman, wilson_interval)
-from rm import RewardModel
+from eval import average_ranks, evaluate, main, pearson, report_from_rewards, spearman, wilson_interval
+from hub import find_model_dir
+from rm import RewardModel, reward_model_config
 from test_rm import tiny_rm
 
 # Five pairs with known rewards, lengths and sources. Margins 1, -0.5, 0 (a tie: wrong), 2, 0.0625.
@@ -140,10 +140,11 @@ class LookupRM(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))  # something to tell the device by
         self.calls = []
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, layout=None):
+        assert layout is None  # padded rows: eval.py's default batches
         self.calls.append((input_ids.shape[0], self.training, torch.is_grad_enabled()))
         rows = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
-        return {"rewards": torch.tensor([self.table[r] for r in rows], dtype=torch.float32)}
+        return torch.tensor([self.table[r] for r in rows], dtype=torch.float32)
 
 
 def test_evaluate_with_stub_model_matches_hand_numbers(demo_tok):
@@ -180,7 +181,8 @@ def test_evaluate_with_stub_model_matches_hand_numbers(demo_tok):
 
 
 def test_find_model_dir_layouts(tmp_path):
-    """A model dir, a train.py checkpoint (model/ inside), a train.py output dir (final_model/ inside)."""
+    """A model dir, a train.py checkpoint (model/ inside), a train.py output dir (final_model/ inside);
+    hub.find_model_dir finds it, rm.reward_model_config tells a reward model from a plain LM."""
     rm_cfg = {"architectures": ["Qwen3RewardModel"], "reward_model": {"head": "mlp", "pooling": "mean"}}
     for sub in ("plain", "checkpoint_step_5/model", "out/final_model"):
         (tmp_path / sub).mkdir(parents=True)
@@ -190,11 +192,11 @@ def test_find_model_dir_layouts(tmp_path):
     assert find_model_dir(str(tmp_path / "out")) == (tmp_path / "out" / "final_model", tmp_path / "out")
     with pytest.raises(UserError, match="final_model"):
         find_model_dir(str(tmp_path))
-    assert reward_model_config(tmp_path / "plain") == {"head": "mlp", "pooling": "mean"}
-    seq_cls = tmp_path / "seq_cls"  # a published transformers reward model is one too
-    seq_cls.mkdir()
-    (seq_cls / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForSequenceClassification"]}))
-    assert reward_model_config(seq_cls) == {}
+    settings = reward_model_config(rm_cfg, tmp_path / "plain")
+    assert {k: settings[k] for k in ("head", "pooling")} == {"head": "mlp", "pooling": "mean"}
+    seq_cls = {"architectures": ["Qwen3ForSequenceClassification"]}  # a published transformers reward model
+    assert reward_model_config(seq_cls, "seq_cls") == {"head": "linear", "pooling": "last"}
+    assert reward_model_config({"architectures": ["Qwen3ForCausalLM"]}, "lm") is None  # a plain LM: refused
 
 
 # ---- the real model, in process and from the command line ---------------------------------------
@@ -205,7 +207,7 @@ def rm_dir(tmp_path_factory, demo_tok):
     d = tmp_path_factory.mktemp("eval") / "run"
     model = tiny_rm()
     model.tokenizer = demo_tok
-    model.extra_config = {"dataset": ["demo"], "max_length": 64}
+    model.provenance = {"dataset": ["demo"], "max_length": 64}
     model.save_pretrained(d / "final_model")  # a train.py output directory: the model is in final_model/
     return d
 

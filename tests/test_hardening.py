@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, save_hf_model
 
 import train
+from checkpoint import checkpoint_dirs
 from errors import UserError
 from rm import RewardModel
 
@@ -60,9 +61,9 @@ def one_thread():
 
 
 def demo_rows(n, split="train"):
-    from data import _demo_rows
+    from demo import demo_rows as all_demo_rows
     rows = []
-    for row in _demo_rows(split):
+    for row in all_demo_rows(split):
         rows.append(row)
         if len(rows) == n:
             return rows
@@ -76,14 +77,14 @@ def write_jsonl(path, rows):
 def save_reward_model(path, vocab_delta=0):
     """A tiny reward model in our format, with the demo tokenizer (what train.py writes)."""
     import dataclasses
-    from data import demo_tokenizer
+    from demo import demo_tokenizer
     from qwen3 import CONFIGS
     tok = demo_tokenizer()
     model = RewardModel(dataclasses.replace(CONFIGS["tiny"], vocab_size=tok.vocab_size + vocab_delta))
     model.model.init_weights(seed=0)
     model.init_head(0)
     model.tokenizer = tok
-    model.extra_config = {"dataset": ["demo"], "max_length": 128}
+    model.provenance = {"dataset": ["demo"], "max_length": 128}
     model.save_pretrained(path)
     return path
 
@@ -550,7 +551,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(reference, tmp_path, mome
         proc = subprocess.Popen([sys.executable, "train.py", *KILL, "--output_dir", str(out)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
-        wait_for(lambda: train.checkpoint_dirs(out), proc)
+        wait_for(lambda: checkpoint_dirs(out), proc)
         if callable(KILL_AT[moment]):
             seen = wait_for(lambda: KILL_AT[moment](out), proc)
         else:
@@ -562,7 +563,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(reference, tmp_path, mome
     if moment == "in a checkpoint write":
         assert seen and proc.returncode == -signal.SIGKILL
     # Whatever the moment: the newest complete checkpoint loads.
-    last = train.checkpoint_dirs(out)[-1]
+    last = checkpoint_dirs(out)[-1]
     print(f"killed {moment}: exit {proc.returncode}, newest {last.name}, left behind {hidden(out)}")
     assert check_loadable(last) == int(last.name.rsplit("_", 1)[1])
     # Leftovers of killed writes must not be taken for a checkpoint: plant one that looks newer, and a
@@ -576,7 +577,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(reference, tmp_path, mome
     final = load_file(out / "final_model" / "model.safetensors")
     assert all(torch.equal(reference[k], final[k]) for k in reference)
     assert hidden(out) == []                                        # leftovers cleaned at the start
-    assert len(train.checkpoint_dirs(out)) <= 2                     # --save_total_limit
+    assert len(checkpoint_dirs(out)) <= 2                           # --save_total_limit
     assert [r["step"] for r in result["history"] if "loss" in r] == list(range(1, 13))  # each step logged once
 
 
@@ -657,7 +658,7 @@ def test_second_sigint_stops_at_once_and_leaves_no_half_written_checkpoint(tmp_p
                              f"the first one asked for; the last saved checkpoint {last} is intact. Resume with: "
                              "python train.py "), stderr
     # Nothing of the abandoned write is left, nor anything resume could take for a checkpoint.
-    assert train.checkpoint_dirs(out) == [last] and hidden(out) == [] and not (out / "checkpoint_step_4").exists()
+    assert checkpoint_dirs(out) == [last] and hidden(out) == [] and not (out / "checkpoint_step_4").exists()
     assert check_loadable(last) == 2
     command = shlex.split(stderr.split("Resume with: ")[1])
     assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", str(last)]
@@ -687,7 +688,7 @@ def test_second_sigint_before_the_first_checkpoint(tmp_path, capsys, monkeypatch
     assert stderr == ("second SIGINT (Ctrl-C): stopped at once after step 2/50, without the checkpoint the first "
                       "one asked for; no checkpoint had been saved yet, so there is nothing to resume: run again "
                       "with --overwrite_output_dir"), stderr
-    assert train.checkpoint_dirs(out) == [] and hidden(out) == []
+    assert checkpoint_dirs(out) == [] and hidden(out) == []
     assert signal.getsignal(signal.SIGINT) is handler  # train() put its handlers back
 
 
@@ -716,8 +717,7 @@ class InfGrad(torch.autograd.Function):
 
 @pytest.mark.parametrize("fault", ["nan loss", "inf gradient"])
 def test_non_finite_step_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault):
-    import rm
-    real, calls = rm.pairwise_loss, {"n": 0}
+    real, calls = train.pairwise_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):  # the 5th training step goes wrong
         out = real(*args, **kwargs)
@@ -725,14 +725,14 @@ def test_non_finite_step_stops_naming_the_step_and_keeps_the_last_good_checkpoin
         if calls["n"] == 5:
             out["loss"] = out["loss"] * float("nan") if fault == "nan loss" else InfGrad.apply(out["loss"])
         return out
-    monkeypatch.setattr(rm, "pairwise_loss", poisoned)
+    monkeypatch.setattr(train, "pairwise_loss", poisoned)  # the loss the training loop calls
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
         train.train(cli_config(*SMALL, "--max_steps", "8", "--save_steps", "2", "--output_dir", out))
     what = "the loss became nan" if fault == "nan loss" else "the gradient norm became"  # inf, or nan (inf x 0)
     assert str(e.value).startswith(what) and " at step 5; training stopped" in str(e.value)
     assert f"Last good checkpoint: {out / 'checkpoint_step_4'}" in str(e.value) and "\n" not in str(e.value)
-    assert [p.name for p in train.checkpoint_dirs(out)] == ["checkpoint_step_2", "checkpoint_step_4"]
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint_step_2", "checkpoint_step_4"]
     assert check_loadable(out / "checkpoint_step_4") == 4
     assert not (out / "final_model").exists() and hidden(out) == []
 
@@ -751,7 +751,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
         train.train(cli_config(*SMALL, "--max_steps", "6", "--save_steps", "2", "--output_dir", out))
     assert str(e.value) == (f"no space left on device while writing {out / 'checkpoint_step_4'}; "
                             "free space or choose another --output_dir")
-    assert [p.name for p in train.checkpoint_dirs(out)] == ["checkpoint_step_2"]
+    assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint_step_2"]
     assert check_loadable(out / "checkpoint_step_2") == 2 and hidden(out) == []
 
 
@@ -769,7 +769,7 @@ def test_really_full_disk(tmp_path):
                                             r"another --output_dir$"):
             train.train(cli_config(*SMALL, "--max_steps", "40", "--save_steps", "1", "--save_total_limit", "100",
                                    "--output_dir", out))
-        ckpts = train.checkpoint_dirs(out)
+        ckpts = checkpoint_dirs(out)
         assert len(ckpts) >= 1 and check_loadable(ckpts[-1]) == len(ckpts) and hidden(out) == []
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -843,7 +843,7 @@ def test_long_run_memory_and_disk_stay_flat(tmp_path, monkeypatch):
     def sampling_log(out, record):
         real(out, record)
         if "loss" in record:
-            ckpts = train.checkpoint_dirs(out)
+            ckpts = checkpoint_dirs(out)
             samples.append({"step": record["step"], "rss": rss_mib(), "checkpoints": len(ckpts),
                             "state_bytes": [(c / "trainer_state.json").stat().st_size for c in ckpts]})
     monkeypatch.setattr(train, "append_log", sampling_log)

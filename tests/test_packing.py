@@ -1,10 +1,13 @@
 """Padding-free (packed) batches give exactly what padded batches give: rewards, loss and gradients."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from data import TokenizedPair, collate, collate_packed
+from data import TokenizedPair, collate
+from packing import choose_collate, choose_impl, collate_packed, collate_shared
 from qwen3 import CONFIGS
-from rm import RewardModel
+from rm import RewardModel, pairwise_loss
 
 PAD = 3
 
@@ -27,27 +30,37 @@ def test_collate_packed_layout():
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     for max_tokens in (None, 40):
         b = collate_packed(items, PAD, max_tokens=max_tokens)
-        R, L = b["input_ids"].shape
-        assert L % 8 == 0 and b["num_sequences"] == 8
+        lay = b.layout
+        R, L = b.input_ids.shape
+        assert L % 8 == 0 and lay.num_sequences == 8 and b.attention_mask is None
         assert R == 1 if max_tokens is None else all(
-            int((b["sequence_ids"][r] >= 0).sum()) <= 40 for r in range(R))
+            int((lay.sequence_ids[r] >= 0).sum()) <= 40 for r in range(R))
         for k, s in enumerate(seqs):  # every sequence exactly once, contiguous, positions from 0
-            where = b["sequence_ids"] == k
-            assert b["input_ids"][where].tolist() == s
-            assert b["position_ids"][where].tolist() == list(range(len(s)))
-        assert (b["input_ids"][b["sequence_ids"] < 0] == PAD).all()
-        assert int(b["cu_seqlens"][-1]) == R * L and b["max_seqlen"] == max(
-            int(n) for n in b["cu_seqlens"].diff())
-    assert b["margin"].tolist() == [0.0, 0.5, 0.0, 0.5]
+            where = lay.sequence_ids == k
+            assert b.input_ids[where].tolist() == s
+            assert lay.position_ids[where].tolist() == list(range(len(s)))
+        assert (b.input_ids[lay.sequence_ids < 0] == PAD).all()
+        assert int(lay.cu_seqlens[-1]) == R * L and lay.max_seqlen == max(
+            int(n) for n in lay.cu_seqlens.diff())
+        assert torch.equal(lay.sequence_position_ids, lay.position_ids)
+        assert int(b.num_tokens()) == sum(len(s) for s in seqs)
+    assert b.margin.tolist() == [0.0, 0.5, 0.0, 0.5]
 
 
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def forward(model, batch):
+    """Rewards, then the pairwise loss of the batch's chosen (first half) and rejected (second half)."""
+    rewards = model(batch.input_ids, batch.attention_mask, batch.layout)
+    chosen, rejected = rewards.chunk(2)
+    return {"rewards": rewards, **pairwise_loss(chosen, rejected, batch.margin)}
+
+
 def run(model, batch):
     model.zero_grad(set_to_none=True)
-    out = model(**batch, pairs=True)
+    out = forward(model, batch)
     out["loss"].backward()
     return out, grads(model)
 
@@ -70,43 +83,62 @@ def test_shared_prompt_layout():
         for max_tokens in (None, 40):
             b = collate_packed(items, PAD, max_tokens=max_tokens, share_prompt=True)
             plain = collate_packed(items, PAD, max_tokens=max_tokens)
-            ids, pos = b["input_ids"].flatten(), b["position_ids"].flatten()
-            expand = b["expand_index"]
-            assert expand.shape == plain["input_ids"].shape and b["input_ids"].shape[0] == 1
+            lay, plain_lay = b.layout, plain.layout
+            ids, pos = b.input_ids.flatten(), lay.position_ids.flatten()
+            expand = lay.expand_index
+            assert expand.shape == plain.input_ids.shape and b.input_ids.shape[0] == 1
             for key in ("sequence_ids", "cu_seqlens"):
-                assert torch.equal(b[key], plain[key])
-            assert torch.equal(b["expanded_position_ids"], plain["position_ids"])
+                assert torch.equal(getattr(lay, key), getattr(plain_lay, key))
+            assert torch.equal(lay.sequence_position_ids, plain_lay.position_ids)
             for k, s in enumerate(seqs):
-                where = b["sequence_ids"] == k
+                where = lay.sequence_ids == k
                 assert ids[expand[where]].tolist() == s
                 assert pos[expand[where]].tolist() == list(range(len(s)))
-            real = (b["sequence_ids"] >= 0).sum()
+            real = (lay.sequence_ids >= 0).sum()
             n_shared = len(ids) - int((ids == PAD).sum())
             if saved is None:  # random_pairs: the shared prefix is at least the prompt
                 assert real - n_shared >= sum(it.prompt_len for it in items)
             else:
                 assert real - n_shared == saved
-            keep = b["keep_index"][:n_shared]
-            assert torch.equal(plain["input_ids"].flatten()[keep], ids[:n_shared])
-            assert torch.equal(plain["position_ids"].flatten()[keep], pos[:n_shared])
+            keep = lay.keep_index[:n_shared]
+            assert torch.equal(plain.input_ids.flatten()[keep], ids[:n_shared])
+            assert torch.equal(plain_lay.position_ids.flatten()[keep], pos[:n_shared])
+            assert torch.equal(b.num_tokens(), plain.num_tokens())
         # the same shared tokens over collate's padded rows
-        b, plain = collate(items, PAD, share_prompt=True), collate(items, PAD)
-        assert b["expanded_position_ids"] is None and "attention_mask" not in b
-        assert torch.equal(b["input_ids"], collate_packed(items, PAD, share_prompt=True)["input_ids"])
-        assert torch.equal(b["sequence_ids"] >= 0, plain["attention_mask"].bool())
-        ids, expand = b["input_ids"].flatten(), b["expand_index"]
-        real = plain["attention_mask"].bool()
-        assert torch.equal(ids[expand][real], plain["input_ids"][real])
-        assert torch.equal(b["sequence_ids"][:, 0], torch.arange(len(seqs)))
+        b, plain = collate_shared(items, PAD), collate(items, PAD)
+        lay = b.layout
+        assert lay.sequence_position_ids is None and b.attention_mask is None
+        assert torch.equal(b.input_ids, collate_packed(items, PAD, share_prompt=True).input_ids)
+        assert torch.equal(lay.sequence_ids >= 0, plain.attention_mask.bool())
+        ids, expand = b.input_ids.flatten(), lay.expand_index
+        real = plain.attention_mask.bool()
+        assert torch.equal(ids[expand][real], plain.input_ids[real])
+        assert torch.equal(lay.sequence_ids[:, 0], torch.arange(len(seqs)))
+        assert torch.equal(b.num_tokens(), plain.num_tokens())
 
 
-def test_shared_batch_without_its_positions_is_refused():
-    """Without position_ids a shared batch would attend across its pair's two tails: refused, not wrong."""
-    model = RewardModel(CONFIGS["tiny"])
-    batch = collate(random_pairs(2), PAD, share_prompt=True)
-    del batch["position_ids"]
-    with pytest.raises(ValueError, match="position_ids, expand_index and keep_index together"):
-        model(**batch)
+def test_half_a_shared_layout_is_refused():
+    """A shared layout always carries its positions (a Layout field). Without keep_index the tokens could
+    not take their outputs back from the sequence layout (and without expand_index nothing would copy the
+    prompt into both sequences): refused, not wrong."""
+    layout = collate_shared(random_pairs(2), PAD).layout
+    for half in ({"keep_index": None}, {"expand_index": None}):
+        with pytest.raises(ValueError, match="expand_index and keep_index together"):
+            replace(layout, **half)
+
+
+def test_choose_collate():
+    items = random_pairs(3)
+    for packing, share_prompt, want in ((False, False, collate(items, PAD)),
+                                        (False, True, collate_shared(items, PAD)),
+                                        (True, False, collate_packed(items, PAD)),
+                                        (True, True, collate_packed(items, PAD, share_prompt=True))):
+        got = choose_collate(packing, share_prompt)(items, PAD)
+        assert torch.equal(got.input_ids, want.input_ids)
+        assert (got.layout is None) == (want.layout is None) == (not packing and not share_prompt)
+        if got.layout is not None:
+            assert torch.equal(got.layout.sequence_ids, want.layout.sequence_ids)
+            assert (got.layout.expand_index is None) == (not share_prompt)
 
 
 @pytest.mark.parametrize("head,pooling", [("mlp", "mean"), ("linear", "last")])
@@ -122,7 +154,7 @@ def test_packed_equals_padded_fp32(head, pooling, impl, max_tokens, share_prompt
     padded, pg = run(model, collate(items, PAD))
     model.model.packed_attention = impl
     if max_tokens == "padded rows":  # shared prompt, attention over collate's padded rows
-        packed, kg = run(model, collate(items, PAD, share_prompt=True))
+        packed, kg = run(model, collate_shared(items, PAD))
     else:
         packed, kg = run(model, collate_packed(items, PAD, max_tokens=max_tokens, share_prompt=share_prompt))
     for key in ("rewards", "loss", "accuracy", "margin"):
@@ -142,7 +174,7 @@ def test_packed_with_gradient_checkpointing_and_auto_choice():
     model.model.gradient_checkpointing = True
     for share_prompt in (False, True):
         batch = collate_packed(items, PAD, share_prompt=share_prompt)
-        del batch["cu_seqlens"], batch["max_seqlen"]  # read off the positions instead
+        batch.layout = replace(batch.layout, cu_seqlens=None, max_seqlen=None)  # read off the positions instead
         packed, kg = run(model, batch)
         assert torch.allclose(packed["rewards"], padded["rewards"], atol=1e-5, rtol=0)
         assert max((pg[n] - kg[n]).abs().max() for n in pg) < 1e-5
@@ -155,12 +187,11 @@ def test_varlen_matches_padded_bf16_cuda():
     model.model.init_weights(seed=0)
     model.init_head(0).train()
     items = random_pairs(6)
-    to = lambda b: {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        padded = model(**to(collate(items, PAD)), pairs=True)
-        assert model.model.packing_impl(torch.device("cuda"), torch.bfloat16) == "varlen"
-        packed = model(**to(collate_packed(items, PAD)), pairs=True)
-        shared = model(**to(collate_packed(items, PAD, share_prompt=True)), pairs=True)
+        padded = forward(model, collate(items, PAD).to("cuda"))
+        assert choose_impl(model.model, torch.device("cuda"), torch.bfloat16) == "varlen"
+        packed = forward(model, collate_packed(items, PAD).to("cuda"))
+        shared = forward(model, collate_packed(items, PAD, share_prompt=True).to("cuda"))
     assert (packed["rewards"] - padded["rewards"]).abs().max() < 0.05  # bf16 rounding
     assert (shared["rewards"] - padded["rewards"]).abs().max() < 0.05
 

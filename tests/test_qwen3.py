@@ -8,6 +8,7 @@ import torch
 
 from conftest import ROOT, make_hf_cache, save_hf_model
 from errors import UserError
+from packing import Layout
 from qwen3 import CONFIGS, Qwen3, Qwen3Config
 
 
@@ -78,7 +79,7 @@ def test_packed_rows_equal_separate_sequences(hf_tiny):
     packed = torch.cat([a, b])[None]
     positions = torch.cat([torch.arange(5), torch.arange(8)])[None]
     with torch.no_grad():
-        got = ours(packed, position_ids=positions)[0]
+        got = ours(packed, layout=Layout.from_positions(positions))[0]
         assert (got[:5] - ours(a[None])[0]).abs().max() < 1e-5
         assert (got[5:] - ours(b[None])[0]).abs().max() < 1e-5
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import save_hf_model
 from errors import UserError
 from qwen3 import CONFIGS, Qwen3
-from rm import RewardModel, pairwise_loss, pool
+from rm import RewardModel, pairwise_loss, pool, reward_model_config
 
 
 def tiny_rm(head="mlp", pooling="mean", seed=0):
@@ -33,11 +33,11 @@ def test_reward_independent_of_padding_and_batchmates(head, pooling):
     model = tiny_rm(head, pooling)
     g = torch.Generator().manual_seed(0)
     target = torch.randint(1, 512, (6,), generator=g).tolist()
-    alone = model(torch.tensor([target]))["rewards"][0]
+    alone = model(torch.tensor([target]))[0]
     others = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 14, 9)]
     for batch in ([target] + others, others + [target], [others[1], target]):
         ids, mask = right_pad(batch, pad_id=7)
-        r = model(ids, attention_mask=mask)["rewards"]
+        r = model(ids, attention_mask=mask)
         assert r.dtype == torch.float32 and r.shape == (len(batch),)
         assert abs(r[batch.index(target)] - alone) < 1e-5
 
@@ -71,25 +71,25 @@ def test_loss_matches_hand_computation():
 def test_pair_forward_is_one_pass_with_loss():
     model = tiny_rm()
     ids, mask = right_pad([[5, 6, 7], [8, 9], [5, 6, 1, 2], [8, 3]])  # 2 chosen then 2 rejected
-    out = model(ids, attention_mask=mask, pairs=True, margin=torch.tensor([0.1, 0.2]))
-    r = out["rewards"]
+    r = model(ids, attention_mask=mask)
+    out = pairwise_loss(*r.chunk(2), margin=torch.tensor([0.1, 0.2]))
     want = -F.logsigmoid(r[:2] - r[2:] - torch.tensor([0.1, 0.2])).mean()
     assert torch.allclose(out["loss"], want)
     out["loss"].backward()
-    assert model.reward_head.fc2.weight.grad is not None
+    assert model.head.fc2.weight.grad is not None
 
 
 def test_roundtrip_exact(tmp_path, demo_tok):
     for head, pooling in (("mlp", "mean"), ("linear", "last")):
         model = tiny_rm(head, pooling)
         model.tokenizer = demo_tok
-        model.extra_config = {"reward_mean": 0.5, "max_length": 64}
+        model.provenance = {"reward_mean": 0.5, "max_length": 64}
         model.save_pretrained(tmp_path / head)
         loaded = RewardModel.from_pretrained(str(tmp_path / head)).eval()
         assert (loaded.head_type, loaded.pooling) == (head, pooling)
-        assert loaded.extra_config == {"reward_mean": 0.5, "max_length": 64}
+        assert loaded.provenance == {"reward_mean": 0.5, "max_length": 64}
         ids, mask = right_pad([[5, 6, 7, 9], [8, 9]])
-        assert torch.equal(model(ids, mask)["rewards"], loaded(ids, mask)["rewards"])
+        assert torch.equal(model(ids, mask), loaded(ids, mask))
         texts = ["\n\nHuman: hello\n\nAssistant: hi there", "\n\nHuman: a\n\nAssistant: b"]
         assert loaded.score(texts) == model.score(texts)
 
@@ -101,7 +101,7 @@ def test_score_matches_forward_and_keeps_order(demo_tok):
     got = model.score(texts, batch_size=2)
     for t, r in zip(texts, got):
         ids = torch.tensor([demo_tok.encode(t) + [demo_tok.eos_id]])
-        assert abs(model(ids)["rewards"].item() - r) < 1e-5
+        assert abs(model(ids).item() - r) < 1e-5
 
 
 def test_loads_transformers_sequence_classifier(tmp_path):
@@ -111,7 +111,7 @@ def test_loads_transformers_sequence_classifier(tmp_path):
     ids, mask = right_pad([[5, 6, 7, 9, 11], [8, 9], [3, 4, 5]], pad_id=0)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
-    assert (ours(ids, attention_mask=mask)["rewards"] - want).abs().max() < 1e-5
+    assert (ours(ids, attention_mask=mask) - want).abs().max() < 1e-5
 
 
 def test_our_linear_save_loads_in_transformers(tmp_path, demo_tok):
@@ -124,7 +124,7 @@ def test_our_linear_save_loads_in_transformers(tmp_path, demo_tok):
     ids, mask = right_pad([[5, 6, 7, 9, 11], [8, 9], [3, 4, 5]], pad_id=demo_tok.pad_id)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
-    assert (model(ids, attention_mask=mask)["rewards"] - want).abs().max() < 1e-4
+    assert (model(ids, attention_mask=mask) - want).abs().max() < 1e-4
 
 
 def test_causal_lm_gets_backbone_and_fresh_small_head(tmp_path):
@@ -134,10 +134,10 @@ def test_causal_lm_gets_backbone_and_fresh_small_head(tmp_path):
     for (n, p), (n2, p2) in zip(model.model.state_dict().items(), backbone.state_dict().items()):
         assert n == n2 and torch.equal(p, p2)
     ids = torch.randint(1, 320, (8, 12))
-    r = model(ids)["rewards"]
+    r = model(ids)
     assert r.abs().max() < 0.2 and r.std() > 0  # near 0, yet not degenerate
     lin = RewardModel.from_pretrained(str(tmp_path), head="linear", pooling="last")
-    assert lin.linear_head.weight.shape == (1, 48)
+    assert lin.head.weight.shape == (1, 48)
 
 
 def test_head_conflict_is_a_clear_error(tmp_path):
@@ -161,7 +161,7 @@ def test_crash_mid_save_leaves_old_model_or_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]  # no temp leftovers, no half "new"
     after = RewardModel.from_pretrained(str(tmp_path / "rm"))
     ids = torch.randint(1, 512, (2, 5))
-    assert torch.equal(before(ids)["rewards"], after(ids)["rewards"])
+    assert torch.equal(before(ids), after(ids))
 
 
 def test_freeze_layers_freezes_exactly():
@@ -180,16 +180,42 @@ def test_8bit_model_trains_only_head_and_norms(tmp_path):
     assert len(linears) == 2 * 7 and all(m.weight.dtype == torch.int8 for m in linears)
     ids, mask = right_pad([[5, 6, 7], [8, 9], [5, 6, 1, 2], [8, 3]])
     with torch.no_grad():
-        ref = tiny_rm()(ids, attention_mask=mask)["rewards"]
-    out = model(ids, attention_mask=mask, pairs=True)
-    assert (out["rewards"] - ref).abs().max() < 0.05  # int8 rounding only
-    out["loss"].backward()
+        ref = tiny_rm()(ids, attention_mask=mask)
+    rewards = model(ids, attention_mask=mask)
+    assert (rewards - ref).abs().max() < 0.05  # int8 rounding only
+    pairwise_loss(*rewards.chunk(2))["loss"].backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad and all("norm" in n or n.startswith("reward_head") for n in with_grad)
-    assert any(n.startswith("reward_head") for n in with_grad) and any("norm" in n for n in with_grad)
+    assert with_grad and all("norm" in n or n.startswith("head.") for n in with_grad)
+    assert any(n.startswith("head.") for n in with_grad) and any("norm" in n for n in with_grad)
     # the saved model is a plain (dequantised) checkpoint that loads without bitsandbytes
     model.save_pretrained(tmp_path / "q")
     reloaded = RewardModel.from_pretrained(str(tmp_path / "q")).eval()
     model.eval()
     with torch.no_grad():
-        assert (reloaded(ids, attention_mask=mask)["rewards"] - model(ids, attention_mask=mask)["rewards"]).abs().max() < 0.05
+        assert (reloaded(ids, attention_mask=mask) - model(ids, attention_mask=mask)).abs().max() < 0.05
+
+
+def test_checkpoint_key_names_unchanged(tmp_path):
+    """One `head` attribute in memory; on disk the names older checkpoints and transformers use."""
+    from safetensors.torch import load_file
+    for head, want in (("mlp", {"reward_head.fc1.weight", "reward_head.fc1.bias", "reward_head.fc2.weight"}),
+                       ("linear", {"score.weight"})):
+        model = tiny_rm(head)
+        model.save_pretrained(tmp_path / head)
+        keys = set(load_file(tmp_path / head / "model.safetensors"))
+        assert {k for k in keys if not k.startswith("model.")} == want
+        assert all(k.startswith(("model.", "reward_head.", "score.")) for k in keys)
+        loaded = RewardModel.from_pretrained(str(tmp_path / head))
+        assert all(torch.equal(a, b) for a, b in zip(model.head.parameters(), loaded.head.parameters()))
+
+
+def test_reward_model_config_kinds(tmp_path):
+    ours = {"architectures": ["Qwen3RewardModel"], "reward_model": {"head": "mlp", "pooling": "mean", "seed": 1}}
+    assert reward_model_config(ours, "x") == {"head": "mlp", "pooling": "mean", "seed": 1}
+    seq_cls = {"architectures": ["Qwen3ForSequenceClassification"], "id2label": {"0": "LABEL_0"}}
+    assert reward_model_config(seq_cls, "x") == {"head": "linear", "pooling": "last"}
+    assert reward_model_config({"architectures": ["Qwen3ForCausalLM"]}, "x") is None
+    with pytest.raises(UserError, match="sequence classifier with 2 labels"):
+        reward_model_config({**seq_cls, "id2label": {"0": "a", "1": "b"}}, "x")
+    with pytest.raises(UserError, match="needs a head"):
+        reward_model_config({"reward_model": {"head": "bogus", "pooling": "mean"}}, "x")

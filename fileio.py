@@ -1,0 +1,99 @@
+"""Writes that a crash, a kill or a power cut can never leave half done.
+
+- A file is written under a hidden temporary name in the same directory, flushed to disk, then renamed
+  over its target (a rename within one directory is atomic).
+- A directory is built under a hidden temporary name (`atomic_dir`), and renamed into place only when
+  complete; an older directory of that name is renamed aside first and deleted after.
+- A directory is deleted by renaming it aside first, so a kill halfway never leaves a half-deleted tree
+  under its real name.
+Hidden leftovers of killed writes are named `.NAME.tmp-PID` and `.NAME.old-...`: never read, and
+removed by the next run (checkpoint.claim_output_dir).
+"""
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_dir(path: Path, files: bool = True):
+    """Flush a directory's files (and its entry list) to disk, so a power cut cannot undo a rename."""
+    for f in Path(path).iterdir() if files else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj):
+    """Write JSON straight to `path` and flush it (inside a directory that atomic_dir renames later)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str):
+    """Replace the file `path` with `text` in one step: a reader sees the old content or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def remove(path: Path):
+    """Delete a file or a directory tree; a directory is renamed to a hidden name first."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        if not path.name.startswith("."):
+            hidden = path.with_name(f".{path.name}.old-{os.getpid()}-{time.time_ns()}")
+            os.replace(path, hidden)
+            path = hidden
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_dir(src: Path, dst: Path):
+    """Move a finished directory into place. An existing `dst` is moved aside first and deleted after,
+    so at every instant `dst` is either the old complete directory, absent, or the new complete one."""
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent, files=False)
+    remove(old)
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """`with atomic_dir(path) as tmp:` write into `tmp`; on success it becomes `path` in one rename, on any
+    error (or Ctrl-C) it is deleted and `path` is left as it was."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,292 @@
+"""Where files come from: model directories and dataset files, local or on the Hugging Face Hub.
+
+- A model is a local directory, or a Hub repo id fetched with huggingface_hub into its usual cache
+  (only config, tokenizer and safetensors files); with HF_HUB_OFFLINE=1 only the cache is read.
+  eval.py's CHECKPOINT may also be a train.py checkpoint or output directory (find_model_dir).
+- A dataset (dataset_files) is a local file, glob (taken as given) or directory, or a Hub dataset id.
+  A directory or repo is split-aware when its file names carry split names (train.jsonl,
+  test-00000-of-00001.parquet, train/0000.parquet, partial-train/...); a directory without them is read
+  whole, a repo without them is one "train" split (the HF convention).
+- On the Hub, a repo is listed on main; without parquet files for the split, its parquet conversion
+  (refs/convert/parquet) is used, else main's json/jsonl(.gz) files. Shards download one at a time.
+- Offline (HF_HUB_OFFLINE=1, read at call time) or when listing fails, dataset files come from the HF
+  cache: the snapshot a ref points at, else the newest one (only what was downloaded before).
+"""
+import glob
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from errors import UserError
+
+WEIGHT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json"]
+DATA_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json")
+PARQUET_REVISION = "refs/convert/parquet"  # where the Hub keeps its parquet conversion of a dataset
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not os.path.isabs(name)
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local directory as is; a Hub repo id through huggingface_hub (the local cache first, and
+    only the config, tokenizer and safetensors files; HF_HUB_OFFLINE=1 never touches the network)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{name_or_path} is a file; pass the checkpoint DIRECTORY that holds config.json")
+    if not looks_like_repo_id(name_or_path):
+        raise UserError(f"model directory {name_or_path} does not exist; pass an existing directory "
+                        "or a Hub repo id such as Qwen/Qwen3-0.6B")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=WEIGHT_FILES))
+    except RepositoryNotFoundError:
+        raise UserError(f"{name_or_path} is neither a local directory nor a model on the Hugging Face Hub; "
+                        "check the spelling (and HF_TOKEN for private repos)") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"model {name_or_path} is not in the local Hugging Face cache and the Hub cannot be "
+                        "reached (HF_HUB_OFFLINE=1 or no network); download it once with network access, "
+                        "or pass a local directory") from None
+    except Exception as e:  # network errors and the like: still one line
+        raise UserError(f"could not fetch {name_or_path} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+                        "check the network or pass a local directory") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
+
+
+def find_model_dir(ckpt: str) -> tuple[Path, Path]:
+    """(the directory holding the model's config.json, the directory the report goes to by default).
+
+    A local path may be a model directory itself, a train.py checkpoint (its model in model/), or a
+    train.py output directory (final_model/ inside). Anything else that looks like org/name is a Hub id:
+    the model comes from the Hub (or its local cache) and the report goes to the current directory, not
+    into the cache.
+    """
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        for candidate in (path, path / "model", path / "final_model"):
+            if (candidate / "config.json").is_file():
+                return candidate, path
+        raise UserError(f"{ckpt} holds no model: expected config.json in it, in {ckpt}/model/ (a train.py "
+                        f"checkpoint) or in {ckpt}/final_model/ (a train.py output directory)")
+    if path.exists():
+        raise UserError(f"{ckpt} is a file; pass the checkpoint DIRECTORY (the one holding config.json)")
+    if not looks_like_repo_id(ckpt):
+        raise UserError(f"checkpoint {ckpt} does not exist; pass a directory written by train.py "
+                        f"(e.g. out/final_model) or a Hub model id")
+    return resolve_model_dir(ckpt), Path.cwd()
+
+
+
+
+# -----------------------------------------------------------------------------
+# Dataset files
+
+def dataset_files(source: str, split: str) -> tuple[list[str], Callable[[str], str]]:
+    """(the files of `split` in reading order, fetch): fetch(name) returns a local path, downloading a
+    Hub shard when it is reached. What is missing (path, split, repo) is a UserError now, not later."""
+    if is_local_source(source):
+        return local_files(source, split), lambda path: path
+    return hub_files(source, split)
+
+
+def is_local_source(source: str) -> bool:
+    return (os.path.exists(os.path.expanduser(source)) or source.endswith(DATA_SUFFIXES)
+            or source.startswith((".", "/", "~")) or any(c in source for c in "*?[")
+            or not re.fullmatch(r"[\w.-]+/[\w.-]+", source))
+
+
+def split_of(relpath: str) -> str | None:
+    """The split a file belongs to by its name: train.jsonl, test-00000-of-00001.parquet,
+    train/0000.parquet, partial-train/0000.parquet, harmless-base/test.jsonl.gz; else None."""
+    parts = relpath.replace("\\", "/").split("/")
+    stem = parts[-1]
+    for suffix in DATA_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    for name in [stem.split("-")[0]] + [p.removeprefix("partial-") for p in reversed(parts[:-1])]:
+        if re.fullmatch(r"(train|test|validation|valid|dev|eval)\w*", name):
+            return name
+    return None
+
+
+def data_files(relpaths: list[str]) -> list[str]:
+    """The supported files, sorted, leaving out hidden ones (.cache/, .git/ ...)."""
+    return sorted(p for p in relpaths if p.endswith(DATA_SUFFIXES)
+                  and not any(part.startswith(".") for part in p.replace("\\", "/").split("/")))
+
+
+def split_files(relpaths: list[str], split: str) -> tuple[list[str] | None, list[str]]:
+    """(the data files of `split`, the splits there). None when no file carries a split name."""
+    files = data_files(relpaths)
+    splits = {p: split_of(p) for p in files}
+    available = sorted({s for s in splits.values() if s})
+    if not available:
+        return None, []
+    return [p for p in files if splits[p] == split], available
+
+
+def local_files(source: str, split: str) -> list[str]:
+    """A file as given; a glob's matches (whatever the split); a directory's files of `split`."""
+    path = os.path.expanduser(source)
+    if any(c in path for c in "*?["):
+        matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise UserError(f"{source}: the pattern matches no files; check the path (and quote the pattern)")
+        files = [p for p in matches if p.endswith(DATA_SUFFIXES)]
+        if not files:
+            raise UserError(f"{source}: the pattern matches no .parquet/.jsonl/.jsonl.gz/.json files")
+        return files
+    if os.path.isdir(path):
+        relpaths = [os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path, followlinks=True)
+                    for f in fs]
+        files, available = split_files(relpaths, split)
+        if files is None:  # no split names: the whole directory, whatever the split
+            files = data_files(relpaths)
+            if not files:
+                raise UserError(f"{source}: the directory holds no .parquet/.jsonl/.jsonl.gz/.json files")
+        elif not files:
+            raise UserError(f"{source}: no '{split}' split in the directory; available splits: "
+                            f"{', '.join(available)}")
+        return [os.path.join(path, p) for p in files]
+    if os.path.isfile(path):
+        if not path.endswith(DATA_SUFFIXES):
+            raise UserError(f"{source}: unsupported file type; use .parquet, .jsonl, .jsonl.gz or .json")
+        return [path]
+    raise UserError(f"{source}: no such file or directory (nor a Hub dataset id like Anthropic/hh-rlhf)")
+
+
+def hf_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; look at the environment now too
+    from huggingface_hub import constants
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hf_cache_dir() -> str:
+    """The HF hub cache, from the environment as it is now."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return os.path.expanduser(os.path.expandvars(cache))
+
+
+def hub_files(repo: str, split: str) -> tuple[list[str], Callable[[str], str]]:
+    """A Hub dataset's files of `split` and their fetch: listed on the Hub, or from the cache offline."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+    cache = hf_cache_dir()
+    if hf_offline():
+        return cached_files(repo, split, cache, "HF_HUB_OFFLINE is set")
+    try:
+        listings = _hub_listings(repo, split)
+    except RepositoryNotFoundError:  # also gated/private repos without a token
+        raise UserError(f"{repo}: no such dataset on the Hub (or it is private/gated: run "
+                        f"`hf auth login`); check the name") from None
+    except Exception as e:  # no network, Hub down, ...: the cache may have it
+        return cached_files(repo, split, cache, f"listing it on the Hub failed ({type(e).__name__}: {e})")
+    revision, files = _pick_revision(repo, listings, split, "on the Hub")
+    return files, _downloader(repo, revision, cache)
+
+
+def _hub_listings(repo: str, split: str) -> list[tuple[str, list[str]]]:
+    """(revision, files) of main, and of the parquet conversion when main has no parquet for `split`."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RevisionNotFoundError
+    api = HfApi()
+    listings = [("main", api.list_repo_files(repo, repo_type="dataset"))]
+    files, _ = split_files(listings[0][1], split)
+    if not any(f.endswith(".parquet") for f in files or []):
+        try:
+            listings.append((PARQUET_REVISION, api.list_repo_files(repo, repo_type="dataset",
+                                                                   revision=PARQUET_REVISION)))
+        except RevisionNotFoundError:
+            pass  # no parquet conversion: use main's files
+    return listings
+
+
+def _downloader(repo: str, revision: str, cache: str) -> Callable[[str], str]:
+    from huggingface_hub import hf_hub_download
+
+    def fetch(file: str) -> str:
+        try:
+            return hf_hub_download(repo, file, repo_type="dataset", revision=revision, cache_dir=cache)
+        except Exception as e:  # network gone, disk full, ...
+            raise UserError(f"{repo}: downloading {file} failed ({type(e).__name__}: {e}); check the "
+                            f"network and disk, or set HF_HUB_OFFLINE=1 to use what is cached") from None
+    return fetch
+
+
+def _pick_revision(repo: str, listings: list[tuple[str, list[str]]], split: str,
+                   where: str) -> tuple[str, list[str]]:
+    """(revision or snapshot dir, files of `split`): parquet files first, on whichever
+    revision has them, then json/jsonl(.gz) files. A UserError listing the splits if none."""
+    found, all_splits = [], set()
+    for revision, relpaths in listings:
+        files, available = split_files(relpaths, split)
+        if files is None:  # the HF convention: a repo without split names is one train split
+            files = data_files(relpaths) if split == "train" else []
+            available = ["train"] if data_files(relpaths) else []
+        all_splits.update(available)
+        if files:
+            found.append((revision, sorted(files)))
+    for revision, files in found:
+        if any(f.endswith(".parquet") for f in files):
+            return revision, [f for f in files if f.endswith(".parquet")]
+    if found:
+        return found[0]
+    if not all_splits:
+        raise UserError(f"{repo}: no .parquet/.jsonl/.jsonl.gz/.json data files {where}")
+    raise UserError(f"{repo}: no '{split}' split {where}; available splits: {', '.join(sorted(all_splits))}")
+
+
+def cached_files(repo: str, split: str, cache: str, why_offline: str) -> tuple[list[str], Callable[[str], str]]:
+    """The files of `split` in the HF cache's snapshots of a dataset (local paths, fetch does nothing)."""
+    listings = []
+    for snap in _cached_snapshots(repo, cache):
+        relpaths = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs
+                    if os.path.isfile(os.path.join(d, f))]  # skip links to missing blobs
+        listings.append((snap, relpaths))
+    if not any(relpaths for _, relpaths in listings):
+        raise UserError(f"{repo}: {why_offline} and nothing of it is in the HF cache {cache}; run once "
+                        f"online to download it, or point HF_HUB_CACHE at a cache that has it")
+    snap, files = _pick_revision(repo, listings, split, f"in the HF cache {cache}")
+    print(f"data: {repo} ({split}) offline: reading {len(files)} cached file(s) from {snap}", file=sys.stderr)
+    return [os.path.join(snap, f) for f in files], lambda path: path
+
+
+def _cached_snapshots(repo: str, cache: str) -> list[str]:
+    """The snapshot dirs of a dataset in the HF cache: those refs point at first, then newest first."""
+    repo_dir = os.path.join(cache, "datasets--" + repo.replace("/", "--"))
+    snapshots = os.path.join(repo_dir, "snapshots")
+    found = []
+    # the library writes refs/<revision>, so refs/convert/parquet lands in refs/refs/convert/parquet
+    for revision in ("main", PARQUET_REVISION, "convert/parquet"):
+        ref = os.path.join(repo_dir, "refs", revision)
+        if os.path.isfile(ref):
+            with open(ref) as f:
+                snap = os.path.join(snapshots, f.read().strip())
+            if os.path.isdir(snap) and snap not in found:
+                found.append(snap)
+    if os.path.isdir(snapshots):
+        others = [os.path.join(snapshots, d) for d in os.listdir(snapshots)]
+        found += [s for s in sorted(others, key=os.path.getmtime, reverse=True) if os.path.isdir(s) and s not in found]
+    return found

@@ -1,0 +1,142 @@
+"""LoRA: train a low-rank update on a frozen backbone, then merge it back into plain weights.
+
+A targeted linear layer y = x W^T keeps W frozen and learns a low-rank correction:
+    y = x W^T + (alpha / r) * x A^T B^T,    A: (r, in), B: (out, r), r << min(in, out).
+A starts random (like nn.Linear) and B starts at zero, so B A = 0 and training begins exactly at the base
+model; the gradient of B is nonzero from the first step (it sees x A^T), and A follows once B moves.
+Only A and B (and the reward head) train, so the gradients and the AdamW state (two fp32 copies of every
+trainable parameter) shrink from ~3x the model to a few MB: this is most of LoRA's memory saving. The base
+may be fp32, bf16 or a bitsandbytes int8 Linear8bitLt (QLoRA-style); the adapters are always fp32.
+alpha / r keeps the update's size roughly independent of r, so a learning rate carries over between ranks.
+To export, W' = W + (alpha / r) B A is a plain weight (int8 dequantised first): the saved model needs
+no LoRA code to load, in our RewardModel or in transformers.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+
+# --lora_targets name -> the linear layer it means in every block (qwen3.py's Attention and MLP).
+TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, generator=None):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        A = torch.empty(rank, base.in_features)  # on the CPU, where the seeded generator lives
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # nn.Linear's own init
+        device = base.weight.device
+        self.lora_A = nn.Parameter(A.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+
+    def forward(self, x):
+        y = self.base(x)
+        # fp32 adapters on a bf16 input: without autocast F.linear would refuse the mixed dtypes; under
+        # autocast it casts both to bf16 anyway. The product is cast back to the base output's dtype.
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (update * self.scale).to(y.dtype)
+
+    def merged_weight(self, dtype) -> torch.Tensor:
+        """W + scale * B A, computed in fp32 and returned in `dtype`."""
+        return (dense_weight(self.base) + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(dtype)
+
+
+def dense_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight in fp32; for an int8 Linear8bitLt: int8 * per-row scale (SCB) / 127, as rm.py exports it.
+    Read through state_dict: bitsandbytes moves SCB off the weight after the first forward."""
+    state = linear.state_dict()
+    if state["weight"].dtype == torch.int8:
+        return state["weight"].float() * state["SCB"].float()[:, None] / 127
+    return state["weight"].detach().float()
+
+
+def backbone_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """(backbone, its name prefix): a RewardModel keeps its Qwen3 at `.model`; a bare Qwen3 is its own."""
+    inner = getattr(model, "model", None)
+    return (inner, "model.") if isinstance(inner, nn.Module) else (model, "")
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+             targets=tuple(TARGETS), seed: int = 0) -> nn.Module:
+    """Wrap the targeted linears of every block in LoRALinear and freeze the rest of the backbone
+    (embeddings and norms too); a reward head outside the backbone stays trainable. Returns `model`.
+    Call it after quantize_8bit and before freeze_layers (which then freezes those blocks' adapters)."""
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    if rank < 1:
+        raise UserError(f"--lora_rank must be at least 1, got {rank}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {dropout}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise UserError(f"unknown --lora_targets {','.join(unknown) or '(none)'}; choose from {','.join(TARGETS)}")
+    backbone, _ = backbone_of(model)
+    layers = {f"layers.{i}.{TARGETS[t]}": block.get_submodule(TARGETS[t])
+              for i, block in enumerate(backbone.layers) for t in targets}
+    for where, linear in layers.items():  # check all before changing anything
+        if not isinstance(linear, nn.Linear):  # Linear8bitLt is an nn.Linear too; a LoRALinear is not
+            raise UserError(f"{where} is a {type(linear).__name__}, not a linear layer: add_lora applied twice?")
+        if rank > min(linear.in_features, linear.out_features):
+            raise UserError(f"--lora_rank {rank} is larger than {where} ({linear.in_features} -> "
+                            f"{linear.out_features}); use at most {min(linear.in_features, linear.out_features)}")
+    generator = torch.Generator().manual_seed(seed)
+    for where, linear in layers.items():
+        backbone.set_submodule(where, LoRALinear(linear, rank, 2 * rank if alpha is None else alpha, dropout, generator))
+    for name, p in backbone.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def merged_state_dict(model: nn.Module, dtype=None) -> dict:
+    """model.state_dict() as a model without LoRA would have it: each LoRALinear becomes one
+    `<name>.weight` = W + scale * B A, and every int8 layer a dequantised weight, in `dtype` (default: the
+    dtype of the model's first floating-point parameter outside the adapters, i.e. the embeddings)."""
+    if dtype is None:
+        dtype = next(p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n)
+    state = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            linear, weight = m.base, m.merged_weight(dtype)
+        elif isinstance(m, nn.Linear) and state.get(f"{name}.weight", torch.empty(0)).dtype == torch.int8:
+            linear, weight = m, dense_weight(m).to(dtype)
+        else:
+            continue  # plain layers stay as they are; a LoRALinear's base was merged with it already
+        for key in [k for k in state if k.startswith(f"{name}.")]:  # lora_A/B, base.*, SCB, weight_format
+            del state[key]
+        state[f"{name}.weight"] = weight.contiguous()
+        if linear.bias is not None:
+            state[f"{name}.bias"] = linear.bias.detach()
+    return state
+
+
+def is_adapter_or_head(name: str, backbone_prefix: str) -> bool:
+    return "lora_" in name or (backbone_prefix != "" and not name.startswith(backbone_prefix))
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """The small part of a LoRA model that training changes: every adapter, plus the reward head."""
+    _, prefix = backbone_of(model)
+    return {n: p.detach() for n, p in model.named_parameters() if is_adapter_or_head(n, prefix)}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict, where: str = "adapter checkpoint"):
+    """Copy `state` (from adapter_state_dict) into the model, after checking names and shapes match."""
+    params = dict(model.named_parameters())
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{where} does not match the model's LoRA layout: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]} (different --lora_rank/--lora_targets or --head?)")
+    for name, t in state.items():
+        if t.shape != params[name].shape:
+            raise UserError(f"{where}: {name} has shape {tuple(t.shape)}, the model expects "
+                            f"{tuple(params[name].shape)} (different --lora_rank?)")
+    with torch.no_grad():
+        for name, t in state.items():
+            params[name].copy_(t)
+    return model

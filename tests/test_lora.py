@@ -1,0 +1,255 @@
+"""LoRA (lora.py): exact start at the base model, gradients only on adapters, merged export = unmerged forward."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from errors import UserError
+from lora import LoRALinear, adapter_state_dict, add_lora, load_adapter_state_dict, merged_state_dict
+from qwen3 import CONFIGS, Qwen3
+
+CFG = CONFIGS["tiny"]
+
+
+def tiny_backbone(seed=0):
+    return Qwen3(CFG).init_weights(seed=seed).eval()
+
+
+def input_ids(seed=1, shape=(2, 12)):
+    return torch.randint(0, CFG.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_B(model, seed=2, std=0.05):
+    """B starts at zero; give it values so that the adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * std)
+
+
+def quantize_backbone_8bit(backbone, threshold=6.0):
+    """As RewardModel.quantize_8bit does: every block linear becomes a frozen int8 Linear8bitLt."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for module in list(backbone.layers.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
+                                        has_fp16_weights=False, threshold=threshold)
+                q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+                setattr(module, name, q.to(child.weight.device))
+    return backbone
+
+
+def test_init_equals_base_model_exactly():
+    base = tiny_backbone()
+    lora = add_lora(copy.deepcopy(base), rank=4, dropout=0.1)  # dropout is off in eval mode
+    ids = input_ids()
+    wrapped = [n for n, m in lora.named_modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 7 * CFG.num_hidden_layers
+    with torch.no_grad():
+        assert torch.equal(lora(ids), base(ids))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(lora(ids), base(ids))
+    # and the adapters are not a no-op: a nonzero B changes the output
+    randomize_B(lora)
+    with torch.no_grad():
+        assert not torch.allclose(lora(ids), base(ids), atol=1e-4)
+
+
+def test_gradients_reach_only_the_adapters():
+    model = add_lora(tiny_backbone(), rank=4, targets=("q", "v", "down"))
+    model.train()
+    model(input_ids()).pow(2).mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    assert with_grad and all(n.endswith(("lora_A", "lora_B")) for n in with_grad)
+    assert {n.split(".")[3] for n in with_grad} == {"q_proj", "v_proj", "down_proj"}
+    for name in ["embed_tokens.weight", "norm.weight", "layers.0.input_layernorm.weight",
+                 "layers.0.self_attn.q_proj.base.weight", "layers.0.self_attn.k_proj.weight"]:
+        assert name in dict(model.named_parameters()) and name not in with_grad
+    # B gets a gradient from the first step; A only once B is nonzero (its gradient goes through B)
+    b_grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_B")]
+    a_grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_A")]
+    assert all(g.abs().sum() > 0 for g in b_grads)
+    assert all(torch.count_nonzero(g) == 0 for g in a_grads)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    # the embeddings are frozen, so a block's input needs no grad: checkpointing must still reach the adapters
+    grads = []
+    for checkpointing in (False, True):
+        model = add_lora(tiny_backbone(), rank=4)
+        randomize_B(model)  # so that A gets a gradient too
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        model(input_ids()).pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(g.abs().sum() > 0 for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
+
+def test_training_moves_adapters_only_and_merged_export_matches_fp32():
+    base = tiny_backbone()
+    model = add_lora(copy.deepcopy(base), rank=4, alpha=16)
+    frozen_before = {n: t.clone() for n, t in base.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = input_ids()
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids).pow(2).mean().backward()
+        opt.step()
+    model.eval()
+    merged = merged_state_dict(model)
+    assert set(merged) == set(base.state_dict())  # the plain names, no lora_ keys
+    for name, t in model.state_dict().items():      # the base weights themselves never moved
+        if "lora_" not in name:
+            assert torch.equal(t, frozen_before[name.replace(".base.", ".")])
+    plain = Qwen3(CFG).eval()
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        expected = model(ids)
+        assert not torch.allclose(expected, base(ids), atol=1e-4)  # training changed the model
+        torch.testing.assert_close(plain(ids), expected, atol=1e-5, rtol=0)
+
+
+def test_merged_export_keeps_bf16_base_dtype():
+    base = tiny_backbone().to(torch.bfloat16)
+    model = add_lora(base, rank=4)
+    assert model.layers[0].mlp.up_proj.lora_A.dtype == torch.float32  # adapters stay fp32
+    randomize_B(model)
+    ids = input_ids()
+    with torch.no_grad():
+        out = model(ids)  # fp32 adapters on bf16 activations, no autocast
+        assert out.dtype == torch.bfloat16
+        merged = merged_state_dict(model)
+        assert all(t.dtype == torch.bfloat16 for t in merged.values())
+        plain = Qwen3(CFG).to(torch.bfloat16).eval()
+        plain.load_state_dict(merged)
+        torch.testing.assert_close(plain(ids).float(), out.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_int8_base_merged_export_matches_within_bf16_tolerance():
+    model = add_lora(quantize_backbone_8bit(tiny_backbone()), rank=4)
+    assert model.layers[0].self_attn.q_proj.base.weight.dtype == torch.int8
+    randomize_B(model)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = model(ids)
+        merged = merged_state_dict(model)
+        assert not any(k.endswith((".SCB", ".weight_format")) or "lora_" in k for k in merged)
+        assert all(t.dtype == torch.float32 for t in merged.values())
+        plain = Qwen3(CFG).eval()
+        plain.load_state_dict(merged)
+        torch.testing.assert_close(plain(ids), expected, atol=2e-2, rtol=2e-2)
+    # trains under bf16 autocast, gradients on the adapters only
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids).float().pow(2).mean()
+    loss.backward()
+    assert all(("lora_" in n) == (p.grad is not None) for n, p in model.named_parameters())
+    assert model.layers[1].mlp.down_proj.lora_B.grad.dtype == torch.float32
+
+
+def test_adapter_state_dict_round_trip_and_mismatch():
+    model = add_lora(tiny_backbone(), rank=4, targets="q,v")
+    randomize_B(model)
+    state = {n: t.clone() for n, t in adapter_state_dict(model).items()}
+    assert set(state) == {f"layers.{i}.self_attn.{p}_proj.lora_{m}" for i in range(2) for p in "qv" for m in "AB"}
+    other = add_lora(tiny_backbone(), rank=4, targets="q,v", seed=5)  # different A, zero B
+    load_adapter_state_dict(other, state)
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.equal(other(ids), model(ids))
+    with pytest.raises(UserError, match="shape"):
+        load_adapter_state_dict(add_lora(tiny_backbone(), rank=2, targets="q,v"), state)
+    with pytest.raises(UserError, match="missing"):
+        load_adapter_state_dict(add_lora(tiny_backbone(), rank=4, targets="q,k,v"), state)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=0), "--lora_rank must be at least 1"),
+    (dict(rank=4, targets=("q", "qq")), "unknown --lora_targets qq; choose from q,k,v,o,gate,up,down"),
+    (dict(rank=CFG.hidden_size + 1), f"larger than .* use at most {CFG.hidden_size}"),
+    (dict(rank=4, dropout=1.0), r"--lora_dropout must be in \[0, 1\)"),
+])
+def test_errors_are_one_line(kwargs, message):
+    model = tiny_backbone()
+    with pytest.raises(UserError, match=message) as e:
+        add_lora(model, **kwargs)
+    assert "\n" not in str(e.value)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # checked before changing anything
+
+
+# ---- on a RewardModel: the backbone at .model gets the adapters, the head trains fully ----------
+
+
+def tiny_reward_model(head="mlp", pooling="mean"):
+    from rm import RewardModel
+    model = RewardModel(CFG, head=head, pooling=pooling)
+    model.model.init_weights(seed=0)
+    return model.init_head(0).eval()
+
+
+def padded_batch(pad_id=0):
+    rows = [[5, 6, 7, 9, 11], [8, 9], [3, 4, 5, 6]]
+    ids = torch.full((len(rows), 5), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("head", ["mlp", "linear"])
+def test_reward_model_starts_at_base_rewards_and_only_adapters_and_head_train(head):
+    base = tiny_reward_model(head, "mean" if head == "mlp" else "last")
+    model = add_lora(copy.deepcopy(base), rank=4, dropout=0.1)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), base(ids, mask))
+    model.train()
+    model(ids, mask).square().sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    head_params = {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    assert head_params and head_params <= with_grad
+    assert with_grad - head_params == {n for n, _ in model.named_parameters() if "lora_" in n}
+    # the checkpoint part: adapters + head, nothing of the frozen backbone
+    assert set(adapter_state_dict(model)) == with_grad
+
+
+def test_reward_model_merged_state_dict_loads_into_plain_reward_model():
+    model = add_lora(tiny_reward_model(), rank=8, targets="q,k,v,o")
+    randomize_B(model)
+    ids, mask = padded_batch()
+    plain = tiny_reward_model()
+    plain.load_state_dict(merged_state_dict(model))  # strict: same keys as a model without LoRA
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids, mask), model(ids, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_reward_model_merged_save_loads_in_ours_and_transformers(tmp_path, demo_tok, int8):
+    import inspect
+
+    from rm import RewardModel
+    if "merged_state_dict" not in inspect.getsource(RewardModel.export_state_dict):
+        pytest.skip("rm.RewardModel.export_state_dict does not merge LoRA adapters yet")
+    from transformers import AutoModelForSequenceClassification
+    model = tiny_reward_model("linear", "last")
+    if int8:
+        pytest.importorskip("bitsandbytes")
+        model.quantize_8bit()
+    model = add_lora(model, rank=4)
+    randomize_B(model)
+    model.tokenizer = demo_tok
+    model.save_pretrained(tmp_path / "rm")
+    ids, mask = padded_batch(pad_id=demo_tok.pad_id)
+    ours = RewardModel.from_pretrained(str(tmp_path / "rm"))
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        expected = model(ids, mask)
+        torch.testing.assert_close(ours(ids, mask), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits[:, 0], expected, atol=1e-4, rtol=0)

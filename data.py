@@ -4,6 +4,9 @@
   .jsonl.gz or .json file, directory or glob, or a Hub dataset id such as Anthropic/hh-rlhf (hub.py
   finds the files). Files stream: parquet a batch of rows at a time over the needed columns only, jsonl
   line by line; a JSON *list* file is the exception, parsed whole (use jsonl for big files).
+- Memory is bounded before anything is parsed: a jsonl line or parquet row over MAX_ROW_BYTES is skipped
+  ("row too large") without being held whole, a JSON list file over MAX_JSON_LIST_BYTES is refused, and
+  a text longer than max_length tokens can be (text_char_cap) is never handed to the tokenizer.
 - Rows -> Pair: prompt/chosen/rejected columns are taken as given; chosen/rejected alone are whole
   hh-rlhf transcripts, split after the last "\\n\\nAssistant:" they share. A `margin` column is carried.
   A bad row is skipped with its reason and counted: read == kept + sum(skipped). Wrong columns, a
@@ -21,10 +24,12 @@ import math
 import os
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -33,6 +38,9 @@ from errors import UserError, run_cli
 
 ASSISTANT = "\n\nAssistant:"  # hh-rlhf turn marker; prompts end with it
 PARQUET_BATCH_ROWS = 64       # parquet rows decoded at a time
+MAX_ROW_BYTES = 16 << 20      # a jsonl line / parquet row's text: 3 texts of over 1M tokens each, even escaped
+MAX_JSON_LIST_BYTES = 64 << 20  # a JSON list is parsed whole: ~5x its size in Python objects
+SKIP_CHUNK = 1 << 20          # an over-long line is skipped this many bytes at a time
 ENCODE_CHUNK = 1024           # pairs the tokenizer encodes in one call (it runs them in parallel)
 
 
@@ -52,7 +60,8 @@ class Pair:
 class Skip(NamedTuple):
     """A row that does not become a Pair, and why: "empty field" (null, missing or blank), "not a string"
     (e.g. chat-message lists), "bad margin", "chosen == rejected", "no shared prompt", "empty response",
-    and for jsonl "unparsable line" / "not an object"."""
+    "row too large" (over MAX_ROW_BYTES), and for jsonl "unparsable line" (also nested too deeply for
+    Python's parser) / "not an object"."""
     reason: str
 
 
@@ -177,18 +186,30 @@ def layout_columns(found: list[str], path: str) -> list[str]:
     return columns + ["margin"] if "margin" in names else columns
 
 
-def read_parquet(path: str) -> Iterator[dict]:
+def read_parquet(path: str) -> Iterator[dict | Skip]:
     try:
         # pyarrow's defaults (pre_buffer=True, decoding threads) keep what was read cached, so memory
         # grows with the file; without them it stays flat (figures in BENCHMARKS.md)
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         columns = layout_columns(pf.schema_arrow.names, path)  # read only these
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, use_threads=False):
+            fits = row_bytes(batch) <= MAX_ROW_BYTES  # measured in Arrow: a huge cell never becomes a str
+            yield from [Skip("row too large")] * int((~fits).sum())
+            batch = batch.filter(pa.array(fits)) if not fits.all() else batch
             values = [batch.column(c).to_pylist() for c in columns]
             for row in zip(*values):
                 yield dict(zip(columns, row))
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable parquet file ({e}); re-download or rewrite it") from None
+
+
+def row_bytes(batch: pa.RecordBatch) -> np.ndarray:
+    """The bytes of text in each row of a record batch (string columns; nulls count 0)."""
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    for column in batch.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            total += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+    return total
 
 
 def read_jsonl(path: str) -> Iterator[dict | Skip]:
@@ -203,25 +224,47 @@ def read_jsonl(path: str) -> Iterator[dict | Skip]:
 
 def read_json(path: str) -> Iterator[dict | Skip]:
     with open(path, "rb") as f:
-        is_list = f.read(4096).lstrip().startswith(b"[")
+        is_list = f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
     if not is_list:  # jsonl content in a .json file
         yield from read_jsonl(path)
         return
+    size = os.path.getsize(path)
+    if size > MAX_JSON_LIST_BYTES:
+        raise UserError(f"{path}: a JSON list is parsed whole and this one is {size / 2**20:.0f} MiB (the limit is "
+                        f"{MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl), which streams: "
+                        f"jq -c '.[]' {path} > {path.removesuffix('.json')}.jsonl") from None
     try:
         with open(path, "rb") as f:
-            objs = json.load(f)  # a JSON list can only be parsed whole
-    except ValueError as e:
+            objs = json.load(f)  # a JSON list can only be parsed whole; bytes in: a UTF-8 BOM is accepted
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: invalid JSON ({e}); fix it or write one object per line (.jsonl)") from None
     yield from object_rows(objs, path)
 
 
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors write at the start of a file
+
+
+def bounded_lines(f, limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary file, or None for a line over `limit` bytes: only its first limit + 1 bytes
+    are read at once, the rest is skipped SKIP_CHUNK bytes at a time, so memory stays bounded."""
+    while line := f.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := f.readline(SKIP_CHUNK)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
 def json_lines(f) -> Iterator:
-    """The JSON value of each non-blank line, or Skip("unparsable line")."""
-    for line in f:
-        if line.strip():
+    """The JSON value of each non-blank line (at most MAX_ROW_BYTES), or the Skip saying why not."""
+    for line in bounded_lines(f, MAX_ROW_BYTES):
+        if line is None:
+            yield Skip("row too large")
+        elif line.strip():
             try:
-                yield json.loads(line)  # bytes in: bad UTF-8 is a ValueError too
-            except ValueError:
+                yield json.loads(line)  # bytes in: bad UTF-8 is a ValueError too, a BOM is accepted
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
                 yield Skip("unparsable line")
 
 
@@ -267,11 +310,13 @@ def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None
 
 def load_pairs(sources: str | list[str], split: str = "train", max_samples: int | None = None,
                stats: DataStats | None = None) -> list[Pair]:
-    """Pairs of one or several sources ("a,b" or a list), interleaved round-robin so that
+    """Pairs of one or several sources (a list, or "a,b"), interleaved round-robin so that
     max_samples takes from all of them; each Pair keeps its source. The first max_samples in file
-    order, not a random sample: batch_order shuffles."""
+    order, not a random sample: batch_order shuffles. A list is taken as given (a file name may hold a
+    comma); a string is split on commas only when it is not an existing path."""
     if isinstance(sources, str):
-        sources = [s.strip() for s in sources.split(",") if s.strip()]
+        whole = os.path.exists(os.path.expanduser(sources))
+        sources = [sources] if whole else [s.strip() for s in sources.split(",") if s.strip()]
     if not sources:
         raise UserError("no data source given; name a Hub dataset, a local file/directory, or demo")
     stats = stats if stats is not None else DataStats()
@@ -309,6 +354,8 @@ class Tokenizer:
             raise UserError(f"tokenizer: eos {eos_token!r} or pad {pad_token!r} is not in the vocabulary; "
                             f"fix eos_token/pad_token in tokenizer_config.json")
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # no token covers more characters than its vocabulary string has (bytes, for byte-level BPE)
+        self.max_token_chars = max(map(len, tok.get_vocab(with_added_tokens=True)), default=1)
         self.config = dict(config or {})  # the rest of tokenizer_config.json, written back by save()
 
     @classmethod
@@ -397,6 +444,25 @@ def truncate_pair(pair: Pair, prompt: list[int], chosen: list[int], rejected: li
                          len(prompt), len(chosen), len(rejected))
 
 
+def text_char_cap(tok: Tokenizer, max_length: int) -> int:
+    """The most characters a text can have and still fit in max_length tokens. A token covers at most
+    tok.max_token_chars characters (its vocabulary string's length), so this bound never drops a pair that
+    would fit; it fails only for tokenizers that map a whole unknown word to one token (WordLevel's unk)."""
+    return max(max_length, 1) * tok.max_token_chars
+
+
+def cap_texts(pair: Pair, cap: int, stats: DataStats) -> Pair | None:
+    """Bound what the tokenizer is given (a 10 MB text took 4.6 GB and a minute to tokenise): a pair whose
+    response has more than `cap` characters cannot fit and is dropped as too long (counted) untokenised; a
+    longer prompt keeps its last `cap` characters, more than the left cut can keep of it."""
+    if max(len(pair.chosen), len(pair.rejected)) > cap:
+        stats.dropped_too_long += 1
+        return None
+    if len(pair.prompt) > cap:
+        return replace(pair, prompt=pair.prompt[-cap:])
+    return pair
+
+
 def tokenize_pair(tok: Tokenizer, pair: Pair, max_length: int,
                   stats: DataStats | None = None) -> TokenizedPair | None:
     """prompt + response + eos for both responses; None if a response does not fit (counted).
@@ -406,6 +472,9 @@ def tokenize_pair(tok: Tokenizer, pair: Pair, max_length: int,
     (a BPE merge across it); rm.py's score(texts) encodes whole texts, and the two agree whenever the
     response starts a new pre-token, as " Sure" after "Assistant:" does with Qwen's byte-level BPE."""
     stats = stats if stats is not None else DataStats()
+    pair = cap_texts(pair, text_char_cap(tok, max_length), stats)
+    if pair is None:
+        return None
     return truncate_pair(pair, tok.encode(pair.prompt), tok.encode(pair.chosen), tok.encode(pair.rejected),
                          tok.eos_id, max_length, stats)
 
@@ -414,6 +483,8 @@ def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int,
                    stats: DataStats | None = None) -> list[TokenizedPair]:
     """tokenize_pair over many pairs, encoding in batches (the tokenizer runs them in parallel)."""
     stats = stats if stats is not None else DataStats()
+    cap = text_char_cap(tok, max_length)
+    pairs = [p for p in (cap_texts(pair, cap, stats) for pair in pairs) if p is not None]
     out = []
     for start in range(0, len(pairs), ENCODE_CHUNK):
         chunk = pairs[start:start + ENCODE_CHUNK]

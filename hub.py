@@ -4,14 +4,17 @@
   (only config, tokenizer and safetensors files); with HF_HUB_OFFLINE=1 only the cache is read.
   eval.py's CHECKPOINT may also be a train.py checkpoint or output directory (find_model_dir).
 - A dataset (dataset_files) is a local file, glob (taken as given) or directory, or a Hub dataset id.
-  A directory or repo is split-aware when its file names carry split names (train.jsonl,
-  test-00000-of-00001.parquet, train/0000.parquet, partial-train/...); a directory without them is read
-  whole, a repo without them is one "train" split (the HF convention).
+  A directory or repo is split-aware when its file names carry split words as the Hub's patterns do
+  (train.jsonl, hh_train.parquet, train_v2.jsonl, test-00000-of-00001.parquet, train/0000.parquet,
+  partial-train/...; dev/valid/val mean validation, eval/testing mean test); a directory without them is
+  read whole, a repo without them is one "train" split (the HF convention). A directory is walked
+  following links, each real directory and file once (a link loop neither repeats nor hangs).
 - On the Hub, a repo is listed on main; without parquet files for the split, its parquet conversion
   (refs/convert/parquet) is used, else main's json/jsonl(.gz) files. Shards download one at a time.
 - Offline (HF_HUB_OFFLINE=1, read at call time) or when listing fails, dataset files come from the HF
   cache: the snapshot a ref points at, else the newest one (only what was downloaded before).
 """
+import fnmatch
 import glob
 import json
 import os
@@ -115,24 +118,54 @@ def is_local_source(source: str) -> bool:
             or not re.fullmatch(r"[\w.-]+/[\w.-]+", source))
 
 
+# The Hub's split keywords (datasets' data_files.py): a word of a file or directory name, between
+# separators (-._ space, digits, /), names the split; so hh_train.parquet and train_v2.jsonl are "train"
+# while constraint.jsonl and attest.jsonl name none.
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}
+SHARD = re.compile(r"(.+?)-\d{5}-of-\d{5}")  # the Hub's shard names: {split}-00000-of-00003
+# files train.py and eval.py write (and a model's): never data, even in a directory next to data
+RUN_FILES = {"train_config.json", "trainer_state.json", "evaluation_report.json", "log.jsonl", "config.json",
+             "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"}
+
+
+def split_name(name: str) -> str:
+    """A split's canonical name: dev -> validation, eval -> test, train -> train, train_prefs as is."""
+    return SPLIT_WORDS.get(name.lower(), name)
+
+
+def split_word(name: str) -> str | None:
+    """The split a name carries as a separate word, canonical; None if it carries none."""
+    words = [w for w in re.split(r"[-._ 0-9]+", name.lower()) if w in SPLIT_WORDS]
+    return SPLIT_WORDS[words[0]] if words else None
+
+
 def split_of(relpath: str) -> str | None:
-    """The split a file belongs to by its name: train.jsonl, test-00000-of-00001.parquet,
-    train/0000.parquet, partial-train/0000.parquet, harmless-base/test.jsonl.gz; else None."""
+    """The split a file belongs to by its name: hh_train.parquet, train_v2.jsonl, data/test-00000-of-00001.parquet,
+    train/0000.parquet, partial-train/0000.parquet, harmless-base/test.jsonl.gz; else None. The Hub's own
+    shard names keep the split's exact name when it starts with a split word (train_prefs-00000-of-00001)."""
     parts = relpath.replace("\\", "/").split("/")
     stem = parts[-1]
     for suffix in DATA_SUFFIXES:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    for name in [stem.split("-")[0]] + [p.removeprefix("partial-") for p in reversed(parts[:-1])]:
-        if re.fullmatch(r"(train|test|validation|valid|dev|eval)\w*", name):
-            return name
+    shard = SHARD.fullmatch(stem)
+    exact = shard.group(1) if shard else None
+    if stem.isdigit() and len(parts) > 1:  # the parquet conversion: {config}/{split}/0000.parquet
+        exact = parts[-2].removeprefix("partial-")
+    if exact and split_word(re.split(r"[-._ 0-9]", exact)[0]):
+        return split_name(exact)
+    for name in [stem] + list(reversed(parts[:-1])):
+        if (split := split_word(name)) is not None:
+            return split
     return None
 
 
 def data_files(relpaths: list[str]) -> list[str]:
-    """The supported files, sorted, leaving out hidden ones (.cache/, .git/ ...)."""
-    return sorted(p for p in relpaths if p.endswith(DATA_SUFFIXES)
+    """The supported files, sorted, leaving out hidden ones (.cache/, .git/ ...) and RUN_FILES."""
+    return sorted(p for p in relpaths if p.endswith(DATA_SUFFIXES) and os.path.basename(p) not in RUN_FILES
                   and not any(part.startswith(".") for part in p.replace("\\", "/").split("/")))
 
 
@@ -143,23 +176,74 @@ def split_files(relpaths: list[str], split: str) -> tuple[list[str] | None, list
     available = sorted({s for s in splits.values() if s})
     if not available:
         return None, []
-    return [p for p in files if splits[p] == split], available
+    return [p for p in files if splits[p] == split_name(split)], available
+
+
+def walk_files(root: str) -> list[str]:
+    """The files under `root` (relative paths), following links to directories but entering each real
+    directory once: a link loop (self -> .) ends, and a directory linked twice is listed once."""
+    seen, found = set(), []
+    for d, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # the first path to a directory linked twice is the same on every run
+        found += [os.path.relpath(os.path.join(d, f), root) for f in files]
+    return found
+
+
+def unique_files(paths: list[str]) -> list[str]:
+    """paths without the later ones that are the same file (a link, a directory reached twice)."""
+    seen, out = set(), []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            key = (st.st_dev, st.st_ino)
+        except OSError:  # a dangling link: the reader says what is wrong with it
+            key = p
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def glob_files(pattern: str) -> list[str]:
+    """glob.glob, but "**" walks with walk_files: glob's own "**" follows link loops forever."""
+    parts = pattern.replace("\\", "/").split("/")
+    if "**" not in parts:
+        return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    static = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = "/".join(parts[:static]) or ("/" if pattern.startswith("/") else ".")
+    found = [os.path.join(root, rel) if static else rel
+             for rel in walk_files(root) if glob_match(parts[static:], rel.split(os.sep))]
+    return sorted(p for p in found if os.path.isfile(p))
+
+
+def glob_match(pattern: list[str], parts: list[str]) -> bool:
+    """Whether path components match pattern components ("**": any number of components)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(glob_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and glob_match(pattern[1:], parts[1:])
 
 
 def local_files(source: str, split: str) -> list[str]:
-    """A file as given; a glob's matches (whatever the split); a directory's files of `split`."""
+    """A file as given; a glob's matches (whatever the split); a directory's files of `split`. Each real
+    file once, however many links lead to it."""
     path = os.path.expanduser(source)
     if any(c in path for c in "*?["):
-        matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        matches = glob_files(path)
         if not matches:
             raise UserError(f"{source}: the pattern matches no files; check the path (and quote the pattern)")
         files = [p for p in matches if p.endswith(DATA_SUFFIXES)]
         if not files:
             raise UserError(f"{source}: the pattern matches no .parquet/.jsonl/.jsonl.gz/.json files")
-        return files
+        return unique_files(files)
     if os.path.isdir(path):
-        relpaths = [os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path, followlinks=True)
-                    for f in fs]
+        relpaths = walk_files(path)
         files, available = split_files(relpaths, split)
         if files is None:  # no split names: the whole directory, whatever the split
             files = data_files(relpaths)
@@ -168,7 +252,7 @@ def local_files(source: str, split: str) -> list[str]:
         elif not files:
             raise UserError(f"{source}: no '{split}' split in the directory; available splits: "
                             f"{', '.join(available)}")
-        return [os.path.join(path, p) for p in files]
+        return unique_files([os.path.join(path, p) for p in files])
     if os.path.isfile(path):
         if not path.endswith(DATA_SUFFIXES):
             raise UserError(f"{source}: unsupported file type; use .parquet, .jsonl, .jsonl.gz or .json")

@@ -16,7 +16,9 @@
 """
 import argparse
 import copy
+import json
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -395,7 +397,9 @@ def parse_args(argv=None):
                         "trained with --share_prompt)")
     p.add_argument("--unsure_threshold", type=float, default=0.1,
                    help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
-    p.add_argument("--output", default=None, help="report file (default: CHECKPOINT/evaluation_report.json)")
+    p.add_argument("--output", default=None,
+                   help=f"report file, or a directory (existing, or ending in /) to write {REPORT_NAME} in "
+                        f"(default: CHECKPOINT/{REPORT_NAME}); an existing file is replaced only if it is a report")
     p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots here (needs matplotlib)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
@@ -405,8 +409,6 @@ def parse_args(argv=None):
         raise UserError(f"--max_length {args.max_length} is too small; use at least 2 (one token + eos)")
     if not (args.unsure_threshold >= 0 and math.isfinite(args.unsure_threshold)):
         raise UserError(f"--unsure_threshold {args.unsure_threshold} must be a number >= 0")
-    if args.output is not None and Path(args.output).is_dir():
-        raise UserError(f"--output {args.output} is a directory; give a file name such as {args.output}/{REPORT_NAME}")
     if args.plots is not None:
         if Path(args.plots).exists() and not Path(args.plots).is_dir():
             raise UserError(f"--plots {args.plots} is a file; give a directory for the PNGs")
@@ -421,6 +423,30 @@ def parse_args(argv=None):
     return args
 
 
+def report_path(output: str | None, report_dir: Path) -> Path:
+    """Where the report goes: --output, or REPORT_NAME inside it when it is a directory or ends with "/".
+    An existing file is replaced only if it is an evaluation report: never the weights, a config or
+    anything else that --output happened to name."""
+    path = Path(output) if output else report_dir / REPORT_NAME
+    if output and (output.endswith(("/", os.sep)) or path.is_dir()):
+        path = path / REPORT_NAME
+    if path.exists() and not is_report(path):
+        raise UserError(f"--output {path} exists and is not an evaluation report (eval.py replaces only its own "
+                        f"reports); choose another --output")
+    return path
+
+
+def is_report(path: Path) -> bool:
+    """A .json file holding an object with a report's keys, as eval.py and train.py write it."""
+    if path.suffix != ".json" or not path.is_file() or path.stat().st_size > 64 << 20:
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, OSError):
+        return False
+    return isinstance(report, dict) and {"accuracy", "counts", "per_source"} <= report.keys()
+
+
 def main(argv=None):
     args = parse_args(argv)
     from data import DataStats, load_pairs
@@ -429,14 +455,13 @@ def main(argv=None):
     # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.
     model_dir, report_dir = find_model_dir(args.checkpoint)
     trained = trained_settings(model_dir)
-    output = Path(args.output) if args.output else report_dir / REPORT_NAME
+    output = report_path(args.output, report_dir)
     check_writable(output.parent, f"the report {output}", "choose another --output")  # now, not after scoring
 
     # 2. The data (before the model: a wrong path should fail in a second, not after loading weights).
     # By default the model is evaluated on what it was trained on (test split) and at its training length.
     dataset = args.dataset or trained.get("eval_dataset") or trained.get("dataset") or DEFAULT_DATASET
-    dataset = [dataset] if isinstance(dataset, str) else list(dataset)
-    dataset = [s.strip() for d in dataset for s in d.split(",") if s.strip()]
+    dataset = [dataset] if isinstance(dataset, str) else list(dataset)  # as recorded: a name may hold a comma
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
     share_prompt = args.share_prompt or bool(trained.get("share_prompt"))  # as in training: same rewards, faster
     stats = DataStats()

@@ -5,6 +5,7 @@ import os
 import random
 import re
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -497,3 +498,126 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "t" / "tokenizer_config.json").unlink()  # no config: Qwen3's defaults
     tok = data.Tokenizer.from_dir(str(tmp_path / "t"))
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+
+
+# -----------------------------------------------------------------------------
+# Hostile inputs (#14): bounded reading, link loops, split words, BOM, deep nesting
+
+def row(i, prompt=P1):
+    return json.dumps({"prompt": prompt, "chosen": f" c{i}", "rejected": f" r{i}"}).encode()
+
+
+def test_huge_jsonl_gz_line_is_skipped_with_bounded_memory(tmp_path):
+    """A 256 MiB line in a 0.3 MiB .jsonl.gz: skipped and counted, reading goes on, memory stays small
+    (reading it whole took twice its size: the bytes, then the parsed string)."""
+    huge = 256 << 20
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(row(0) + b'\n{"prompt": "')
+        for _ in range(huge >> 20):
+            f.write(b"a" * (1 << 20))
+        f.write(b'", "chosen": " x", "rejected": " y"}\n' + row(1) + b"\n" + row(2) + b"\n")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    report = json.loads(out[:out.index("peak RSS")])
+    assert (report["read"], report["kept"], report["skipped"]) == (4, 3, {"row too large": 1})
+    growth = float(re.search(r"peak RSS growth while reading: ([\d.]+) MiB", out).group(1))
+    print(f"a {huge >> 20} MiB line in a {os.path.getsize(path) / 2**20:.1f} MiB .jsonl.gz: peak RSS growth {growth:.1f} MiB")
+    assert growth < 2 * (data.MAX_ROW_BYTES >> 20) + 16  # the cap (bytes read + parsed), not the line
+
+
+def test_rows_over_the_byte_cap_are_skipped_in_every_format(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_ROW_BYTES", 1000)
+    long = "w " * 1000
+    lines = [row(0), row(1, long), b"x" * 5000, row(2)]  # a long row, a long unparsable line
+    pairs, stats = read(write_lines(tmp_path / "a.jsonl", lines))
+    assert [p.chosen for p in pairs] == [" c0", " c2"] and stats.skipped == {"row too large": 2}
+    pq_path = write_parquet(tmp_path / "a.parquet", {"prompt": [P1, long, P1], "chosen": [" c0", " c1", " c2"],
+                                                     "rejected": [" r0", " r1", None]})
+    pairs, stats = read(pq_path)
+    assert [p.chosen for p in pairs] == [" c0"] and stats.skipped == {"row too large": 1, "empty field": 1}
+    monkeypatch.setattr(data, "MAX_JSON_LIST_BYTES", 100)
+    (tmp_path / "list.json").write_text(json.dumps([{"prompt": P1, "chosen": " a", "rejected": " b"}] * 5))
+    with pytest.raises(UserError, match=r"list.json: a JSON list is parsed whole .* write one object per line "
+                                        r"\(.jsonl\), which streams: jq -c '.\[\]' .*list.json > .*list.jsonl$"):
+        list(data.iter_pairs(str(tmp_path / "list.json")))
+
+
+def test_huge_row_is_dropped_before_tokenising_and_a_long_prompt_is_cut_exactly():
+    tok = demo.demo_tokenizer()
+    seen = []
+    encode_batch = tok.encode_batch
+    tok.encode_batch = lambda texts: seen.extend(map(len, texts)) or encode_batch(texts)
+    huge = Pair(P1, " sure" * 2_000_000, " no", source="t")  # 10 MB: 4.6 GB and a minute to tokenise whole
+    long_prompt = Pair(f"{H}" + " cats" * 50_000 + f"?{A}", " sure! cats", " ugh.", source="t")
+    stats = DataStats()
+    t = time.perf_counter()
+    items = data.tokenize_pairs([huge, long_prompt], tok, 64, stats)
+    assert time.perf_counter() - t < 5 and max(seen) <= data.text_char_cap(tok, 64) == 64 * tok.max_token_chars
+    assert (stats.dropped_too_long, stats.tokenized, stats.truncated_prompt) == (1, 1, 1)
+    # the same tokens as tokenising the whole prompt, then cutting it
+    exact = data.truncate_pair(long_prompt, tok.encode(long_prompt.prompt), tok.encode(long_prompt.chosen),
+                               tok.encode(long_prompt.rejected), tok.eos_id, 64, DataStats())
+    assert items == [exact] and data.tokenize_pair(tok, long_prompt, 64) == exact
+    assert data.tokenize_pair(tok, huge, 64, stats) is None and stats.dropped_too_long == 2
+
+
+def test_bom_and_deeply_nested_lines(tmp_path):
+    rows = [{"prompt": P1, "chosen": " a", "rejected": " b"}, {"prompt": P2, "chosen": " c", "rejected": " d"}]
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps(r).encode() for r in rows))
+    for name in ("bom.json", "bom.jsonl"):
+        assert as_tuples(read(str(tmp_path / name))[0]) == [(P1, " a", " b"), (P2, " c", " d")]
+    nested = b"[" * 100_000 + b"]" * 100_000  # RecursionError in json.loads
+    pairs, stats = read(write_lines(tmp_path / "deep.jsonl", [row(0), nested, row(1)]))
+    assert [p.chosen for p in pairs] == [" c0", " c1"] and stats.skipped == {"unparsable line": 1}
+    (tmp_path / "deep.json").write_bytes(nested)
+    with pytest.raises(UserError, match="deep.json: invalid JSON"):
+        list(data.iter_pairs(str(tmp_path / "deep.json")))
+
+
+@pytest.mark.parametrize("links", [["self"], ["a", "b"]])
+def test_link_loops_read_every_file_once_and_never_hang(tmp_path, links):
+    """self -> . read a 40-row file 41 times; two such links hung the run (os.walk and glob's ** alike)."""
+    root = tmp_path / "d"
+    os.makedirs(root / "sub")
+    write_lines(root / "sub" / "rows.jsonl", [row(i) for i in range(40)])
+    os.symlink("rows.jsonl", root / "sub" / "same.jsonl")  # a link to a file: the same file
+    for name in links:
+        os.symlink(".", root / name)
+    os.symlink("..", root / "sub" / "up")
+    for source in (str(root), str(root / "**" / "*.jsonl")):
+        code = f"import sys; sys.path.insert(0, {ROOT!r}); import data; print(len(data.load_pairs({source!r})))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.strip() == "40", (source, out.stderr)
+
+
+def test_split_words_in_file_names_as_the_hub_reads_them(tmp_path):
+    cases = {"hh_train.parquet": "train", "hh-test-v2.jsonl": "test", "train_v2.jsonl": "train",
+             "data/train-00000-of-00001.parquet": "train", "default/partial-train/0000.parquet": "train",
+             "data/train_prefs-00000-of-00003.parquet": "train_prefs", "default/test_sft/0000.parquet": "test_sft",
+             "train/part.jsonl": "train", "harmless-base/test.jsonl.gz": "test", "dev.jsonl": "validation",
+             "my_eval.jsonl": "test", "2024_valid.json": "validation", "constraint.jsonl": None,
+             "attest.jsonl": None, "testimony.jsonl": None, "retrain.jsonl": None, "data/0000.parquet": None}
+    assert {p: hub.split_of(p) for p in cases} == cases
+    root = tmp_path / "hh"
+    os.makedirs(root)
+    write_parquet(root / "hh_train.parquet", {"prompt": [P1], "chosen": [" t"], "rejected": [" x"]})
+    write_parquet(root / "hh_test.parquet", {"prompt": [P1], "chosen": [" e"], "rejected": [" x"]})
+    (root / "train_config.json").write_text("{}")  # a run's files are not data
+    assert [p.chosen for p in read(str(root), "train")[0]] == [" t"]
+    assert [p.chosen for p in read(str(root), "test")[0]] == [" e"]
+    assert [p.chosen for p in read(str(root), "eval")[0]] == [" e"]  # eval names the test split
+    plain = tmp_path / "plain"
+    os.makedirs(plain)
+    write_lines(plain / "constraint.jsonl", [row(0)])
+    write_lines(plain / "attest.jsonl", [row(1)])
+    assert [p.chosen for p in read(str(plain), "test")[0]] == [" c1", " c0"]  # no split: read whole
+
+
+def test_a_comma_splits_a_string_only_when_it_is_not_a_path(tmp_path):
+    comma = write_lines(tmp_path / "a,b.jsonl", [row(0)])
+    other = write_lines(tmp_path / "c.jsonl", [row(1)])
+    assert [p.chosen for p in data.load_pairs(comma)] == [" c0"]
+    assert [p.source for p in data.load_pairs([comma, other])] == [comma, other]
+    assert [p.chosen for p in data.load_pairs(f"{other},{other}")] == [" c1", " c1"]  # not a path: two sources

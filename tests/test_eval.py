@@ -307,3 +307,40 @@ def test_cli_errors_are_one_line_and_write_nothing(case, rm_dir, tmp_path, capsy
     assert not out.exists()
     if case == "causal_lm":
         assert "not a reward model" in err[0]
+
+
+# ---- where the report goes, and which data (#14) ------------------------------------------------
+
+def test_output_never_replaces_what_is_not_a_report(rm_dir, tmp_path, capsys):
+    model = rm_dir / "final_model"
+    for victim in (model / "model.safetensors", model / "config.json", tmp_path / "notes.json"):
+        if not victim.exists():
+            victim.write_text('{"a": 1}')
+        before = victim.read_bytes()
+        with pytest.raises(SystemExit) as e:
+            run_cli(main, [str(rm_dir), "--output", str(victim), "--max_samples", "4", "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "exists and is not an evaluation report" in err[0], err
+        assert victim.read_bytes() == before
+    # a trailing slash names a directory, created; a previous report there is replaced
+    for _ in range(2):
+        report = main([str(rm_dir), "--output", str(tmp_path / "newdir") + "/", "--max_samples", "4",
+                       "--device", "cpu"])
+        assert not (tmp_path / "newdir").is_file()
+        assert json.loads((tmp_path / "newdir" / "evaluation_report.json").read_text())["date"] == report["date"]
+    main([str(rm_dir), "--output", str(tmp_path / "newdir"), "--max_samples", "4", "--device", "cpu"])  # exists
+
+
+def test_a_comma_in_a_recorded_dataset_name(tmp_path, demo_tok):
+    """train.py records --dataset as a list; eval.py takes it as it is, so a file name may hold a comma."""
+    from demo import demo_rows
+    path = tmp_path / "pairs,v1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r, _ in zip(demo_rows("test"), range(6))))
+    model = tiny_rm()
+    model.tokenizer = demo_tok
+    model.provenance = {"dataset": [str(path)], "max_length": 64}
+    model.save_pretrained(tmp_path / "m")
+    report = main([str(tmp_path / "m"), "--device", "cpu"])
+    assert report["dataset"] == [str(path)] and report["counts"]["evaluated"] == 6
+    report = main([str(tmp_path / "m"), "--dataset", str(path), "--device", "cpu", "--output", str(tmp_path / "r.json")])
+    assert report["dataset"] == [str(path)] and report["counts"]["evaluated"] == 6

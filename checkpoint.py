@@ -5,16 +5,22 @@
   (LEFTOVERS) and on --resume cuts log.jsonl back to the checkpoint's step.
 - disk_errors: a failed write (disk full, read-only, I/O error) becomes one line naming the path.
 - log.jsonl: read_log / append_log. The run's history lives there, not in memory or in checkpoints.
-- checkpoint_step_N/ = model/ + optimizer.pt (optimizer, scheduler and RNG states) + trainer_state.json
-  (written last): save_checkpoint, checkpoint_dirs, find_resume_checkpoint, load_checkpoint,
-  check_same_run. The data order is a pure function of seed and step, so a resumed run is exact.
+- take_output_dir / release_output_dir: one run per directory (an flock on OUTPUT_DIR/.lock that the
+  OS drops when its holder dies); prepare_output_dir refuses early while another run holds it.
+- checkpoint_step_N/ = model/ + optimizer.safetensors and optimizer.json (optimizer, scheduler and RNG
+  states: tensors, and the JSON that names them) + trainer_state.json (written last): save_checkpoint,
+  checkpoint_dirs, find_resume_checkpoint, read_trainer_state, check_same_run, restore_training_state
+  (every read bounded, every bad file one line). Nothing in a checkpoint is pickle, so loading one
+  cannot run code. The data order is a pure function of seed and step, so a resumed run is exact.
 - SignalStop: Ctrl-C / SIGTERM finish the step, checkpoint and print a resume line; a second Ctrl-C
   raises ForcedStop at once, and forced_stop says what is left on disk.
 Every write goes through fileio: under a temporary name, renamed into place when complete.
 """
 import errno
+import fcntl
 import json
 import math
+import os
 import random
 import re
 import shlex
@@ -51,7 +57,12 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool):
     once the data and the model have loaded), so a run that fails on bad input writes nothing."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a directory")
+    if (out / LOCK).is_file() and str(out.resolve()) not in _held:  # opened, not created: writes nothing
+        os.close(lock_output_dir(out, os.open(out / LOCK, os.O_RDONLY)))
     ours = run_files(out)
+    if "final_model" in ours and not resume and not overwrite:
+        raise UserError(f"--output_dir {out} holds a finished run (final_model/ is there); pass "
+                        "--overwrite_output_dir to train it again, or choose another --output_dir")
     if ours and not resume and not overwrite:
         raise UserError(f"--output_dir {out} already holds another run ({', '.join(ours[:3])}); "
                         "pass --resume to continue it, --overwrite_output_dir to replace it, "
@@ -65,6 +76,7 @@ def claim_output_dir(out: Path, replace_previous_run: bool, resume_step: int | N
     are trained, and logged, again; a line cut by a kill goes too)."""
     with disk_errors(out):
         out.mkdir(parents=True, exist_ok=True)
+        take_output_dir(out)
         if replace_previous_run:
             for name in run_files(out):
                 remove(out / name)
@@ -75,6 +87,41 @@ def claim_output_dir(out: Path, replace_previous_run: bool, resume_step: int | N
             kept = [json.dumps(r) + "\n" for r in read_log(out)
                     if isinstance(r, dict) and r.get("step", math.inf) <= resume_step]
             write_text_atomic(out / "log.jsonl", "".join(kept))
+
+
+# One run per directory: the run holds an flock on OUTPUT_DIR/.lock from its first write until it ends. The
+# OS drops the lock when the holder's process dies (SIGKILL too), so a dead run never leaves it locked;
+# the file itself stays (deleting it would race with a run opening it) and means nothing unlocked.
+LOCK = ".lock"
+_held: dict[str, int] = {}  # this process's locks (a second train() in one process reuses its own)
+
+
+def lock_output_dir(out: Path, fd: int) -> int:
+    """flock `fd` (open on out/.lock) or refuse in one line naming the holder; returns `fd`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserError(f"--output_dir {out} is in use by another train.py run (process {holder or '?'}); "
+                        "wait for it to end, or choose another --output_dir") from None
+    return fd
+
+
+def take_output_dir(out: Path):
+    """Lock `out` for this run (rank 0 only), and write our process id into the lock file for the message."""
+    key = str(out.resolve())
+    if key not in _held:
+        fd = lock_output_dir(out, os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = fd
+
+
+def release_output_dir(out: Path):
+    fd = _held.pop(str(out.resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor drops the lock
 
 
 def disk_error_message(e: BaseException, path) -> str | None:
@@ -148,15 +195,24 @@ def find_resume_checkpoint(resume: str, out: Path) -> Path:
     if resume == "latest":
         ckpts = checkpoint_dirs(out)
         if not ckpts:
+            if (out / "final_model").is_dir():
+                raise UserError(f"--resume: the run in {out} is complete (final_model/ is there), there is "
+                                "nothing to continue; pass --overwrite_output_dir to train it again, or "
+                                "choose another --output_dir")
             if run_files(out):  # a run that stopped before its first checkpoint: nothing to continue
                 raise UserError(f"--resume: {out} holds a run but no complete checkpoint to resume from "
                                 f"(it stopped before its first one); start it again with --overwrite_output_dir")
             raise UserError(f"--resume: no checkpoint in {out} to resume from; start without --resume")
-        return ckpts[-1]
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume {path} is not a checkpoint directory (no trainer_state.json); "
-                        f"pass a checkpoint_step_N directory or --resume latest")
+        path = ckpts[-1]
+    else:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"--resume {path} is not a checkpoint directory (no trainer_state.json); "
+                            f"pass a checkpoint_step_N directory or --resume latest")
+    if (path / "optimizer.pt").exists():
+        raise UserError(f"--resume: {path} holds optimizer.pt, a pickle file (an older train.py wrote it), and "
+                        "loading pickle can run arbitrary code, so it is not read; start the run again with "
+                        "--overwrite_output_dir or in a new --output_dir")
     return path
 
 
@@ -173,28 +229,133 @@ def set_rng_states(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# ---- the training state without pickle: tensors in safetensors, everything else in JSON ---------------
+# Optimizer (AdamW, bitsandbytes AdamW8bit), scheduler and RNG states are nests of dicts, lists, tuples,
+# numbers, strings, tensors and numpy arrays. flatten_state puts every tensor (and array) into a flat
+# {name: tensor} dict for optimizer.safetensors and leaves a JSON tree that names them (optimizer.json);
+# unflatten_state reverses it. Neither format can run code when read, unlike torch.save's pickle.
+TENSOR, ARRAY, TUPLE, INT_KEYS = "__tensor__", "__ndarray__", "__tuple__", "__int_keys__"
+
+
+def flatten_state(obj, tensors: dict, path: str = "s", seen: dict | None = None):
+    seen = {} if seen is None else seen  # a tensor met twice (bnb shares its quantisation maps) is stored once
+    if torch.is_tensor(obj):
+        key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride())
+        if key not in seen:
+            seen[key] = path
+            tensors[path] = obj.detach().cpu().contiguous()
+        return {TENSOR: seen[key]}
+    if isinstance(obj, np.ndarray):  # numpy's RNG key is uint32, which safetensors lacks
+        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj).contiguous()
+        return {ARRAY: path, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {TUPLE: [flatten_state(v, tensors, f"{path}.{i}", seen) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten_state(v, tensors, f"{path}.{i}", seen) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten_state(v, tensors, f"{path}.{k}", seen) for k, v in obj.items()}
+        if all(isinstance(k, int) for k in obj):
+            return {INT_KEYS: {str(k): flatten_state(v, tensors, f"{path}.{k}", seen) for k, v in obj.items()}}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} without pickle")
+
+
+def unflatten_state(tree, tensors: dict):
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if TENSOR in tree:
+        return tensors[tree[TENSOR]]
+    if ARRAY in tree:
+        return tensors[tree[ARRAY]].numpy().astype(np.dtype(tree["dtype"]))
+    if TUPLE in tree:
+        return tuple(unflatten_state(v, tensors) for v in tree[TUPLE])
+    if INT_KEYS in tree:
+        return {int(k): unflatten_state(v, tensors) for k, v in tree[INT_KEYS].items()}
+    return {k: unflatten_state(v, tensors) for k, v in tree.items()}
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, scheduler, trainer_state: dict,
                     save_total_limit: int) -> Path:
-    """checkpoint_step_N/: model/ (a loadable reward model), optimizer.pt, trainer_state.json (last);
-    then only the newest `save_total_limit` checkpoints are kept (bounded disk)."""
+    """checkpoint_step_N/: model/ (a loadable reward model), optimizer.safetensors + optimizer.json,
+    trainer_state.json (last); then only the newest `save_total_limit` checkpoints are kept (bounded disk)."""
+    from safetensors.torch import save_file
     final = out / f"checkpoint_step_{step}"
+    tensors = {}
+    tree = flatten_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states()},
+                         tensors)
     with disk_errors(final):
         with atomic_dir(final) as tmp:
             model.save_pretrained(tmp / "model")
-            with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
-                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                            "rng": rng_states()}, f)
+            save_file(tensors, tmp / "optimizer.safetensors")
+            write_json(tmp / "optimizer.json", tree)
             write_json(tmp / "trainer_state.json", trainer_state)
         for old in checkpoint_dirs(out)[:-save_total_limit]:
             remove(old)
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(trainer_state.json, optimizer.pt's {"optimizer", "scheduler", "rng"}) of a checkpoint."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
-    return state, saved
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, checked to hold what train.py writes there."""
+    try:
+        state = json.loads(read_bounded(path / "trainer_state.json", 2**20))
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and all(
+                isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "step_batch"))
+                and isinstance(state.get("best_accuracy"), (int, float))):
+            raise ValueError("not the fields train.py writes")
+    except Exception as e:  # empty, cut short, not JSON, too deep, other fields: never a traceback
+        raise unreadable(path / "trainer_state.json", e) from None
+    return state
+
+
+def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_state):
+    """Put the optimizer, scheduler and RNG states saved in `path` back, read without pickle. What is read
+    is bounded first by what `optimizer` can hold: the JSON's size, and the number and bytes of the tensors
+    (from the safetensors header, before any data; Adam keeps two moments per parameter)."""
+    from safetensors.torch import load_file
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_tensors, max_bytes = 8 * len(params) + 64, 8 * sum(p.numel() for p in params) + 2**14 * len(params) + 2**20
+    name = "optimizer.safetensors"
+    try:
+        with open(path / name, "rb") as f:
+            header = json.loads(f.read(min(int.from_bytes(f.read(8), "little"), 2**26)))
+        spans = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+        if len(spans) > max_tensors or sum(end - start for start, end in spans) > max_bytes:
+            raise ValueError(f"{len(spans)} tensors, more than this model's optimizer state holds")
+        tensors = load_file(path / name)
+        name = "optimizer.json"
+        saved = unflatten_state(json.loads(read_bounded(path / name, 2**20 + 2**12 * len(params))), tensors)
+        if not (isinstance(saved, dict) and saved.keys() == {"optimizer", "scheduler", "rng"}
+                and saved["scheduler"].keys() == scheduler.state_dict().keys()):
+            raise ValueError("not the fields train.py writes")
+        name = "optimizer.safetensors and optimizer.json"  # they hold another model's state, or are corrupt
+        load_optimizer_state(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_states(saved["rng"])
+    except Exception as e:
+        raise unreadable(path / name, e) from None
+
+
+def unreadable(file: Path, e: Exception) -> UserError:
+    """One line for a checkpoint file that is missing, corrupt or truncated."""
+    what = "is missing" if isinstance(e, FileNotFoundError) else \
+        f"is corrupt or truncated ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+    return UserError(f"--resume: {file} {what}; resume from another checkpoint_step_N with --resume PATH, "
+                     "or start again with --overwrite_output_dir")
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes, refused (ValueError) beyond `max_bytes` before any of it is read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise ValueError(f"{size} bytes, more than the {max_bytes} expected")
+        return f.read()
 
 
 def check_same_run(saved: dict, cfg, step_batch: int):

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 import data
 from checkpoint import (ForcedStop, SignalStop, append_log, check_same_run, checkpoint_dirs, claim_output_dir,
-                        disk_errors, find_resume_checkpoint, forced_stop, load_checkpoint, prepare_output_dir,
-                        read_log, remove, save_checkpoint, set_rng_states, stopped_message)
+                        disk_errors, find_resume_checkpoint, forced_stop, prepare_output_dir, read_log,
+                        read_trainer_state, release_output_dir, remove, restore_training_state, save_checkpoint,
+                        stopped_message)
 from distributed import (all_reduce_mean, end_distributed, gather_model_state, gather_optimizer_state, init_wandb,
                          is_main_process, load_optimizer_state, no_sync, print0, rank_0_errors, setup_distributed,
                          unsharded, wrap)
@@ -220,9 +221,11 @@ def train(cfg: TrainConfig) -> dict:
                     path = out / f"checkpoint_step_{step}" if saved else save(step)  # not the same one twice
                     print0(stopped_message(stop.signal, path, step, total_steps))
                     return {"stopped_at": step, "checkpoint": str(path), "signal": stop.signal}
+        return finish_run(model, train_model, held_out, cfg, out, step, world, wandb_run)
     except ForcedStop:  # a second Ctrl-C: out at once, saying which checkpoint is intact
         raise forced_stop(out, step, total_steps, stop.signal) from None
-    return finish_run(model, train_model, held_out, cfg, out, step, world, wandb_run)
+    finally:
+        release_output_dir(out)  # the next run may take the directory (rank 0 holds it from the claim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,9 +262,9 @@ def validate(cfg: TrainConfig):
         raise UserError("--8bit_model cannot be combined with --fsdp (int8 weights cannot be sharded); drop one")
     if cfg.resume and cfg.overwrite_output_dir:
         raise UserError("--resume and --overwrite_output_dir contradict each other; pick one")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"--seed must be an integer from 0 to 2**63 - 1 (got {cfg.seed})")
+    device = check_device(cfg.device)
     if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--bf16 needs a GPU with bfloat16 support ({torch.cuda.get_device_name()} has none); "
                         "drop --bf16")
@@ -275,6 +278,24 @@ def validate(cfg: TrainConfig):
             import wandb  # noqa: F401
         except ImportError:
             raise UserError("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)") from None
+    return device
+
+
+def check_device(name: str | None) -> torch.device:
+    """--device: cpu, cuda[:N] or mps, and one this machine has (default: cuda if available)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or mps (got {name!r})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                        f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this PyTorch build or machine has no MPS; use --device cpu")
     return device
 
 
@@ -391,11 +412,10 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 def resume_training(path: Path, cfg: TrainConfig, step_batch: int, optimizer, scheduler, train_model):
     """Continue the run exactly where the checkpoint at `path` left it: optimizer, schedule and RNG states.
     Returns (step, best held-out accuracy so far)."""
-    state, saved = load_checkpoint(path)
+    state = read_trainer_state(path)
     check_same_run(state, cfg, step_batch)
-    load_optimizer_state(optimizer, train_model, saved["optimizer"], cfg.fsdp)
-    scheduler.load_state_dict(saved["scheduler"])
-    set_rng_states(saved["rng"])
+    restore_training_state(path, optimizer, scheduler,
+                           lambda saved: load_optimizer_state(optimizer, train_model, saved, cfg.fsdp))
     return state["step"], state["best_accuracy"]
 
 

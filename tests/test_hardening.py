@@ -513,14 +513,16 @@ def wait_for(condition, proc, timeout=120):
 
 
 def hidden(out):
-    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    """Hidden entries other than the run lock (which stays, unlocked, once its run has ended)."""
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock")
 
 
 def check_loadable(ckpt: Path) -> int:
     """A complete checkpoint: the model loads, the optimizer state loads, trainer_state.json parses."""
     model = RewardModel.from_pretrained(str(ckpt / "model"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    torch.load(ckpt / "optimizer.pt", weights_only=False)
+    load_file(ckpt / "optimizer.safetensors")
+    json.loads((ckpt / "optimizer.json").read_text())
     return json.loads((ckpt / "trainer_state.json").read_text())["step"]
 
 

@@ -204,7 +204,7 @@ def test_load_by_repo_id_from_hf_cache_offline(tmp_path):
     torch.save({"ids": ids, "want": hf_hidden(hf, ids)}, tmp_path / "io.pt")
     script = (
         "import torch; from qwen3 import Qwen3\n"
-        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)\n"
         "m = Qwen3.from_pretrained('Qwen/Qwen3-Tiny').eval()\n"
         "with torch.no_grad(): d = (m(io['ids']) - io['want']).abs().max().item()\n"
         "assert d < 1e-5, d\n"

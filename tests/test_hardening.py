@@ -291,7 +291,9 @@ CASES = [
     ("--resume with other settings", "train",
      lambda fx, o: [*DONE, "--output_dir", str(fx["done_copy"]), "--resume", "--batch_size", "2"],
      ["--resume: the checkpoint was trained with other settings", "(4 -> 2)", "resume with the same flags"]),
-    ("output directory holds another run", "train", lambda fx, o: [*DEMO, "--output_dir", str(fx["done"])],
+    ("output directory holds a finished run", "train", lambda fx, o: [*DEMO, "--output_dir", str(fx["done"])],
+     ["holds a finished run (final_model/ is there)", "pass --overwrite_output_dir to train it again"]),
+    ("output directory holds another run", "train", lambda fx, o: [*DEMO, "--output_dir", str(fx["half_run"])],
      ["already holds another run", "pass --resume to continue it, --overwrite_output_dir to replace it"]),
     ("--overwrite_output_dir, then bad data", "train",
      lambda fx, o: [*DEMO, "--output_dir", str(fx["done"]), "--overwrite_output_dir", "--dataset",
@@ -360,6 +362,7 @@ _ALSO_IN_PROCESS = {"config.json not valid JSON", "no weights file", "truncated 
                     "eval: directory without a model", "eval: corrupt safetensors", "eval: every pair too long",
                     "eval: report that cannot be written", "--overwrite_output_dir, then bad data",
                     "mis-shaped tensor", "tokenizer.json corrupt", "every eval pair too long",
+                    "output directory holds another run",
                     "eval: checkpoint does not exist"}
 INPROCESS_CASES += [c for c in CASES if c[0] in _ALSO_IN_PROCESS]
 CASES = [c for c in CASES if c[0] not in _ALSO_IN_PROCESS]

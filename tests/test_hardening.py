@@ -798,14 +798,31 @@ def test_corrupt_and_too_long_rows_are_skipped_counted_and_training_goes_on(tmp_
     assert result["step"] == 2 and (out / "final_model" / "model.safetensors").is_file()
 
 
-def test_rank_0_only_error_ends_every_process_at_once(tmp_path):
-    """Under torchrun only rank 0 checks the output directory. Its refusal must reach the other process at
-    once: both exit with status 2, the message is printed once (by rank 0), no traceback anywhere. The two
-    processes get the environment torchrun gives its workers (gloo on CPU), so each one's exit status shows."""
+# A process holding the output directory's lock, as a running train.py does (checkpoint.take_output_dir).
+HOLDER = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+          "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+          "time.sleep(300)")
+
+
+@pytest.mark.parametrize("refusal", ["another run's files", "another run holds the lock"])
+def test_rank_0_only_error_ends_every_process_at_once(tmp_path, refusal):
+    """Under torchrun only rank 0 checks (and locks) the output directory. Its refusal must reach the other
+    process at once: both exit with status 2, the message is printed once (by rank 0), no traceback
+    anywhere. The two processes get the environment torchrun gives its workers (gloo on CPU), so each one's
+    exit status shows."""
     import socket
     out = tmp_path / "out"
     out.mkdir()
-    (out / "train_config.json").write_text("{}")  # another run's file: refused unless --resume/--overwrite
+    if refusal == "another run's files":
+        (out / "train_config.json").write_text("{}")  # refused unless --resume/--overwrite
+        expected = f"error: --output_dir {out} already holds another run (train_config.json)"
+        left = ["train_config.json"]
+    else:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / ".lock")], stdout=subprocess.PIPE,
+                                  text=True)
+        assert holder.stdout.readline().strip() == "held"
+        expected = f"error: --output_dir {out} is in use by another train.py run (process {holder.pid})"
+        left = [".lock"]
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -818,16 +835,16 @@ def test_rank_0_only_error_ends_every_process_at_once(tmp_path):
     try:
         results = [p.communicate(timeout=60) for p in procs]
     finally:
-        for p in procs:
+        for p in procs + ([holder] if refusal != "another run's files" else []):
             if p.poll() is None:
                 p.kill()
                 p.wait()
     elapsed = time.monotonic() - t0
     stderrs = [err.strip() for _, err in results]
     assert [p.returncode for p in procs] == [2, 2], stderrs
-    assert stderrs[0].startswith(f"error: --output_dir {out} already holds another run (train_config.json)")
+    assert stderrs[0].startswith(expected), stderrs
     assert stderrs[0].count("\n") == 0 and stderrs[1] == "", stderrs
-    assert sorted(p.name for p in out.iterdir()) == ["train_config.json"]  # nothing written
+    assert sorted(p.name for p in out.iterdir()) == left  # nothing written
     assert elapsed < 60, elapsed
 
 

@@ -119,11 +119,12 @@ def test_checkpoint_layout_and_save_total_limit(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     best = [n for n in names if n.startswith("best_model_step_")]
     assert len(best) == 1 and best[0] in ("best_model_step_3", "best_model_step_6", "best_model_step_7")  # evals
-    assert [n for n in names if n not in best] == ["checkpoint_step_4", "checkpoint_step_6",
+    assert [n for n in names if n not in best] == [".lock", "checkpoint_step_4", "checkpoint_step_6",
                                                    "evaluation_report.json", "final_model", "log.jsonl",
                                                    "train_config.json"]
     ckpt = out / "checkpoint_step_6"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model", "optimizer.pt", "trainer_state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model", "optimizer.json", "optimizer.safetensors",
+                                                       "trainer_state.json"]
     assert sorted(p.name for p in (ckpt / "model").iterdir()) == \
         ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 6

@@ -358,11 +358,26 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
         return f.read()
 
 
+# What a resume does with each TrainConfig field (docs/guarantees.md, "What --resume may change").
+# SAME_RUN: what makes it the same run: the model, the training pairs and their order, the held-out pairs
+# (the best model is picked on them), the optimizer's kind. Another value is refused in one line.
+SAME_RUN = ("model", "from_scratch", "head", "pooling", "dataset", "eval_split", "eval_dataset", "eval_fraction",
+            "max_train_samples", "max_eval_samples", "max_length", "seed", "freeze_layers", "model_8bit",
+            "optim_8bit")
+# MAY_CHANGE: honoured from the resumed step on and recorded in train_config.json. The schedule
+# (learning_rate, num_epochs, max_steps, warmup_ratio: each later step gets the new schedule's rate),
+# the update (weight_decay, max_grad_norm, center_rewards_coefficient), how the same pairs per step are
+# computed (batch_size x gradient_accumulation_steps x processes must stay the same), the bookkeeping.
+MAY_CHANGE = ("learning_rate", "num_epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm",
+              "center_rewards_coefficient", "batch_size", "gradient_accumulation_steps", "bf16",
+              "gradient_checkpointing", "compile", "packing", "share_prompt", "fsdp", "eval_steps", "save_steps",
+              "save_total_limit", "logging_steps", "output_dir", "overwrite_output_dir", "resume", "device",
+              "use_wandb", "wandb_project", "progress")
+
+
 def check_same_run(saved: dict, cfg, step_batch: int):
-    """Resuming with other data or batch settings would not continue the same run: refuse."""
-    keys = ("model", "dataset", "max_train_samples", "max_length", "seed", "head", "pooling", "freeze_layers",
-            "model_8bit", "optim_8bit")
-    diff = [f"{k} ({saved['config'].get(k)!r} -> {getattr(cfg, k)!r})" for k in keys
+    """Resuming with another SAME_RUN setting, or other pairs per step, would not continue the same run: refuse."""
+    diff = [f"{k} ({saved['config'].get(k)!r} -> {getattr(cfg, k)!r})" for k in SAME_RUN
             if saved["config"].get(k) != getattr(cfg, k)]
     # The data order depends on the pairs per optimizer step, not on how they are split: another number
     # of processes or accumulation steps is fine as long as batch_size x accumulation x processes matches.
@@ -372,6 +387,33 @@ def check_same_run(saved: dict, cfg, step_batch: int):
     if diff:
         raise UserError(f"--resume: the checkpoint was trained with other settings: {', '.join(diff)}; "
                         "resume with the same flags, or start a new --output_dir")
+
+
+def check_same_data(saved: dict | None, now: dict):
+    """Other training pairs than the checkpoint's (another count or content) are refused: the data order
+    would not continue. A data file that changed (size, time) while the pairs read stay the same, e.g.
+    touched or grown beyond --max_train_samples, is a one-line warning. `saved` is None for checkpoints
+    written before the data was recorded."""
+    if saved is None:
+        return
+    changed = [f"{f} ({file_change(saved['files'].get(f), now['files'].get(f))})"
+               for f in sorted({**saved["files"], **now["files"]}) if saved["files"].get(f) != now["files"].get(f)]
+    if saved["train_pairs"] != now["train_pairs"] or saved["train_digest"] != now["train_digest"]:
+        content = ", other content" if saved["train_pairs"] == now["train_pairs"] else ""
+        files = f"; changed: {', '.join(changed)}" if changed else ""
+        raise UserError(f"--resume: the training data changed since the run started ({saved['train_pairs']} -> "
+                        f"{now['train_pairs']} pairs{content}{files}), so the data order would not continue; "
+                        "restore the data, or start a new --output_dir")
+    if changed and is_main_process():
+        print(f"warning: --resume: data file(s) changed since the run started: {', '.join(changed)}; the "
+              "training pairs read are the same, so the run continues", file=sys.stderr)
+
+
+def file_change(old: list | None, new: list | None) -> str:
+    """How a data file's [size, mtime] changed, in words."""
+    if old is None or new is None:
+        return "new" if old is None else "gone"
+    return f"size {old[0]} -> {new[0]} bytes" if old[0] != new[0] else "modified"
 
 
 # ---- stopping on a signal ------------------------------------------------------------------------

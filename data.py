@@ -19,6 +19,7 @@
 """
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -84,6 +85,14 @@ class DataStats:
         else:
             self.kept += 1
             self.sources[row.source] = self.sources.get(row.source, 0) + 1
+
+    @classmethod
+    def of_pairs(cls, pairs: list["Pair"]) -> "DataStats":
+        """The counts of pairs taken as they are (a held-out share): each one read and kept."""
+        sources = {}
+        for pair in pairs:
+            sources[pair.source] = sources.get(pair.source, 0) + 1
+        return cls(read=len(pairs), kept=len(pairs), sources=sources)
 
     def report(self) -> dict:
         return {"read": self.read, "kept": self.kept, "skipped": dict(sorted(self.skipped.items())),
@@ -338,6 +347,51 @@ def load_pairs(sources: str | list[str], split: str = "train", max_samples: int 
         raise UserError(f"no usable pairs in {', '.join(sources)} ({split}): {stats.read} rows read, every one "
                         f"skipped {stats.skipped}; check the data")
     return pairs
+
+
+# -----------------------------------------------------------------------------
+# A held-out share of one source, and what the run read (to notice a changed file on resume)
+
+def pair_key(pair: Pair) -> bytes:
+    """A pair's content (prompt, chosen, rejected): the same pair in two files, or twice in one, is one key."""
+    return "\0".join((pair.prompt, pair.chosen, pair.rejected)).encode("utf-8", "surrogatepass")
+
+
+def is_held_out(pair: Pair, fraction: float) -> bool:
+    """Whether the pair belongs to the held-out share `fraction`: its content's hash, read as a number in
+    [0, 1), falls below it. A pure function of the pair, so the split is the same in every run, on resume
+    and in eval.py, no pair is on both sides, and adding rows never moves a pair to the other side."""
+    digest = hashlib.blake2b(pair_key(pair), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def split_held_out(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
+    """(training pairs, held-out pairs), in their order, by is_held_out."""
+    held = [is_held_out(p, fraction) for p in pairs]
+    return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
+
+
+def source_files(source: str, split: str) -> set[str]:
+    """What a source reads for `split`, comparable across sources without reading or downloading: local
+    files by their real path, a Hub dataset or the demo by name and split."""
+    if source != "demo" and hub.is_local_source(source):
+        return {os.path.realpath(p) for p in hub.local_files(source, split)}
+    return {f"{source} ({split})"}
+
+
+def pairs_digest(pairs: list[Pair]) -> str:
+    """A short fingerprint of the pairs, in order: equal digests, the same training data."""
+    h = hashlib.blake2b(digest_size=16)
+    for pair in pairs:
+        key = pair_key(pair)
+        h.update(len(key).to_bytes(8, "big") + key)
+    return h.hexdigest()
+
+
+def file_fingerprints(sources: list[str], split: str) -> dict[str, list[int]]:
+    """{real path: [size in bytes, mtime in ns]} of the local files of `sources`."""
+    files = set().union(*(source_files(s, split) for s in sources))
+    return {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(files) if os.path.isfile(f)}
 
 
 # -----------------------------------------------------------------------------

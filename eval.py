@@ -12,13 +12,15 @@
   evaluate(model, pairs) (tokenise, score, report: what train.py calls), main() (the command line).
 - CHECKPOINT: a model directory, a train.py checkpoint or output directory, or a Hub id of a
   Qwen3ForSequenceClassification; a plain language model is refused (its reward head would be random).
-  By default: the test split of the training data, at the training max_length (both in config.json).
+  By default: the test split of the training data, or the share of its training pairs that train.py held
+  out (--eval_fraction), at the training max_length (all in config.json).
 """
 import argparse
 import copy
 import json
 import math
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -342,7 +344,8 @@ def summary(report: dict) -> str:
         return f"{fmt(block['accuracy'])}  [{fmt(low)}, {fmt(high)}]  n={block['num_pairs']}"
     c, m, ln = report["counts"], report["margin"], report["length"]
     overall = {"accuracy": report["accuracy"], "ci95": report["accuracy_ci95"], "num_pairs": report["num_pairs"]}
-    lines = [f"evaluated {report['checkpoint']} on {', '.join(report['dataset'])} ({report['split']}): "
+    split = report["split"] + (f", the held-out {report['eval_fraction']} share" if report.get("eval_fraction") else "")
+    lines = [f"evaluated {report['checkpoint']} on {', '.join(report['dataset'])} ({split}): "
              f"{c['evaluated']} pairs, {c['skipped']} rows skipped, {c['dropped_too_long']} pairs longer than "
              f"{report['max_length']} tokens dropped",
              f"{'accuracy (95% Wilson CI)':<28}{acc(overall)}"]
@@ -385,7 +388,9 @@ def parse_args(argv=None):
     p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",
                    help="data source(s): demo, a Hub dataset id or a local file/directory (default: the ones "
                         f"the model was trained on, else {DEFAULT_DATASET[0]})")
-    p.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    p.add_argument("--split", default=None,
+                   help="dataset split to evaluate (default: test; for a model trained with a held-out share of "
+                        "its training pairs, train.py --eval_fraction, that share)")
     p.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N pairs")
     p.add_argument("--batch_size", type=positive_int, default=16, help="pairs per forward pass (default: 16)")
     p.add_argument("--max_length", type=positive_int, default=None,
@@ -447,9 +452,33 @@ def is_report(path: Path) -> bool:
     return isinstance(report, dict) and {"accuracy", "counts", "per_source"} <= report.keys()
 
 
+def load_eval_pairs(dataset: list, args, trained: dict):
+    """(pairs, stats, split, held-out fraction). A model trained with a held-out share of its training pairs
+    (train.py --eval_fraction, the default for a training file without splits) is evaluated on that share
+    when neither --dataset nor --split is given; other data that holds training files gets a note."""
+    from data import DataStats, load_pairs, source_files, split_held_out
+    fraction = trained.get("eval_fraction") if args.dataset is None and args.split is None else None
+    split = "train" if fraction else args.split or "test"
+    stats = DataStats()
+    if not fraction:
+        pairs = load_pairs(dataset, split=split, max_samples=args.max_samples, stats=stats)
+        try:  # a model trained elsewhere: its training files may not be here
+            trained_files = set().union(*(source_files(s, "train") for s in trained.get("dataset") or []))
+        except UserError:
+            trained_files = set()
+        shared = sorted(trained_files & set().union(*(source_files(s, split) for s in dataset)))
+        if shared:
+            print(f"note: the {split} pairs of {', '.join(dataset)} include the model's training data "
+                  f"({', '.join(shared[:3])}): the accuracy is not a held-out number", file=sys.stderr)
+        return pairs, stats, split, None
+    held = split_held_out(load_pairs(dataset, split=split, stats=stats), fraction)[1][:args.max_samples]
+    print(f"data: the {len(held)} pairs of {', '.join(dataset)} that train.py held out (--eval_fraction "
+          f"{fraction}, by content hash) and did not train on")
+    return held, DataStats.of_pairs(held), split, fraction
+
+
 def main(argv=None):
     args = parse_args(argv)
-    from data import DataStats, load_pairs
     from rm import RewardModel
 
     # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.
@@ -464,8 +493,7 @@ def main(argv=None):
     dataset = [dataset] if isinstance(dataset, str) else list(dataset)  # as recorded: a name may hold a comma
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
     share_prompt = args.share_prompt or bool(trained.get("share_prompt"))  # as in training: same rewards, faster
-    stats = DataStats()
-    pairs = load_pairs(dataset, split=args.split, max_samples=args.max_samples, stats=stats)
+    pairs, stats, split, fraction = load_eval_pairs(dataset, args, trained)
 
     # 3. The model, then the scores.
     model = RewardModel.from_pretrained(str(model_dir), device=args.device)
@@ -474,7 +502,8 @@ def main(argv=None):
     report, rewards = evaluate(model, pairs, batch_size=args.batch_size, max_length=max_length, bf16=args.bf16,
                                progress=True, stats=stats, unsure_threshold=args.unsure_threshold,
                                return_rewards=True, share_prompt=share_prompt)
-    report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=args.split,
+    report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=split,
+                  eval_fraction=fraction,
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
                   share_prompt=share_prompt, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

@@ -28,10 +28,11 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import (ForcedStop, SignalStop, append_log, check_same_run, checkpoint_dirs, claim_output_dir,
-                        disk_errors, find_resume_checkpoint, forced_stop, prepare_output_dir, read_log,
-                        read_trainer_state, release_output_dir, remove, restore_training_state, save_checkpoint,
-                        stopped_message)
+import hub
+from checkpoint import (MAY_CHANGE, SAME_RUN, ForcedStop, SignalStop, append_log, check_same_data, check_same_run,
+                        checkpoint_dirs, claim_output_dir, disk_errors, find_resume_checkpoint, forced_stop,
+                        prepare_output_dir, read_log, read_trainer_state, release_output_dir, remove,
+                        restore_training_state, save_checkpoint, stopped_message)
 from distributed import (all_reduce_mean, end_distributed, gather_model_state, gather_optimizer_state, init_wandb,
                          is_main_process, load_optimizer_state, no_sync, print0, rank_0_errors, setup_distributed,
                          unsharded, wrap)
@@ -54,6 +55,8 @@ class TrainConfig:
     dataset: list = field(default_factory=lambda: ["Anthropic/hh-rlhf"])
     eval_split: str = "test"                 # "none": no evaluation (e.g. a dataset with a train split only)
     eval_dataset: list | None = None         # held-out sources; default: --dataset at --eval_split
+    eval_fraction: float | None = None       # held-out share of the training pairs, by content hash; 0.05
+                                             # when the eval source is the training files (load_data)
     max_train_samples: int | None = None
     max_eval_samples: int | None = 1000
     max_length: int = 1024
@@ -129,14 +132,17 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- the model and the data: pairs -> token ids, in an order fixed by the seed
     model = build_model(cfg)
-    train_items, held_out = load_data(cfg, model.tokenizer)
+    train_items, held_out, data_read = load_data(cfg, model.tokenizer)
     step_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world  # pairs per optimizer step
     batches = StepBatches(train_items, step_batch, cfg.seed)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(batches.steps_per_epoch * cfg.num_epochs))
-    model.provenance = {"dataset": list(cfg.dataset), "eval_dataset": held_out.sources,
-                        "max_length": cfg.max_length, "eval_split": cfg.eval_split, "share_prompt": cfg.share_prompt}
+    model.provenance = {"dataset": list(cfg.dataset), "eval_dataset": held_out.sources, "eval_split": cfg.eval_split,
+                        "eval_fraction": cfg.eval_fraction, "max_length": cfg.max_length,
+                        "share_prompt": cfg.share_prompt}
 
     # ---- what trains it: the (wrapped) model, the optimizer, the schedule; on --resume, their saved states
+    if resume_from is not None:  # before its weights load: another model or other data is refused by name
+        check_resume(resume_from, cfg, step_batch, total_steps, data_read)
     train_model = prepare_model(model, cfg, device, world, resume_from)
     optimizer = make_optimizer(cfg, train_model, device)
     warmup_steps = int(cfg.warmup_ratio * total_steps)
@@ -146,8 +152,9 @@ def train(cfg: TrainConfig) -> dict:
            f"{n_trainable / 1e6:.2f}M trainable parameters | device {device}, {world} process(es)")
     step, best_accuracy = 0, -1.0
     if resume_from is not None:
-        step, best_accuracy = resume_training(resume_from, cfg, step_batch, optimizer, scheduler, train_model)
-        print0(f"resumed from {resume_from} at step {step}/{total_steps}")
+        step, best_accuracy, changed = resume_training(resume_from, cfg, optimizer, scheduler, train_model)
+        print0(f"resumed from {resume_from} at step {step}/{total_steps}" +
+               (f"; changed since the checkpoint: {', '.join(changed)}" if changed else ""))
     with rank_0_errors(device):
         if rank == 0:  # the first write into the output directory: every input has been checked by now
             claim_output_dir(out, replace_previous_run=cfg.overwrite_output_dir and not cfg.resume,
@@ -159,7 +166,8 @@ def train(cfg: TrainConfig) -> dict:
     def save(step: int) -> Path:
         # No history in a checkpoint: it lives in log.jsonl, so a checkpoint's size does not grow with the step.
         trainer_state = {"step": step, "best_accuracy": best_accuracy, "config": asdict(cfg),
-                         "total_steps": total_steps, "step_batch": step_batch, "world_size": world}
+                         "total_steps": total_steps, "step_batch": step_batch, "world_size": world,
+                         "data": data_read}
         return save_training_state(out, step, model, train_model, optimizer, scheduler, trainer_state, cfg, device)
 
     collate = choose_collate(cfg.packing, cfg.share_prompt)  # padded, packed and/or shared-prompt batches
@@ -262,6 +270,13 @@ def validate(cfg: TrainConfig):
         raise UserError("--8bit_model cannot be combined with --fsdp (int8 weights cannot be sharded); drop one")
     if cfg.resume and cfg.overwrite_output_dir:
         raise UserError("--resume and --overwrite_output_dir contradict each other; pick one")
+    if cfg.eval_fraction is not None:
+        if not 0 < cfg.eval_fraction < 1:
+            raise UserError(f"--eval_fraction must be between 0 and 1 (got {cfg.eval_fraction}), e.g. 0.05")
+        if cfg.eval_dataset or cfg.eval_split == "none":
+            raise UserError("--eval_fraction holds out a share of the training pairs: it contradicts "
+                            f"{'--eval_dataset' if cfg.eval_dataset else '--eval_split none'}; pick one")
+    check_output_dir_apart(cfg)
     if not 0 <= cfg.seed < 2**63:
         raise UserError(f"--seed must be an integer from 0 to 2**63 - 1 (got {cfg.seed})")
     device = check_device(cfg.device)
@@ -299,6 +314,29 @@ def check_device(name: str | None) -> torch.device:
     return device
 
 
+def check_output_dir_apart(cfg: TrainConfig):
+    """The run writes JSON files and model directories into --output_dir. Inside a dataset directory they
+    would be read as data (splits named train_config, ...) by every later run; in the --model directory,
+    eval.py would find the base model's config.json first, score it and replace the run's report."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    for source in [*cfg.dataset, *(cfg.eval_dataset or [])]:
+        if source == "demo" or not hub.is_local_source(source):
+            continue
+        parts = Path(source).expanduser().parts  # a glob reads from the directory before its first pattern
+        magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+        directory = Path(*parts[:magic] or ["."]) if magic is not None else Path(source).expanduser()
+        # a directory is read recursively; a glob below its directory if a pattern is not the last part, or **
+        below = magic is None or magic < len(parts) - 1 or "**" in source
+        if directory.is_dir() and (out == directory.resolve() or below and directory.resolve() in out.parents):
+            raise UserError(f"--output_dir {cfg.output_dir} is inside the dataset directory {directory}: the run's "
+                            "files would be read as data; choose an --output_dir outside it")
+    if not cfg.from_scratch and Path(cfg.model).expanduser().is_dir() and \
+            Path(cfg.model).expanduser().resolve() == out:
+        raise UserError(f"--output_dir {cfg.output_dir} is the --model directory: the run would mix its files "
+                        "with the base model's (eval.py there would score the base model); choose another "
+                        "--output_dir")
+
+
 def build_model(cfg: TrainConfig) -> RewardModel:
     """From scratch (the demo: a qwen3.CONFIGS shape, the demo tokenizer's vocabulary), or a checkpoint."""
     if cfg.from_scratch:
@@ -324,14 +362,58 @@ class HeldOut(NamedTuple):
     sources: list
 
 
-def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, HeldOut]:
-    """Pairs -> token ids, for training and held out; every skipped or dropped pair is counted and reported."""
+# The share of the training pairs held out when the evaluation data would be the training files.
+DEFAULT_EVAL_FRACTION = 0.05
+
+
+def eval_plan(cfg: TrainConfig) -> tuple[list, float | None]:
+    """Where the held-out pairs come from: (sources, fraction). With a fraction, they are that share of the
+    training pairs (data.split_held_out). That is the default when --eval_dataset/--eval_split resolve to
+    the very files training reads (a local file has no splits): a pair evaluated is never one trained on."""
+    if cfg.eval_fraction is not None:
+        return list(cfg.dataset), cfg.eval_fraction
+    sources = list(cfg.eval_dataset or cfg.dataset)
+    train_files = set().union(*(data.source_files(s, "train") for s in cfg.dataset))
+    eval_files = set().union(*(data.source_files(s, cfg.eval_split) for s in sources))
+    if eval_files == train_files:
+        return list(cfg.dataset), DEFAULT_EVAL_FRACTION
+    if eval_files & train_files:
+        raise UserError(f"the evaluation data ({', '.join(sources)}, split {cfg.eval_split}) includes training "
+                        f"files ({', '.join(sorted(eval_files & train_files)[:3])}), so its accuracy would not be "
+                        "held out; pass held-out files with --eval_dataset, hold out a share of the training "
+                        "pairs with --eval_fraction 0.05, or turn evaluation off with --eval_split none")
+    return sources, None
+
+
+def load_pairs_and_held_out(cfg: TrainConfig, train_stats: data.DataStats,
+                            eval_stats: data.DataStats) -> tuple[list, list, list]:
+    """(training pairs, held-out pairs, held-out sources). A held-out share (eval_plan) is recorded in cfg,
+    as is the split it comes from: train_config.json and the checkpoints say what the run evaluates on."""
+    if cfg.eval_split == "none":
+        return data.load_pairs(cfg.dataset, "train", cfg.max_train_samples, train_stats), [], []
+    sources, fraction = eval_plan(cfg)
+    if fraction is None:
+        return (data.load_pairs(cfg.dataset, "train", cfg.max_train_samples, train_stats),
+                data.load_pairs(sources, cfg.eval_split, cfg.max_eval_samples, eval_stats), sources)
+    cfg.eval_fraction, cfg.eval_split = fraction, "train"
+    # Every pair is read, then split by content: the held-out pairs do not depend on the sample limits.
+    train_pairs, held = data.split_held_out(data.load_pairs(cfg.dataset, "train", stats=train_stats), fraction)
+    if not held or not train_pairs:
+        raise UserError(f"--eval_fraction {fraction} holds out {len(held)} of the {len(train_pairs) + len(held)} "
+                        f"pairs of {', '.join(cfg.dataset)}, leaving nothing to {'train on' if held else 'evaluate'}; "
+                        "pass held-out files with --eval_dataset, another --eval_fraction, or --eval_split none")
+    held = held[:cfg.max_eval_samples]
+    return train_pairs[:cfg.max_train_samples], held, sources
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, HeldOut, dict]:
+    """Pairs -> token ids, for training and held out; every skipped or dropped pair is counted and reported.
+    Also returns what was read (pairs and files), for a resume to notice data that changed."""
     train_stats, eval_stats = data.DataStats(), data.DataStats()
-    train_pairs = data.load_pairs(cfg.dataset, split="train", max_samples=cfg.max_train_samples, stats=train_stats)
+    train_pairs, eval_pairs, eval_sources = load_pairs_and_held_out(cfg, train_stats, eval_stats)
+    if cfg.eval_fraction:  # taken out of the training pairs: their reading counts as training's
+        eval_stats = data.DataStats.of_pairs(eval_pairs)
     evaluating = cfg.eval_split != "none"
-    eval_sources = list(cfg.eval_dataset or cfg.dataset)
-    eval_pairs = data.load_pairs(eval_sources, split=cfg.eval_split, max_samples=cfg.max_eval_samples,
-                                 stats=eval_stats) if evaluating else []
     train_items = data.tokenize_pairs(train_pairs, tokenizer, cfg.max_length, train_stats)
     # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.
     eval_items = data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, eval_stats) if evaluating else []
@@ -341,9 +423,14 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, HeldOut]:
             raise UserError(f"all {len(pairs)} '{split}' pairs of {', '.join(sources)} are longer than "
                             f"--max_length {cfg.max_length} tokens (a response and its eos must fit); "
                             "raise --max_length")
-    print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs | train {train_stats.report()} | "
-           f"eval {eval_stats.report()}")
-    return train_items, HeldOut(eval_items, eval_stats, eval_sources)
+    held = f" (held out of the training pairs by content hash: --eval_fraction {cfg.eval_fraction})" \
+        if cfg.eval_fraction else ""
+    print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
+           f"train {train_stats.report()} | eval {eval_stats.report()}")
+    read = {"train_pairs": len(train_pairs), "train_digest": data.pairs_digest(train_pairs),
+            "files": {**data.file_fingerprints(cfg.dataset, "train"),
+                      **(data.file_fingerprints(eval_sources, cfg.eval_split) if evaluating else {})}}
+    return train_items, HeldOut(eval_items, eval_stats, eval_sources), read
 
 
 class StepBatches:
@@ -409,14 +496,34 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def resume_training(path: Path, cfg: TrainConfig, step_batch: int, optimizer, scheduler, train_model):
-    """Continue the run exactly where the checkpoint at `path` left it: optimizer, schedule and RNG states.
-    Returns (step, best held-out accuracy so far)."""
+def check_resume(path: Path, cfg: TrainConfig, step_batch: int, total_steps: int, data_read: dict):
+    """Refuse a resume that would not continue the run of the checkpoint at `path` (checkpoint.SAME_RUN,
+    the pairs per step, the training pairs read), or that has no step left to train."""
     state = read_trainer_state(path)
     check_same_run(state, cfg, step_batch)
+    check_same_data(state.get("data"), data_read)
+    if total_steps <= state["step"]:
+        raise UserError(f"--resume: the checkpoint is at step {state['step']} and this run ends at step "
+                        f"{total_steps} (--max_steps/--num_epochs); ask for more steps, or use its model as it is")
+
+
+def resume_training(path: Path, cfg: TrainConfig, optimizer, scheduler, train_model):
+    """Continue the run where the checkpoint at `path` left it: optimizer, schedule and RNG states. What may
+    change on a resume (checkpoint.MAY_CHANGE) takes effect from here: the peak learning rate and the weight
+    decay replace the saved ones, and the learning rate follows this run's schedule (a changed
+    --learning_rate, --max_steps, --num_epochs or --warmup_ratio), from the first resumed step on.
+    Returns (step, best held-out accuracy so far, the changes as "name old -> new")."""
+    state = read_trainer_state(path)
     restore_training_state(path, optimizer, scheduler,
                            lambda saved: load_optimizer_state(optimizer, train_model, saved, cfg.fsdp))
-    return state["step"], state["best_accuracy"]
+    scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
+    for group, base_lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base_lr, base_lr * f(scheduler.last_epoch)  # as LambdaLR computes it
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # matrices; norms and biases stay at 0
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    changed = [f"{k} {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in MAY_CHANGE
+               if k not in ("resume", "output_dir") and state["config"].get(k) != getattr(cfg, k)]
+    return state["step"], state["best_accuracy"], changed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,9 +535,11 @@ def stop_if_not_finite(what: str, value: float, step: int, out: Path, before_upd
     if not math.isfinite(value):
         last = checkpoint_dirs(out)
         when = " before the update." if before_update else "."
-        raise UserError(f"the {what} became {value} at step {step}; training stopped{when} Last good "
-                        f"checkpoint: {last[-1] if last else 'none'}. Lower --learning_rate or check the data, "
-                        "then --resume")
+        advice = (f"Last good checkpoint: {last[-1]}. Resume from it with a lower learning rate (the same flags "
+                  f"and --resume {last[-1]} --learning_rate LOWER: it applies from there on), or check the data"
+                  if last else "Last good checkpoint: none. Start again with a lower --learning_rate and "
+                               "--overwrite_output_dir, or check the data")
+        raise UserError(f"the {what} became {value} at step {step}; training stopped{when} {advice}")
 
 
 def clip_grad_norm(model, max_norm: float):
@@ -536,7 +645,8 @@ def finish_run(model, train_model, held_out: HeldOut, cfg: TrainConfig, out: Pat
                               bf16=cfg.bf16, progress=cfg.progress, stats=held_out.stats,
                               share_prompt=cfg.share_prompt)
             report.update(checkpoint=str(out / "final_model"), dataset=held_out.sources, split=cfg.eval_split,
-                          max_length=cfg.max_length, max_samples=cfg.max_eval_samples)
+                          eval_fraction=cfg.eval_fraction, max_length=cfg.max_length,
+                          max_samples=cfg.max_eval_samples)
             with disk_errors(out / "evaluation_report.json"):
                 write_json_atomic(out / "evaluation_report.json", report)
             result.update(eval_accuracy=report["accuracy"], report=str(out / "evaluation_report.json"))
@@ -575,7 +685,11 @@ def parse_args(argv=None) -> TrainConfig:
                    help="one or more sources: Hub dataset ids, files, dirs, globs, 'demo'")
     p.add_argument("--eval_split", default=UNSET, help="held-out split for evaluation; 'none' turns evaluation off")
     p.add_argument("--eval_dataset", nargs="+", default=UNSET,
-                   help="held-out sources (default: --dataset); needed when --dataset is a file without splits")
+                   help="held-out sources (default: --dataset at --eval_split)")
+    p.add_argument("--eval_fraction", type=float, default=UNSET,
+                   help="evaluate on this share of the training pairs, held out by a hash of each pair's text "
+                        f"(none of them trained on); {DEFAULT_EVAL_FRACTION} when the evaluation data would be "
+                        "the training files (a local file has no splits)")
     p.add_argument("--max_train_samples", type=int, default=UNSET, help="use at most this many training pairs")
     p.add_argument("--max_eval_samples", type=int, default=UNSET, help="evaluate on at most this many pairs")
     p.add_argument("--max_length", type=int, default=UNSET, help="max tokens per sequence (prompt cut from the left)")
@@ -611,7 +725,10 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--overwrite_output_dir", action="store_true", default=UNSET, help="replace a previous run there")
     p.add_argument("--resume", nargs="?", const="latest", default=UNSET,
                    help="continue from the latest checkpoint in --output_dir (--resume alone, or --resume "
-                        "latest), or from the given checkpoint directory")
+                        "latest), or from the given checkpoint directory. Refused if these differ from the "
+                        "checkpoint's: " + ", ".join(SAME_RUN) + ", or the pairs per step, or the training "
+                        "pairs read. Any other flag may change and applies from the resumed step on (a new "
+                        "--learning_rate or --max_steps: this run's schedule)")
     p.add_argument("--seed", type=int, default=UNSET, help="random seed (init, data order)")
     p.add_argument("--device", default=UNSET, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--use_wandb", action="store_true", default=UNSET, help="log to Weights & Biases")
@@ -633,9 +750,11 @@ def main(argv=None):
         if not model_path:
             raise UserError("--eval_only needs --model_path CHECKPOINT")
         import eval as eval_cli
-        eval_args = [model_path, "--split", cfg.eval_split, "--batch_size", str(cfg.batch_size * 2)]
+        eval_args = [model_path, "--batch_size", str(cfg.batch_size * 2)]
         if cfg.eval_split == "none":
             raise UserError("--eval_only with --eval_split none evaluates nothing; pass a split such as test")
+        if "eval_split" in given:  # else eval.py's default: the held-out pairs the model was trained with
+            eval_args += ["--split", cfg.eval_split]
         if "eval_dataset" in given or "dataset" in given:
             eval_args += ["--dataset", *(cfg.eval_dataset or cfg.dataset)]
         if "max_length" in given:

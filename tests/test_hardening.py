@@ -792,7 +792,9 @@ def test_corrupt_and_too_long_rows_are_skipped_counted_and_training_goes_on(tmp_
     result = train.train(cli_config("--config", "demo", "--dataset", data, "--max_steps", "2",
                                     "--max_eval_samples", "8", "--no_progress", "--output_dir", out))
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data:"))
-    assert line.startswith("data: 30 training pairs, 8 eval pairs | train {'read': 35, 'kept': 33, "
+    # one file, no --eval_dataset: its held-out share (one pair here) is evaluated, never a training pair
+    assert line.startswith("data: 29 training pairs, 1 eval pairs (held out of the training pairs by content hash: "
+                           "--eval_fraction 0.05) | train {'read': 35, 'kept': 33, "
                            "'skipped': {'not an object': 1, 'unparsable line': 1}"), line
     assert "'dropped_too_long': 3}" in line.split(" | eval ")[0], line
     assert result["step"] == 2 and (out / "final_model" / "model.safetensors").is_file()

@@ -398,11 +398,7 @@ def load_pairs_and_held_out(cfg: TrainConfig, train_stats: data.DataStats,
     cfg.eval_fraction, cfg.eval_split = fraction, "train"
     # Every pair is read, then split by content: the held-out pairs do not depend on the sample limits.
     train_pairs, held = data.split_held_out(data.load_pairs(cfg.dataset, "train", stats=train_stats), fraction)
-    if not held or not train_pairs:
-        raise UserError(f"--eval_fraction {fraction} holds out {len(held)} of the {len(train_pairs) + len(held)} "
-                        f"pairs of {', '.join(cfg.dataset)}, leaving nothing to {'train on' if held else 'evaluate'}; "
-                        "pass held-out files with --eval_dataset, another --eval_fraction, or --eval_split none")
-    held = held[:cfg.max_eval_samples]
+    held = held[:cfg.max_eval_samples]  # either side may be empty: load_data says so, after the length check
     return train_pairs[:cfg.max_train_samples], held, sources
 
 
@@ -419,6 +415,11 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, HeldOut, dict]:
     eval_items = data.tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, eval_stats) if evaluating else []
     for items, pairs, split, sources in ((train_items, train_pairs, "train", cfg.dataset),
                                          (eval_items, eval_pairs, cfg.eval_split, eval_sources)):
+        if not pairs and cfg.eval_fraction:  # the held-out share took every pair, or none
+            raise UserError(f"--eval_fraction {cfg.eval_fraction} holds out {len(eval_pairs)} of the "
+                            f"{len(train_pairs) + len(eval_pairs)} pairs of {', '.join(cfg.dataset)}, leaving "
+                            f"nothing to {'train on' if eval_pairs else 'evaluate'}; pass held-out files with "
+                            "--eval_dataset, another --eval_fraction, or --eval_split none")
         if not items and (split == "train" or evaluating):
             raise UserError(f"all {len(pairs)} '{split}' pairs of {', '.join(sources)} are longer than "
                             f"--max_length {cfg.max_length} tokens (a response and its eos must fit); "

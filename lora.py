@@ -63,18 +63,14 @@ def backbone_of(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             targets=tuple(TARGETS), seed: int = 0) -> nn.Module:
+             targets=tuple(TARGETS), seed: int = 0, base_dtype=None) -> nn.Module:
     """Wrap the targeted linears of every block in LoRALinear and freeze the rest of the backbone
-    (embeddings and norms too); a reward head outside the backbone stays trainable. Returns `model`.
-    Call it after quantize_8bit and before freeze_layers (which then freezes those blocks' adapters)."""
-    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    if rank < 1:
-        raise UserError(f"--lora_rank must be at least 1, got {rank}")
-    if not 0 <= dropout < 1:
-        raise UserError(f"--lora_dropout must be in [0, 1), got {dropout}")
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or not targets:
-        raise UserError(f"unknown --lora_targets {','.join(unknown) or '(none)'}; choose from {','.join(TARGETS)}")
+    (embeddings and norms too); a reward head outside the backbone stays trainable. Returns `model`,
+    its settings in `model.lora_config`. Call it after quantize_8bit and before freeze_layers (which then
+    freezes those blocks' adapters). base_dtype=torch.bfloat16 (train.py's --bf16) stores the frozen block
+    linears in bf16: under bf16 autocast they are cast to exactly that on every forward anyway, so the
+    forward is bitwise the same and the frozen weights take half the memory."""
+    targets = check_options(rank, alpha, dropout, targets)
     backbone, _ = backbone_of(model)
     layers = {f"layers.{i}.{TARGETS[t]}": block.get_submodule(TARGETS[t])
               for i, block in enumerate(backbone.layers) for t in targets}
@@ -85,11 +81,32 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: f
             raise UserError(f"--lora_rank {rank} is larger than {where} ({linear.in_features} -> "
                             f"{linear.out_features}); use at most {min(linear.in_features, linear.out_features)}")
     generator = torch.Generator().manual_seed(seed)
+    alpha = 2 * rank if alpha is None else alpha
     for where, linear in layers.items():
-        backbone.set_submodule(where, LoRALinear(linear, rank, 2 * rank if alpha is None else alpha, dropout, generator))
+        backbone.set_submodule(where, LoRALinear(linear, rank, alpha, dropout, generator))
     for name, p in backbone.named_parameters():
         p.requires_grad_("lora_" in name)
+    if base_dtype is not None:  # the frozen block linears only; int8 layers stay int8, adapters fp32
+        for m in backbone.layers.modules():
+            if isinstance(m, nn.Linear) and m.weight.is_floating_point():
+                m.to(base_dtype)
+    model.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": ",".join(targets)}
     return model
+
+
+def check_options(rank: int, alpha, dropout: float, targets) -> list[str]:
+    """The --lora_* values a model is not needed to check; returns the target names as a list."""
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    if not rank >= 1:
+        raise UserError(f"--lora_rank must be at least 1, got {rank}")
+    if alpha is not None and not 0 < alpha < math.inf:
+        raise UserError(f"--lora_alpha must be positive and finite, got {alpha}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {dropout}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise UserError(f"unknown --lora_targets {','.join(unknown) or '(none)'}; choose from {','.join(TARGETS)}")
+    return targets
 
 
 def merged_state_dict(model: nn.Module, dtype=None) -> dict:
@@ -140,3 +157,80 @@ def load_adapter_state_dict(model: nn.Module, state: dict, where: str = "adapter
         for name, t in state.items():
             params[name].copy_(t)
     return model
+
+
+# ---- adapters on disk: checkpoints and --save_adapters ---------------------------------------------
+# A directory holds adapter_model.safetensors (the adapters and the reward head, under their module names)
+# and adapter_config.json (rank, alpha, dropout, targets, and which base they belong to). This is our
+# own small layout, not PEFT's. The base is named (base_model) and fingerprinted: a different base of the
+# same shape (another fine-tune) would load silently and give wrong rewards, so it is refused.
+
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash of the backbone's weights as loaded (call it before quantize_8bit or any cast): every
+    tensor's name, shape and up to ~8k of its values, evenly strided. Cheap (milliseconds for 1.7B) and
+    enough to tell one checkpoint from another, since fine-tuning moves nearly every weight."""
+    import hashlib
+    backbone, _ = backbone_of(model)
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_adapters(model: nn.Module, out_dir, base: dict):
+    """Write the adapters and the head to out_dir (atomically); `base` (base_model, base_fingerprint,
+    ...) goes into adapter_config.json next to model.lora_config."""
+    from safetensors.torch import save_file
+
+    from fileio import atomic_dir, write_json
+    state = {n: t.contiguous() for n, t in adapter_state_dict(model).items()}
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, tmp / ADAPTER_FILE, metadata={"format": "pt"})
+        write_json(tmp / ADAPTER_CONFIG, {"format": "qwen3-rm-lora", **model.lora_config, **base})
+
+
+def read_adapters(adapter_dir) -> tuple[dict, dict]:
+    """(adapter_config.json, the tensors) of an adapter directory written by save_adapters."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_FILE).is_file():
+        raise UserError(f"{adapter_dir} holds no LoRA adapters ({ADAPTER_FILE} and {ADAPTER_CONFIG})")
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        state = load_file(adapter_dir / ADAPTER_FILE)
+    except Exception as e:  # unreadable: truncated or edited by hand
+        raise UserError(f"{adapter_dir}: cannot read the adapters ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    if not isinstance(config, dict) or config.get("format") != "qwen3-rm-lora":
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not an adapter config written by train.py")
+    return config, state
+
+
+def check_base(config: dict, fingerprint: str, where):
+    """Refuse adapters trained on another base model than the one loaded (fingerprint from base_fingerprint)."""
+    if config.get("base_fingerprint") != fingerprint:
+        raise UserError(f"{where} was trained on another base model: {config.get('base_model')!r} with fingerprint "
+                        f"{config.get('base_fingerprint')}, but the base loaded now has {fingerprint}; load "
+                        "the base model it was trained on")
+
+
+def apply_adapters(model: nn.Module, adapter_dir) -> nn.Module:
+    """A base reward model (from RewardModel.from_pretrained, with the adapters' head and pooling) plus
+    the adapters saved by train.py --save_adapters: the trained model, unmerged. int8 bases are
+    quantised again first, as in training."""
+    config, state = read_adapters(adapter_dir)
+    check_base(config, base_fingerprint(model), adapter_dir)
+    if config.get("base_8bit"):
+        model.quantize_8bit()
+    add_lora(model, config["rank"], config["alpha"], config["dropout"], config["targets"])
+    load_adapter_state_dict(model, state, where=str(adapter_dir))
+    return model.eval()

@@ -25,6 +25,7 @@ from data import Tokenizer, pad_rows
 from errors import UserError
 from fileio import atomic_dir, write_json
 from hub import read_json, resolve_model_dir
+from lora import merged_state_dict
 from qwen3 import Qwen3, Qwen3Config, load_checked, read_state_dict
 
 HEADS = ("mlp", "linear")
@@ -238,17 +239,11 @@ class RewardModel(nn.Module):
         return cfg
 
     def export_state_dict(self) -> dict:
-        """The state dict in plain tensors under the checkpoint key names: int8 layers are dequantised
-        back to ordinary weights so the saved model loads anywhere (with the small int8 rounding baked in)."""
-        state, own = {}, self.state_dict()
-        for name, t in own.items():
-            if name.endswith(".SCB") or name.endswith(".weight_format"):
-                continue
-            if t.dtype == torch.int8:  # Linear8bitLt: weight = int8 * row scale / 127
-                scb = own[name[: -len("weight")] + "SCB"]
-                t = (t.float() * scb[:, None] / 127).to(self.model.norm.weight.dtype)
-            state[disk_name(name)] = t.detach().contiguous()
-        return state
+        """The state dict in plain tensors under the checkpoint key names, loadable without this code:
+        int8 layers are dequantised back to ordinary weights (with the small int8 rounding baked in) and
+        LoRA adapters merged into the weights they adapt, W + (alpha/r) B A (lora.merged_state_dict)."""
+        merged = merged_state_dict(self, dtype=self.model.norm.weight.dtype)
+        return {disk_name(n): t.detach().contiguous() for n, t in merged.items()}
 
     def save_pretrained(self, out_dir, extra_files: dict | None = None):
         """Write model.safetensors, config.json and the tokenizer files into a temporary sibling directory

@@ -7,7 +7,7 @@
 - log.jsonl: read_log / append_log. The run's history lives there, not in memory or in checkpoints.
 - take_output_dir / release_output_dir: one run per directory (an flock on OUTPUT_DIR/.lock that the
   OS drops when its holder dies); prepare_output_dir refuses early while another run holds it.
-- checkpoint_step_N/ = model/ + optimizer.safetensors and optimizer.json (optimizer, scheduler and RNG
+- checkpoint_step_N/ = model/ (LoRA: adapters/) + optimizer.safetensors and optimizer.json (optimizer, scheduler and RNG
   states: tensors, and the JSON that names them) + trainer_state.json (written last): save_checkpoint,
   checkpoint_dirs, find_resume_checkpoint, read_trainer_state, check_same_run, restore_training_state
   (every read bounded, every bad file one line). Nothing in a checkpoint is pickle, so loading one
@@ -16,6 +16,7 @@
   raises ForcedStop at once, and forced_stop says what is left on disk.
 Every write goes through fileio: under a temporary name, renamed into place when complete.
 """
+import dataclasses
 import errno
 import fcntl
 import json
@@ -34,13 +35,14 @@ import torch
 from distributed import any_process, is_main_process
 from errors import UserError, check_writable
 from fileio import atomic_dir, remove, write_json, write_text_atomic
+from lora import save_adapters
 
-RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|evaluation_report\.json|"
+RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
                        r"train_config\.json|log\.jsonl)$")
 
 # What a killed write leaves behind: temporary siblings of the files above (fileio's atomic writes, the
 # write probe). Never complete, never read; removed when the next run starts.
-LEFTOVERS = re.compile(r"^\.(checkpoint_step_\d+|best_model_step_\d+|final_model|evaluation_report\.json|"
+LEFTOVERS = re.compile(r"^\.(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
                        r"train_config\.json|log\.jsonl)\.(tmp|old)-|^\.write-test-\d+$")
 
 
@@ -282,7 +284,8 @@ def unflatten_state(tree, tensors: dict):
 
 def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, scheduler, trainer_state: dict,
                     save_total_limit: int) -> Path:
-    """checkpoint_step_N/: model/ (a loadable reward model), optimizer.safetensors + optimizer.json,
+    """checkpoint_step_N/: model/ (a loadable reward model; under LoRA adapters/, the adapters and the head
+    with the base model's fingerprint), optimizer.safetensors + optimizer.json,
     trainer_state.json (last); then only the newest `save_total_limit` checkpoints are kept (bounded disk)."""
     from safetensors.torch import save_file
     final = out / f"checkpoint_step_{step}"
@@ -291,7 +294,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, schedule
                          tensors)
     with disk_errors(final):
         with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp / "model")
+            if getattr(model, "lora_config", None):  # LoRA: adapters and head only; the base is not copied
+                save_adapters(model, tmp / "adapters")
+            else:
+                model.save_pretrained(tmp / "model")
             save_file(tensors, tmp / "optimizer.safetensors")
             write_json(tmp / "optimizer.json", tree)
             write_json(tmp / "trainer_state.json", trainer_state)
@@ -363,7 +369,7 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
 # (the best model is picked on them), the optimizer's kind. Another value is refused in one line.
 SAME_RUN = ("model", "from_scratch", "head", "pooling", "dataset", "eval_split", "eval_dataset", "eval_fraction",
             "max_train_samples", "max_eval_samples", "max_length", "seed", "freeze_layers", "model_8bit",
-            "optim_8bit")
+            "optim_8bit", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 # MAY_CHANGE: honoured from the resumed step on and recorded in train_config.json. The schedule
 # (learning_rate, num_epochs, max_steps, warmup_ratio: each later step gets the new schedule's rate),
 # the update (weight_decay, max_grad_norm, center_rewards_coefficient), how the same pairs per step are
@@ -372,13 +378,14 @@ MAY_CHANGE = ("learning_rate", "num_epochs", "max_steps", "warmup_ratio", "weigh
               "center_rewards_coefficient", "batch_size", "gradient_accumulation_steps", "bf16",
               "gradient_checkpointing", "compile", "packing", "share_prompt", "fsdp", "eval_steps", "save_steps",
               "save_total_limit", "logging_steps", "output_dir", "overwrite_output_dir", "resume", "device",
-              "use_wandb", "wandb_project", "progress")
+              "use_wandb", "wandb_project", "progress", "save_adapters")
 
 
 def check_same_run(saved: dict, cfg, step_batch: int):
     """Resuming with another SAME_RUN setting, or other pairs per step, would not continue the same run: refuse."""
-    diff = [f"{k} ({saved['config'].get(k)!r} -> {getattr(cfg, k)!r})" for k in SAME_RUN
-            if saved["config"].get(k) != getattr(cfg, k)]
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}  # a key older checkpoints lack
+    diff = [f"{k} ({saved['config'].get(k, default[k])!r} -> {getattr(cfg, k)!r})" for k in SAME_RUN
+            if saved["config"].get(k, default[k]) != getattr(cfg, k)]
     # The data order depends on the pairs per optimizer step, not on how they are split: another number
     # of processes or accumulation steps is fine as long as batch_size x accumulation x processes matches.
     if saved["step_batch"] != step_batch:

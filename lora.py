@@ -183,16 +183,16 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save_adapters(model: nn.Module, out_dir, base: dict):
-    """Write the adapters and the head to out_dir (atomically); `base` (base_model, base_fingerprint,
-    ...) goes into adapter_config.json next to model.lora_config."""
+def save_adapters(model: nn.Module, out_dir):
+    """Write the adapters and the head to out_dir (atomically), and model.lora_config (add_lora's settings
+    plus what train.py adds: base_model, base_fingerprint, base_8bit) as adapter_config.json."""
     from safetensors.torch import save_file
 
     from fileio import atomic_dir, write_json
     state = {n: t.contiguous() for n, t in adapter_state_dict(model).items()}
     with atomic_dir(out_dir) as tmp:
         save_file(state, tmp / ADAPTER_FILE, metadata={"format": "pt"})
-        write_json(tmp / ADAPTER_CONFIG, {"format": "qwen3-rm-lora", **model.lora_config, **base})
+        write_json(tmp / ADAPTER_CONFIG, {"format": "qwen3-rm-lora", **model.lora_config})
 
 
 def read_adapters(adapter_dir) -> tuple[dict, dict]:

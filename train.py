@@ -38,6 +38,8 @@ from distributed import (all_reduce_mean, end_distributed, gather_model_state, g
                          unsharded, wrap)
 from errors import ArgumentParser, UserError, run_cli
 from fileio import write_json_atomic
+from lora import (add_lora, base_fingerprint, check_base, check_options, load_adapter_state_dict, read_adapters,
+                  save_adapters)
 from packing import choose_collate
 from qwen3 import CONFIGS as MODEL_CONFIGS
 from qwen3 import load_checked, read_state_dict
@@ -80,6 +82,12 @@ class TrainConfig:
     packing: bool = False
     share_prompt: bool = False               # each pair's prompt computed once (padded or packed batches)
     fsdp: bool = False
+    # LoRA (lora.py): low-rank adapters on the frozen backbone; the head trains fully
+    lora_rank: int | None = None             # None: no LoRA, every parameter trains
+    lora_alpha: float | None = None          # None: 2 x rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,k,v,o,gate,up,down"
+    save_adapters: bool = False              # also write final_adapters/ (the adapters and head alone)
     # bookkeeping
     eval_steps: int = 200
     save_steps: int = 500
@@ -148,8 +156,9 @@ def train(cfg: TrainConfig) -> dict:
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"model: {cfg.model} | head {model.head_type}, pooling {model.pooling} | "
-           f"{n_trainable / 1e6:.2f}M trainable parameters | device {device}, {world} process(es)")
+    n_total = sum(p.numel() for p in model.parameters())
+    print0(f"model: {cfg.model} | head {model.head_type}, pooling {model.pooling} | {n_trainable / 1e6:.2f}M of "
+           f"{n_total / 1e6:.2f}M parameters train | device {device}, {world} process(es)")
     step, best_accuracy = 0, -1.0
     if resume_from is not None:
         step, best_accuracy, changed = resume_training(resume_from, cfg, optimizer, scheduler, train_model)
@@ -268,6 +277,17 @@ def validate(cfg: TrainConfig):
         raise UserError(f"--from_scratch needs --model to name one of {sorted(MODEL_CONFIGS)}")
     if cfg.model_8bit and cfg.fsdp:
         raise UserError("--8bit_model cannot be combined with --fsdp (int8 weights cannot be sharded); drop one")
+    if cfg.lora_rank is None:
+        given = [f"--{k}" for k, v in (("lora_alpha", cfg.lora_alpha), ("lora_dropout", cfg.lora_dropout),
+                                       ("lora_targets", cfg.lora_targets), ("save_adapters", cfg.save_adapters))
+                 if v != TrainConfig.__dataclass_fields__[k].default]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --lora_rank R; add --lora_rank (e.g. 16) or drop them")
+    else:
+        check_options(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        if cfg.fsdp:  # FSDP shards what trains and its Adam state; under LoRA that is a few MB
+            raise UserError("--lora_rank cannot be combined with --fsdp: LoRA trains a few MB, so there is nothing "
+                            "worth sharding, and the frozen base fits each GPU (bf16 or --8bit_model); use DDP")
     if cfg.resume and cfg.overwrite_output_dir:
         raise UserError("--resume and --overwrite_output_dir contradict each other; pick one")
     if cfg.eval_fraction is not None:
@@ -458,21 +478,44 @@ class StepBatches:
 
 
 def prepare_model(model: RewardModel, cfg: TrainConfig, device, world: int, resume_from: Path | None):
-    """The model as it trains: resumed weights, frozen layers, on the device, int8, recomputed activations,
-    compiled blocks; returned wrapped for DDP/FSDP under torchrun (`model` itself stays the one to save)."""
+    """The model as it trains: resumed weights, on the device, int8, LoRA adapters, frozen layers,
+    recomputed activations, compiled blocks; returned wrapped for DDP/FSDP under torchrun (`model`
+    itself stays the one to save)."""
+    if cfg.lora_rank is not None:  # the base as loaded, before int8 or bf16 change it: what adapters need
+        fingerprint = base_fingerprint(model)
     if resume_from is not None:  # weights first, then the options that change the modules
-        state = read_state_dict(resume_from / "model", torch.float32)
-        load_checked(model, {module_name(k): v for k, v in state.items()}, where=str(resume_from / "model"))
-    model.freeze_layers(cfg.freeze_layers)
+        adapters = resume_weights(model, cfg, resume_from, fingerprint if cfg.lora_rank is not None else None)
     model.to(device)
     if cfg.model_8bit:  # after the move: bitsandbytes quantises while placing the weights on the device
         model.quantize_8bit()
+    if cfg.lora_rank is not None:  # frozen fp32 / bf16 (--bf16) / int8 (--8bit_model) base, adapters on top
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed,
+                 base_dtype=torch.bfloat16 if cfg.bf16 else None)
+        model.lora_config.update(base_model=cfg.model, base_fingerprint=fingerprint, base_8bit=cfg.model_8bit)
+        if resume_from is not None:
+            load_adapter_state_dict(model, adapters, where=str(resume_from / "adapters"))
+    model.freeze_layers(cfg.freeze_layers)
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     train_model = wrap(model, cfg.fsdp, device, world)
     if cfg.compile:  # each block compiled in place: one compilation for all of them (see Qwen3.compile_blocks)
         model.model.compile_blocks()
     return train_model
+
+
+def resume_weights(model: RewardModel, cfg: TrainConfig, path: Path, fingerprint: str | None):
+    """A full checkpoint's weights go into `model`; a LoRA checkpoint's adapters are returned, to load once
+    add_lora has made their places, after checking they belong to this base model."""
+    if (path / "adapters").is_dir() != (cfg.lora_rank is not None):
+        raise UserError(f"--resume: {path} was trained with{'' if (path / 'adapters').is_dir() else 'out'} "
+                        f"LoRA; resume with the same --lora_* flags it was trained with")
+    if cfg.lora_rank is not None:
+        config, adapters = read_adapters(path / "adapters")
+        check_base(config, fingerprint, path)
+        return adapters
+    state = read_state_dict(path / "model", torch.float32)
+    load_checked(model, {module_name(k): v for k, v in state.items()}, where=str(path / "model"))
+    return None
 
 
 def make_optimizer(cfg: TrainConfig, model, device):
@@ -640,7 +683,10 @@ def finish_run(model, train_model, held_out: HeldOut, cfg: TrainConfig, out: Pat
     if is_main_process():
         final_model = unsharded(model, full)
         with disk_errors(out / "final_model"):
-            final_model.save_pretrained(out / "final_model")
+            final_model.save_pretrained(out / "final_model")  # LoRA: merged into plain weights
+        if cfg.save_adapters:
+            with disk_errors(out / "final_adapters"):
+                save_adapters(model, out / "final_adapters")
         if held_out.items:
             report = evaluate(final_model, held_out.items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
                               bf16=cfg.bf16, progress=cfg.progress, stats=held_out.stats,
@@ -718,6 +764,13 @@ def parse_args(argv=None) -> TrainConfig:
                    help="each pair's prompt goes through the model once, not twice, and no padding does (same "
                         "results); attention runs on padded rows, or with --packing on packed ones")
     p.add_argument("--fsdp", action="store_true", default=UNSET, help="under torchrun: FSDP2 instead of DDP")
+    p.add_argument("--lora_rank", type=int, default=UNSET,
+                   help="train rank-R LoRA adapters on a frozen backbone (and the head); saved merged")
+    p.add_argument("--lora_alpha", type=float, default=UNSET, help="LoRA scale alpha/R (default: 2R)")
+    p.add_argument("--lora_dropout", type=float, default=UNSET, help="dropout on the adapters' input")
+    p.add_argument("--lora_targets", default=UNSET, help="comma-separated layers to adapt, from q,k,v,o,gate,up,down")
+    p.add_argument("--save_adapters", action="store_true", default=UNSET,
+                   help="with --lora_rank: also write final_adapters/ (adapters and head alone, small)")
     p.add_argument("--eval_steps", type=int, default=UNSET, help="evaluate every N steps")
     p.add_argument("--save_steps", type=int, default=UNSET, help="checkpoint every N steps")
     p.add_argument("--save_total_limit", type=int, default=UNSET, help="keep the newest N checkpoints")

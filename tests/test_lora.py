@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from errors import UserError
 from lora import LoRALinear, adapter_state_dict, add_lora, load_adapter_state_dict, merged_state_dict
@@ -253,3 +254,117 @@ def test_reward_model_merged_save_loads_in_ours_and_transformers(tmp_path, demo_
         expected = model(ids, mask)
         torch.testing.assert_close(ours(ids, mask), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits[:, 0], expected, atol=1e-4, rtol=0)
+
+
+def test_bf16_base_is_bitwise_the_fp32_base_under_autocast():
+    """--lora_rank with --bf16 stores the frozen linears in bf16: autocast casts them to exactly that anyway."""
+    fp32 = add_lora(tiny_reward_model(), rank=4)
+    randomize_B(fp32)
+    bf16 = add_lora(tiny_reward_model(), rank=4, base_dtype=torch.bfloat16)
+    load_adapter_state_dict(bf16, adapter_state_dict(fp32))
+    assert bf16.model.layers[0].mlp.up_proj.base.weight.dtype == torch.bfloat16
+    assert bf16.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
+    assert bf16.model.norm.weight.dtype == bf16.model.embed_tokens.weight.dtype == torch.float32
+    ids, mask = padded_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(bf16(ids, mask), fp32(ids, mask))
+
+
+# ---- through train.py: checkpoints, resume, the saved model, the command line ------------------------
+
+from test_train import final_weights, run_cli, tiny_cfg  # noqa: E402
+
+
+def lora_cfg(tmp_path, name, **kw):
+    return tiny_cfg(tmp_path, name, lora_rank=4, learning_rate=1e-2, **kw)
+
+
+@pytest.mark.parametrize("options", [{}, {"bf16": True}, {"model_8bit": True, "bf16": True}])
+def test_lora_resume_is_bitwise_exact(tmp_path, options):
+    if options.get("model_8bit"):
+        pytest.importorskip("bitsandbytes")
+    import shutil
+
+    from train import train
+    kw = dict(max_steps=6, save_steps=3, gradient_accumulation_steps=2, lora_dropout=0.1, **options)
+    train(lora_cfg(tmp_path, "full", **kw))
+    ckpt = tmp_path / "full" / "checkpoint_step_3"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapters", "optimizer.pt", "trainer_state.json"]
+    adapters = load_file(ckpt / "adapters" / "adapter_model.safetensors")
+    assert adapters and all("lora_" in k or k.startswith("head.") for k in adapters)  # no base weights
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", out)
+    for p in out.iterdir():
+        if p.name not in ("checkpoint_step_3", "train_config.json"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    train(lora_cfg(tmp_path, "resumed", resume="latest", **kw))
+    a, b = final_weights(tmp_path / "full"), final_weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def save_base(path, seed):
+    """A tiny reward model directory (the demo's shape and tokenizer) to train LoRA on."""
+    import dataclasses
+
+    from demo import demo_tokenizer
+    from rm import RewardModel
+    tok = demo_tokenizer()
+    model = RewardModel(dataclasses.replace(CFG, vocab_size=tok.vocab_size), head="mlp", pooling="last")
+    model.model.init_weights(seed=seed)
+    model.init_head(seed)
+    model.tokenizer = tok
+    model.save_pretrained(path)
+    return path
+
+
+def test_lora_trains_only_adapters_and_head_and_saves_merged_and_adapters(tmp_path):
+    from lora import apply_adapters
+    from rm import RewardModel
+    from train import train
+    base = save_base(tmp_path / "base", seed=0)
+    result = train(lora_cfg(tmp_path, "run", model=str(base), from_scratch=False, lora_targets="q,v",
+                            save_adapters=True, max_steps=3))
+    before, after = load_file(base / "model.safetensors"), final_weights(tmp_path / "run")
+    assert before.keys() == after.keys()
+    for k in before:
+        adapted = any(f"{t}_proj.weight" in k for t in "qv")
+        assert torch.equal(before[k], after[k]) != (adapted or k.startswith("reward_head.")), k
+    # the merged final model, and base + adapters, give the same rewards
+    merged = RewardModel.from_pretrained(str(tmp_path / "run" / "final_model"))
+    unmerged = apply_adapters(RewardModel.from_pretrained(str(base)), tmp_path / "run" / "final_adapters")
+    ids, mask = padded_batch(pad_id=merged.tokenizer.pad_id)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, mask), unmerged(ids, mask), atol=1e-5, rtol=0)
+    assert result["eval_accuracy"] >= 0
+    # adapters on another base of the same shape: refused, for apply_adapters and for --resume
+    save_base(tmp_path / "base", seed=1)
+    with pytest.raises(UserError, match="another base model"):
+        apply_adapters(RewardModel.from_pretrained(str(base)), tmp_path / "run" / "final_adapters")
+    kw = dict(model=str(base), from_scratch=False, lora_targets="q,v", save_steps=2)
+    train(lora_cfg(tmp_path, "again", **kw))
+    save_base(tmp_path / "base", seed=2)
+    with pytest.raises(UserError, match="another base model") as e:
+        train(lora_cfg(tmp_path, "again", resume="latest", **kw))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_rank", "0"], "--lora_rank must be at least 1"),
+    (["--lora_rank", "4", "--lora_targets", "q,x"], "unknown --lora_targets x"),
+    (["--lora_rank", "65"], "--lora_rank 65 is larger than layers.0.self_attn.q_proj (64 -> 128); use at most 64"),
+    (["--lora_alpha", "8"], "--lora_alpha only apply with --lora_rank"),
+    (["--save_adapters"], "--save_adapters only apply with --lora_rank"),
+    (["--lora_rank", "4", "--fsdp"], "--lora_rank cannot be combined with --fsdp"),
+])
+def test_lora_flag_errors_are_one_line(tmp_path, flags, message):
+    out = run_cli(["--config", "demo", "--max_train_samples", "16", "--output_dir", str(tmp_path / "o"), *flags])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_without_the_lora_flags_is_refused(tmp_path):
+    from train import train
+    train(lora_cfg(tmp_path, "run", save_steps=2))
+    with pytest.raises(UserError, match="trained with LoRA"):
+        train(tiny_cfg(tmp_path, "run", save_steps=2, resume="latest"))

@@ -276,7 +276,7 @@ from test_train import final_weights, run_cli, tiny_cfg  # noqa: E402
 
 
 def lora_cfg(tmp_path, name, **kw):
-    return tiny_cfg(tmp_path, name, lora_rank=4, learning_rate=1e-2, **kw)
+    return tiny_cfg(tmp_path, name, **{"lora_rank": 4, "learning_rate": 1e-2, **kw})
 
 
 @pytest.mark.parametrize("options", [{}, {"bf16": True}, {"model_8bit": True, "bf16": True}])
@@ -368,3 +368,25 @@ def test_resume_without_the_lora_flags_is_refused(tmp_path):
     train(lora_cfg(tmp_path, "run", save_steps=2))
     with pytest.raises(UserError, match="trained with LoRA"):
         train(tiny_cfg(tmp_path, "run", save_steps=2, resume="latest"))
+
+
+def test_lora_with_checkpointing_packing_shared_prompts_and_8bit_optim(tmp_path):
+    """The memory and speed options change how LoRA trains, not what: same weights (8-bit Adam: it runs)."""
+    from test_train import max_diff
+    from train import train
+    kw = dict(learning_rate=1e-4, max_steps=3)
+    train(lora_cfg(tmp_path, "plain", **kw))
+    train(lora_cfg(tmp_path, "options", gradient_checkpointing=True, packing=True, share_prompt=True, **kw))
+    assert max_diff(final_weights(tmp_path / "plain"), final_weights(tmp_path / "options")) < 1e-5
+    pytest.importorskip("bitsandbytes")
+    result = train(lora_cfg(tmp_path, "optim8", optim_8bit=True, **kw))
+    assert all(h["loss"] == h["loss"] for h in result["history"] if "loss" in h)
+
+
+def test_lora_ddp_on_two_processes_equals_one(tmp_path):
+    from test_distributed import launch, max_diff, weights
+    lora = ["--lora_rank", "4", "--lora_dropout", "0"]
+    launch(tmp_path / "single", "--batch_size", "4", *lora, procs=1)
+    launch(tmp_path / "ddp", "--batch_size", "2", *lora, cwd=tmp_path)
+    assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "ddp")) < 1e-5
+    assert (tmp_path / "ddp" / "checkpoint_step_2" / "adapters").is_dir()

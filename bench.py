@@ -33,6 +33,7 @@ import data
 import packing
 import qwen3
 from errors import ArgumentParser, UserError, run_cli
+from lora import TARGETS, add_lora, check_options
 from rm import RewardModel, pairwise_loss
 from train import TrainConfig, make_optimizer, peak_memory_gib
 
@@ -55,6 +56,21 @@ SUITES = {
         "--config 0.6b --bf16 --compile --share_prompt --packing --compare-hf",
         "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --packing --compare-hf",
         "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --compare-hf",
+    ],
+    # LoRA (BENCHMARKS.md, "LoRA"): full fine-tuning vs rank-16 adapters vs the QLoRA-style int8 base.
+    "lora-gpu": [
+        "--config 0.6b --bf16",
+        "--config 0.6b --bf16 --lora_rank 16",
+        "--config 0.6b --bf16 --8bit_model --lora_rank 16 --8bit_optim --gradient_checkpointing",
+        "--config 1.7b --bf16",
+        "--config 1.7b --bf16 --lora_rank 16",
+        "--config 1.7b --bf16 --8bit_model --lora_rank 16 --8bit_optim --gradient_checkpointing",
+    ],
+    "lora-cpu": [
+        "--config small --pairs 4 --max_length 256 --steps 6",
+        "--config small --pairs 4 --max_length 256 --steps 6 --lora_rank 16",
+        "--config small --pairs 4 --max_length 256 --steps 6 --bf16 --8bit_model --lora_rank 16 --8bit_optim "
+        "--gradient_checkpointing",
     ],
     # The CPU rows: a ~33M-parameter config, 2 cores, eager fp32.
     "cpu": [
@@ -233,6 +249,10 @@ def optimizer_in_backward(model, make_optimizer):
 def prepare_ours(args, device, batches_items, pad_id) -> dict:
     """Our model, optimizer, batches and step function, ready to run."""
     model = build_ours(args, device).train()
+    if args.model_8bit:  # as train.py builds it: int8 base, then adapters, frozen linears in bf16 under --bf16
+        model.quantize_8bit()
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, base_dtype=torch.bfloat16 if args.bf16 else None)
     model.model.gradient_checkpointing = args.gradient_checkpointing
     if args.compile:
         model.model.compile_blocks()
@@ -254,7 +274,8 @@ def prepare_ours(args, device, batches_items, pad_id) -> dict:
             handle.remove()
     return {"side": "ours", "step": make_step(forward, optimizer, autocast(args, device), args.optim_in_backward),
             "batches": [collate(items, pad_id).to(device) for items in batches_items],
-            "n_params": model.model.num_params(), "cleanup": cleanup}
+            "n_params": model.model.num_params(), "cleanup": cleanup,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def prepare_hf(args, device, batches_items, pad_id) -> dict:
@@ -367,7 +388,8 @@ def summarise(side: dict, args, device, times, host, batches_items) -> dict:
             "step_min_ms": 1000 * min(times), "step_max_ms": 1000 * max(times), "tokens_per_step": tokens,
             "peak_tflops": peak / 1e12, "host_ms": 1000 * statistics.median(host),
             "tokens_computed_per_step": statistics.mean(shared_prompt_tokens(items) for items in timed)
-            if side["side"] == "ours" and args.share_prompt else tokens}
+            if side["side"] == "ours" and args.share_prompt else tokens,
+            "trainable_params": side.get("trainable_params")}
 
 
 def line(r: dict, device) -> str:
@@ -375,7 +397,8 @@ def line(r: dict, device) -> str:
     return (f"{r['side']:<13} tokens/s {r['tokens_per_s']:>10,.0f} | model TFLOP/s {r['tflops']:7.3g} | "
             f"MFU {100 * r['mfu']:5.1f}% | peak memory {r['peak_mem_gib']:6.2f} GiB ({mem}) | "
             f"step time {r['step_ms']:8.1f} ms median [min {r['step_min_ms']:.1f}, max {r['step_max_ms']:.1f}] "
-            f"(host {r.get('host_ms', 0):.1f} ms)")
+            f"(host {r.get('host_ms', 0):.1f} ms)"
+            + (f" | {r['trainable_params'] / 1e6:,.2f}M trainable" if r.get("trainable_params") else ""))
 
 
 def ratio_line(ours: dict, theirs: dict) -> str:
@@ -468,6 +491,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (both sides)")
     p.add_argument("--optim_in_backward", action="store_true",
                    help="ours: step each parameter as soon as its gradient is ready, then free it")
+    p.add_argument("--lora_rank", type=int, default=None, help="ours: train rank-R LoRA adapters and the head only")
+    p.add_argument("--8bit_model", dest="model_8bit", action="store_true",
+                   help="ours: frozen int8 backbone linears (bitsandbytes Linear8bitLt)")
     p.add_argument("--compare-hf", "--compare_hf", dest="compare_hf", action="store_true",
                    help="also run transformers' Qwen3ForSequenceClassification with the same weights")
     p.add_argument("--seed", type=int, default=0)
@@ -487,11 +513,16 @@ def bench(args) -> dict:
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if args.config not in qwen3.CONFIGS:
         raise UserError(f"unknown --config {args.config!r}; choose one of {sorted(qwen3.CONFIGS)}")
-    if args.optim_8bit:
+    if args.optim_8bit or args.model_8bit:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise UserError("--8bit_optim needs bitsandbytes: pip install bitsandbytes") from None
+            raise UserError("--8bit_optim/--8bit_model need bitsandbytes: pip install bitsandbytes") from None
+    if args.compare_hf and (args.lora_rank or args.model_8bit):
+        raise UserError("--compare-hf runs transformers without adapters or int8 weights; drop it with "
+                        "--lora_rank/--8bit_model")
+    if args.lora_rank is not None:
+        check_options(args.lora_rank, None, 0.0, TARGETS)
     cuda = device.type == "cuda"
     args.pairs = args.pairs or (8 if cuda else 4)
     args.max_length = args.max_length or (512 if cuda else 256)
@@ -512,7 +543,7 @@ def bench(args) -> dict:
     batches_items = [make_pairs(args.pairs, args.max_length, args.lengths, config.vocab_size, rng)
                      for _ in range(args.batches)]
     opts = [o for o in ("bf16", "gradient_checkpointing", "optim_8bit", "packing", "share_prompt", "compile",
-                        "optim_in_backward") if getattr(args, o)]
+                        "optim_in_backward", "model_8bit", "lora_rank") if getattr(args, o)]
     timed = timed_batches(args, batches_items)
     real = statistics.mean(sum(sequence_lengths(b)) for b in timed)
     padded = statistics.mean(2 * args.pairs * max(sequence_lengths(b)) for b in timed)
@@ -549,10 +580,13 @@ def command_line(args) -> str:
              f"--warmup {args.warmup}", f"--steps {args.steps}", f"--batches {args.batches}", f"--seed {args.seed}"]
     if args.lengths != "uniform":
         flags.append(f"--lengths {args.lengths}")
+    if args.lora_rank:
+        flags.append(f"--lora_rank {args.lora_rank}")
     for flag, on in (("--bf16", args.bf16), ("--gradient_checkpointing", args.gradient_checkpointing),
                      ("--8bit_optim", args.optim_8bit), ("--packing", args.packing),
                      ("--share_prompt", args.share_prompt), ("--compile", args.compile),
-                     ("--optim_in_backward", args.optim_in_backward), ("--compare-hf", args.compare_hf)):
+                     ("--optim_in_backward", args.optim_in_backward), ("--8bit_model", args.model_8bit),
+                     ("--compare-hf", args.compare_hf)):
         if on:
             flags.append(flag)
     return " ".join(flags)

@@ -89,6 +89,9 @@ def find_model_dir(ckpt: str) -> tuple[Path, Path]:
         for candidate in (path, path / "model", path / "final_model"):
             if (candidate / "config.json").is_file():
                 return candidate, path
+        if (path / "adapters").is_dir():  # train.py --lora_rank: a checkpoint holds adapters, not a model
+            raise UserError(f"{ckpt} is a LoRA checkpoint: it holds the adapters only, not a model; evaluate the "
+                            "run's final_model/ or best_model_step_N/ (saved merged)")
         raise UserError(f"{ckpt} holds no model: expected config.json in it, in {ckpt}/model/ (a train.py "
                         f"checkpoint) or in {ckpt}/final_model/ (a train.py output directory)")
     if path.exists():

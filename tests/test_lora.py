@@ -368,6 +368,13 @@ def test_resume_without_the_lora_flags_is_refused(tmp_path):
     train(lora_cfg(tmp_path, "run", save_steps=2))
     with pytest.raises(UserError, match="trained with LoRA"):
         train(tiny_cfg(tmp_path, "run", save_steps=2, resume="latest"))
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "run" / "checkpoint_step_2")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "is a LoRA checkpoint" in out.stderr
 
 
 def test_lora_with_checkpointing_packing_shared_prompts_and_8bit_optim(tmp_path):

@@ -282,7 +282,8 @@ def validate(cfg: TrainConfig):
                                        ("lora_targets", cfg.lora_targets), ("save_adapters", cfg.save_adapters))
                  if v != TrainConfig.__dataclass_fields__[k].default]
         if given:
-            raise UserError(f"{', '.join(given)} only apply with --lora_rank R; add --lora_rank (e.g. 16) or drop them")
+            raise UserError(f"{', '.join(given)} without --lora_rank: these configure LoRA; add --lora_rank R "
+                            "(e.g. 16) or drop them")
     else:
         check_options(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         if cfg.fsdp:  # FSDP shards what trains and its Adam state; under LoRA that is a few MB

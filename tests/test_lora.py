@@ -352,8 +352,8 @@ def test_lora_trains_only_adapters_and_head_and_saves_merged_and_adapters(tmp_pa
     (["--lora_rank", "0"], "--lora_rank must be at least 1"),
     (["--lora_rank", "4", "--lora_targets", "q,x"], "unknown --lora_targets x"),
     (["--lora_rank", "65"], "--lora_rank 65 is larger than layers.0.self_attn.q_proj (64 -> 128); use at most 64"),
-    (["--lora_alpha", "8"], "--lora_alpha only apply with --lora_rank"),
-    (["--save_adapters"], "--save_adapters only apply with --lora_rank"),
+    (["--lora_alpha", "8"], "--lora_alpha without --lora_rank: these configure LoRA"),
+    (["--save_adapters"], "--save_adapters without --lora_rank"),
     (["--lora_rank", "4", "--fsdp"], "--lora_rank cannot be combined with --fsdp"),
 ])
 def test_lora_flag_errors_are_one_line(tmp_path, flags, message):

@@ -204,6 +204,8 @@ def read_adapters(adapter_dir) -> tuple[dict, dict]:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_FILE).is_file():
         raise UserError(f"{adapter_dir} holds no LoRA adapters ({ADAPTER_FILE} and {ADAPTER_CONFIG})")
+    if (adapter_dir / ADAPTER_CONFIG).stat().st_size > 2**20:  # a few hundred bytes when train.py writes it
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is over 1 MiB: not an adapter config written by train.py")
     try:
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         state = load_file(adapter_dir / ADAPTER_FILE)

@@ -289,7 +289,7 @@ def test_lora_resume_is_bitwise_exact(tmp_path, options):
     kw = dict(max_steps=6, save_steps=3, gradient_accumulation_steps=2, lora_dropout=0.1, **options)
     train(lora_cfg(tmp_path, "full", **kw))
     ckpt = tmp_path / "full" / "checkpoint_step_3"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["adapters", "optimizer.pt", "trainer_state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapters", "optimizer.json", "optimizer.safetensors", "trainer_state.json"]
     adapters = load_file(ckpt / "adapters" / "adapter_model.safetensors")
     assert adapters and all("lora_" in k or k.startswith("head.") for k in adapters)  # no base weights
     out = tmp_path / "resumed"

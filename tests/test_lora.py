@@ -366,7 +366,7 @@ def test_lora_flag_errors_are_one_line(tmp_path, flags, message):
 def test_resume_without_the_lora_flags_is_refused(tmp_path):
     from train import train
     train(lora_cfg(tmp_path, "run", save_steps=2))
-    with pytest.raises(UserError, match="trained with LoRA"):
+    with pytest.raises(UserError, match=r"trained with other settings: lora_rank \(4 -> None\)"):
         train(tiny_cfg(tmp_path, "run", save_steps=2, resume="latest"))
     import subprocess
     import sys

@@ -56,6 +56,12 @@ SUITES = {
         "--config 0.6b --bf16 --compile --share_prompt --packing --compare-hf",
         "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --packing --compare-hf",
         "--config 0.6b --bf16 --compile --lengths realistic --share_prompt --compare-hf",
+        "--config 1.7b --bf16 --compile --lengths realistic --share_prompt --packing --compare-hf",
+        # All memory options at 16 pairs x 512 (issue 17, goal 3): int8 model, 8-bit Adam, bf16, checkpointing.
+        "--config 0.6b --pairs 16 --bf16 --8bit_model --8bit_optim --gradient_checkpointing",
+        "--config 1.7b --pairs 16 --bf16 --8bit_model --8bit_optim --gradient_checkpointing",
+        "--config 0.6b --pairs 16 --bf16 --8bit_model --8bit_optim --gradient_checkpointing --lora_rank 16",
+        "--config 1.7b --pairs 16 --bf16 --8bit_model --8bit_optim --gradient_checkpointing --lora_rank 16",
     ],
     # LoRA (BENCHMARKS.md, "LoRA"): full fine-tuning vs rank-16 adapters vs the QLoRA-style int8 base.
     "lora-gpu": [

@@ -17,6 +17,7 @@ directory, checkpoints, resume, stopping on a signal), distributed.py (torchrun,
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -487,6 +488,8 @@ def prepare_model(model: RewardModel, cfg: TrainConfig, device, world: int, resu
     if resume_from is not None:  # weights first, then the options that change the modules
         adapters = resume_weights(model, cfg, resume_from, fingerprint if cfg.lora_rank is not None else None)
     model.to(device)
+    if device.type == "cpu":
+        use_one_thread_if_tiny(model)
     if cfg.model_8bit:  # after the move: bitsandbytes quantises while placing the weights on the device
         model.quantize_8bit()
     if cfg.lora_rank is not None:  # frozen fp32 / bf16 (--bf16) / int8 (--8bit_model) base, adapters on top
@@ -502,6 +505,17 @@ def prepare_model(model: RewardModel, cfg: TrainConfig, device, world: int, resu
     if cfg.compile:  # each block compiled in place: one compilation for all of them (see Qwen3.compile_blocks)
         model.model.compile_blocks()
     return train_model
+
+
+TINY_MODEL_PARAMS = 2_000_000  # non-embedding parameters; the demo has 0.1M, the "small" config 25M
+
+
+def use_one_thread_if_tiny(model: RewardModel):
+    """Run a tiny model (the demo) on one CPU thread. Its matrices are too small to split between threads,
+    so a second thread mostly waits; with another busy process on the machine, that waiting made the demo
+    several times slower (BENCHMARKS.md, "The demo on a busy machine"). OMP_NUM_THREADS, if set, wins."""
+    if "OMP_NUM_THREADS" not in os.environ and model.model.num_params() < TINY_MODEL_PARAMS:
+        torch.set_num_threads(1)
 
 
 def resume_weights(model: RewardModel, cfg: TrainConfig, path: Path, fingerprint: str | None):

@@ -67,13 +67,27 @@ def resolve_model_dir(name_or_path: str) -> Path:
                         "check the network or pass a local directory") from None
 
 
+MAX_JSON_BYTES = 16 << 20  # config.json, an index of shards: kilobytes in every real checkpoint
+
+
 def read_json(path: Path, what: str) -> dict:
+    """A small JSON object file (a config, an index of shards): at most MAX_JSON_BYTES are read."""
     if not path.is_file():
         raise UserError(f"{path} is missing: {what}")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise UserError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB, far more than a config ever holds; "
+                        "re-download or re-save the checkpoint")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
+        value = json.loads(raw.decode("utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise UserError(f"{path} is not valid JSON ({reason}); re-download or re-save the checkpoint") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; "
+                        "re-download or re-save the checkpoint")
+    return value
 
 
 def find_model_dir(ckpt: str) -> tuple[Path, Path]:

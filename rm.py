@@ -26,7 +26,7 @@ from errors import UserError
 from fileio import atomic_dir, write_json
 from hub import read_json, resolve_model_dir
 from lora import merged_state_dict
-from qwen3 import Qwen3, Qwen3Config, load_checked, read_state_dict
+from qwen3 import Qwen3, Qwen3Config, load_weights, read_header
 
 HEADS = ("mlp", "linear")
 POOLINGS = ("mean", "last")
@@ -104,13 +104,27 @@ def module_name(key: str) -> str:
     return "head." + key[len("reward_head."):] if key.startswith("reward_head.") else key
 
 
+def names(value) -> bool:
+    return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What a saved "reward_model" entry records of the training that eval.py reads back: the check each value
+# must pass (None is always fine: not recorded).
+SAVED_SETTINGS = {"max_length": ("a whole number >= 2", lambda v: type(v) is int and v >= 2),
+                  "share_prompt": ("true or false", lambda v: type(v) is bool),
+                  "dataset": ("a name or a list of names", names),
+                  "eval_dataset": ("a name or a list of names", names)}
+
+
 def reward_model_config(raw_config: dict, where) -> dict | None:
     """What a config.json says about the reward model in its directory: our {"head", "pooling", provenance...}
     entry, {"head": "linear", "pooling": "last"} for a transformers Qwen3ForSequenceClassification, or None
     for a plain language model (whose reward head would have to be freshly initialised)."""
     saved = raw_config.get("reward_model")
-    if saved is None and "Qwen3ForSequenceClassification" in (raw_config.get("architectures") or []):
-        num_labels = len(raw_config.get("id2label") or {"0": ""})
+    architectures = raw_config.get("architectures") or []
+    if saved is None and isinstance(architectures, list) and "Qwen3ForSequenceClassification" in architectures:
+        id2label = raw_config.get("id2label") or {"0": ""}
+        num_labels = len(id2label) if isinstance(id2label, dict) else None
         if num_labels != 1:
             raise UserError(f"{where} is a sequence classifier with {num_labels} labels; a reward "
                             "model has exactly one output")
@@ -118,8 +132,12 @@ def reward_model_config(raw_config: dict, where) -> dict | None:
     if saved is None:
         return None
     if not isinstance(saved, dict) or saved.get("head") not in HEADS or saved.get("pooling") not in POOLINGS:
-        raise UserError(f"{where}: its \"reward_model\" entry {saved!r} needs a head in {HEADS} and a pooling "
+        raise UserError(f"{where}: its \"reward_model\" entry {saved!r:.200} needs a head in {HEADS} and a pooling "
                         f"in {POOLINGS}; re-save the model with train.py")
+    for key, (what, ok) in SAVED_SETTINGS.items():
+        if saved.get(key) is not None and not ok(saved[key]):
+            raise UserError(f"{where}: its \"reward_model\" entry has {key} {saved[key]!r:.100}, which must be "
+                            f"{what}; correct it in config.json or re-save the model with train.py")
     return saved
 
 
@@ -276,16 +294,17 @@ class RewardModel(nn.Module):
                     raise UserError(f"{model_dir} was saved with {what} {saved[what]!r}; it cannot be loaded "
                                     f"with {what} {asked!r} (drop the option)")
             head, pooling = saved["head"], saved["pooling"]
+        header = read_header(model_dir, config)  # weights that disagree with config.json: refused, nothing built
         with torch.device("meta"):
             model = cls(config, head=head or "mlp", pooling=pooling or "mean")
-        state = read_state_dict(model_dir, dtype)
-        state.pop("lm_head.weight", None)  # a reward model never uses the LM head
-        state = {module_name(k): v for k, v in state.items()}
+        fresh = set()
         if saved is None:  # a plain language model: a fresh head
             model.head.to_empty(device="cpu")
             model.init_head(seed)
-            state.update({k: v for k, v in model.state_dict().items() if not v.is_meta})
-        load_checked(model, state, where=str(model_dir))
+            fresh = {name for name in model.state_dict() if name.startswith("head.")}
+        # a reward model never uses the LM head
+        load_weights(model, model_dir, dtype, lambda key: None if key == "lm_head.weight" else module_name(key),
+                     keep=fresh, header=header)
         model.to(dtype=dtype)
         if saved is not None:
             model.provenance = {k: v for k, v in saved.items() if k not in ("head", "pooling")}

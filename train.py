@@ -43,7 +43,7 @@ from lora import (add_lora, base_fingerprint, check_base, check_options, load_ad
                   save_adapters)
 from packing import choose_collate
 from qwen3 import CONFIGS as MODEL_CONFIGS
-from qwen3 import load_checked, read_state_dict
+from qwen3 import load_weights
 from rm import HEADS, POOLINGS, RewardModel, module_name, pairwise_loss
 
 
@@ -528,8 +528,7 @@ def resume_weights(model: RewardModel, cfg: TrainConfig, path: Path, fingerprint
         config, adapters = read_adapters(path / "adapters")
         check_base(config, fingerprint, path)
         return adapters
-    state = read_state_dict(path / "model", torch.float32)
-    load_checked(model, {module_name(k): v for k, v in state.items()}, where=str(path / "model"))
+    load_weights(model, path / "model", torch.float32, module_name)
     return None
 
 

@@ -111,6 +111,14 @@ def edit_config(**changes):
     return edit
 
 
+def edit_reward_model(**changes):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["reward_model"].update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
 def cli_config(*argv):
     """The TrainConfig that `python train.py ARGV` runs with."""
     return train.parse_args([str(a) for a in argv])[0]
@@ -152,6 +160,17 @@ def fx(tmp_path_factory):
                                   edit_tensors(lambda s: s.pop("model.norm.weight")))
     f["misshaped_tensor"] = variant(good, root / "misshaped_tensor",
                                     edit_tensors(lambda s: s.update({"model.norm.weight": torch.ones(7)})))
+    for name, edit in {"kv_heads_0": edit_config(num_key_value_heads=0), "hidden_str": edit_config(hidden_size="64"),
+                       "vocab_neg": edit_config(vocab_size=-5), "layers_float": edit_config(num_hidden_layers=2.5),
+                       "layers_200k": edit_config(num_hidden_layers=200_000),
+                       "config_list": lambda d: (d / "config.json").write_text("[1, 2]"),
+                       "config_vs_weights": edit_config(vocab_size=1000),
+                       "rm_not_object": edit_config(reward_model="mlp"),
+                       "rm_max_length": edit_reward_model(max_length="long"),
+                       "rm_head_list": edit_reward_model(head=["mlp"]), "rm_pooling_int": edit_reward_model(pooling=3),
+                       "unexpected_tensor": edit_tensors(lambda s: s.update({"model.extra.weight": torch.ones(4)}))
+                       }.items():
+        f[name] = variant(good, root / name, edit)
     f["no_tokenizer"] = variant(good, root / "no_tokenizer", lambda d: (d / "tokenizer.json").unlink())
     f["corrupt_tokenizer"] = variant(good, root / "corrupt_tokenizer",
                                      lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": '))
@@ -226,6 +245,9 @@ CASES = [
      ["model.safetensors is corrupt or truncated", "download the checkpoint again"]),
     ("truncated safetensors", "train", lambda fx, o: ["--model", str(fx["truncated_st"]), *ON_MODEL],
      ["model.safetensors is corrupt or truncated", "download the checkpoint again"]),
+    ("config.json: num_key_value_heads 0", "train", lambda fx, o: ["--model", str(fx["kv_heads_0"]), *ON_MODEL],
+     ["config.json: num_key_value_heads must be a whole number from 1 to 1,024 (got 0)",
+      "correct the value or re-download the checkpoint"]),
     ("missing tensor", "train", lambda fx, o: ["--model", str(fx["missing_tensor"]), *ON_MODEL],
      ["1 missing tensor(s): model.norm.weight", "is it a Qwen3 checkpoint of the size its config.json says"]),
     ("mis-shaped tensor", "train", lambda fx, o: ["--model", str(fx["misshaped_tensor"]), *ON_MODEL],
@@ -324,6 +346,10 @@ CASES = [
     ("eval: report that cannot be written", "eval", lambda fx, o: [str(fx["good_model"]), "--dataset", "demo",
                                                                    "--output", str(fx["a_file"] / "report.json")],
      ["cannot write the report", "a_file/report.json", "choose another --output"]),
+    ("eval: reward_model.max_length not a number", "eval",
+     lambda fx, o: [str(fx["rm_max_length"]), "--dataset", "demo"],
+     ["its \"reward_model\" entry has max_length 'long', which must be a whole number >= 2",
+      "correct it in config.json or re-save the model with train.py"]),
     ("eval: every pair too long", "eval", lambda fx, o: [str(fx["good_model"]), "--dataset", "demo",
                                                          "--max_samples", "4", "--max_length", "3"],
      ["all 4 pairs are longer than max_length 3 tokens", "raise --max_length"]),
@@ -351,6 +377,35 @@ INPROCESS_CASES = [
      ["need bitsandbytes", "pip install bitsandbytes"]),
     ("eval: batch size 0", "eval", lambda fx, o: [str(fx["good_model"]), "--batch_size", "0"],
      ["argument --batch_size: 0 must be at least 1"]),
+    # hand-edited or hostile config.json values: refused before any module is built
+    ("config.json: a JSON list", "train", lambda fx, o: ["--model", str(fx["config_list"]), *ON_MODEL],
+     ["config.json holds a JSON list, not an object", "re-download or re-save the checkpoint"]),
+    ("config.json: hidden_size \"64\"", "train", lambda fx, o: ["--model", str(fx["hidden_str"]), *ON_MODEL],
+     ["hidden_size must be a whole number from 1 to 65,536 (got '64')", "correct the value"]),
+    ("config.json: vocab_size -5", "train", lambda fx, o: ["--model", str(fx["vocab_neg"]), *ON_MODEL],
+     ["vocab_size must be a whole number from 1 to 4,194,304 (got -5)", "correct the value"]),
+    ("config.json: num_hidden_layers 2.5", "train", lambda fx, o: ["--model", str(fx["layers_float"]), *ON_MODEL],
+     ["num_hidden_layers must be a whole number from 1 to 1,024 (got 2.5)", "correct the value"]),
+    ("config.json: 200,000 layers", "train", lambda fx, o: ["--model", str(fx["layers_200k"]), *ON_MODEL],
+     ["num_hidden_layers must be a whole number from 1 to 1,024 (got 200000)", "correct the value"]),
+    ("config.json disagrees with the weights", "train",
+     lambda fx, o: ["--model", str(fx["config_vs_weights"]), *ON_MODEL],
+     ["does not match its config.json: the weights hold 2 layers and embeddings of shape (", ", 64), config.json "
+      "says 2 layers and (1000, 64)", "restore its config.json or re-download it"]),
+    ("unexpected tensor", "train", lambda fx, o: ["--model", str(fx["unexpected_tensor"]), *ON_MODEL],
+     ["1 unexpected tensor(s): model.extra.weight", "is it a Qwen3 checkpoint"]),
+    ("config.json: reward_model not an object", "train", lambda fx, o: ["--model", str(fx["rm_not_object"]), *ON_MODEL],
+     ["its \"reward_model\" entry 'mlp' needs a head in ('mlp', 'linear')", "re-save the model with train.py"]),
+    ("eval: reward_model not an object", "eval", lambda fx, o: [str(fx["rm_not_object"]), "--dataset", "demo"],
+     ["its \"reward_model\" entry 'mlp' needs a head in ('mlp', 'linear')", "re-save the model with train.py"]),
+    ("eval: reward_model.head not a string", "eval", lambda fx, o: [str(fx["rm_head_list"]), "--dataset", "demo"],
+     ["'head': ['mlp']", "needs a head in ('mlp', 'linear')", "re-save the model with train.py"]),
+    ("eval: reward_model.pooling not a string", "eval", lambda fx, o: [str(fx["rm_pooling_int"]), "--dataset", "demo"],
+     ["'pooling': 3", "and a pooling in ('mean', 'last')", "re-save the model with train.py"]),
+    ("reward_model.max_length not a number", "train", lambda fx, o: ["--model", str(fx["rm_max_length"]), *ON_MODEL],
+     ["has max_length 'long', which must be a whole number >= 2"]),
+    ("eval: config.json num_key_value_heads 0", "eval", lambda fx, o: [str(fx["kv_heads_0"]), "--dataset", "demo"],
+     ["num_key_value_heads must be a whole number from 1 to 1,024 (got 0)"]),
 ]
 # Further variants that run in-process too: every interpreter start costs ~3 s of CPU, and what these add is
 # the message, not the process (the Hub *model* case stays a subprocess: huggingface_hub reads

@@ -214,3 +214,141 @@ def test_load_by_repo_id_from_hf_cache_offline(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "ERR model Qwen/NotCached is not in the local Hugging Face cache" in out.stdout
+
+
+# ---- inputs bounded before they are used ----------------------------------------------------
+
+def edit_config(path, **changes):
+    import json
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_key_value_heads", 0, "num_key_value_heads must be a whole number from 1 to 1,024 (got 0)"),
+    ("hidden_size", "64", "hidden_size must be a whole number from 1 to 65,536 (got '64')"),
+    ("vocab_size", -5, "vocab_size must be a whole number from 1 to 4,194,304 (got -5)"),
+    ("num_hidden_layers", 2.5, "num_hidden_layers must be a whole number from 1 to 1,024 (got 2.5)"),
+    ("num_hidden_layers", True, "num_hidden_layers must be a whole number from 1 to 1,024 (got True)"),
+    ("num_hidden_layers", 200_000, "num_hidden_layers must be a whole number from 1 to 1,024 (got 200000)"),
+    ("num_attention_heads", 3, "num_attention_heads (3) must be a multiple of num_key_value_heads (2)"),
+    ("head_dim", 15, "head_dim must be even (got 15)"),
+    ("rope_theta", "big", "rope_theta must be a positive number (got 'big')"),
+    ("rms_norm_eps", -1e-6, "rms_norm_eps must be a positive number (got -1e-06)"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false (got 'yes')"),
+    ("rope_scaling", "linear", "uses rope scaling linear, which is not supported"),
+])
+def test_config_values_are_checked_before_anything_is_built(field, value, message):
+    d = {**CONFIGS["tiny"].to_hf_dict(), "rope_parameters": None, field: value}
+    with pytest.raises(UserError) as e:
+        Qwen3Config.from_hf_dict(d, where="DIR/config.json")
+    assert message in str(e.value) and str(e.value).startswith("DIR/config.json")
+
+
+def test_head_dim_left_out_is_hidden_over_heads_and_checked():
+    d = {**CONFIGS["tiny"].to_hf_dict()}
+    del d["head_dim"]
+    assert Qwen3Config.from_hf_dict(d).head_dim == 64 // 4
+    with pytest.raises(UserError, match=r"num_attention_heads must be a whole number from 1 to 1,024 \(got 0\)"):
+        Qwen3Config.from_hf_dict({**d, "num_attention_heads": 0})
+
+
+def test_200k_layer_config_is_refused_in_well_under_a_second(tmp_path):
+    """It used to build modules for minutes, then die with a MemoryError traceback."""
+    import time
+    save_hf_model(tmp_path)
+    edit_config(tmp_path, num_hidden_layers=200_000)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="num_hidden_layers must be a whole number from 1 to 1,024 .got 200000."):
+        Qwen3.from_pretrained(str(tmp_path))
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("changes", [{"num_hidden_layers": 900}, {"vocab_size": 4096}])
+def test_config_that_disagrees_with_the_weights_is_refused_from_the_header(tmp_path, changes):
+    save_hf_model(tmp_path)
+    edit_config(tmp_path, **changes)
+    with pytest.raises(UserError, match=r"does not match its config.json: the weights hold 2 layers and embeddings "
+                                        r"of shape \(320, 48\), config.json says"):
+        Qwen3.from_pretrained(str(tmp_path))
+
+
+def add_sparse_tensor(path, name, shape):
+    """Append fp32 tensor `name` to a safetensors file without writing its data: the file grows as a sparse
+    file (no time or disk here), but reading the tensor would still cost its full size in memory."""
+    import json
+    import math
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    size = 4 * math.prod(shape)
+    header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [len(data), len(data) + size]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate(f.tell() + size)
+
+
+def test_unexpected_large_tensor_is_refused_before_any_data_is_read(tmp_path):
+    """A 256 MiB tensor the model does not have: Qwen3 and RewardModel both refuse it from the header, and
+    peak RSS (VmHWM, in a fresh process) grows by far less than its size. Reading everything first, as
+    loading did before, raised the peak by more than the tensor's size."""
+    from safetensors import safe_open
+    save_hf_model(tmp_path)
+    add_sparse_tensor(tmp_path / "model.safetensors", "model.extra.weight", (64, 1 << 20))
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:  # a valid file, with that tensor
+        assert f.get_slice("model.extra.weight").get_shape() == [64, 1 << 20]
+    script = (
+        "import torch; from errors import UserError; from qwen3 import CONFIGS, Qwen3; from rm import RewardModel\n"
+        "with torch.device('meta'):  # torch's first meta-device module costs ~75 MiB once (lazy imports)\n"
+        "    Qwen3(CONFIGS['tiny'])\n"
+        "def peak_mib():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024\n"
+        "for load in (Qwen3.from_pretrained, RewardModel.from_pretrained):\n"
+        "    before = peak_mib()\n"
+        "    try:\n"
+        f"        load({str(tmp_path)!r})\n"
+        "    except UserError as e:\n"
+        "        print(peak_mib() - before, e)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out.stderr
+    for line in lines:
+        growth, message = line.split(" ", 1)
+        assert "1 unexpected tensor(s): " in message and "extra.weight" in message, message
+        assert int(growth) < 32, line  # MiB, against a 256 MiB tensor
+
+
+def test_sharded_index_is_checked(tmp_path):
+    import json
+    save_hf_model(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    for weight_map in ({"model.norm.weight": "../elsewhere.safetensors"}, ["model-00001.safetensors"], {}):
+        index.write_text(json.dumps({**good, "weight_map": weight_map}))
+        with pytest.raises(UserError, match="has no valid weight_map"):
+            Qwen3.from_pretrained(str(tmp_path))
+    index.write_text(json.dumps(good))
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    shards[1].write_bytes(shards[0].read_bytes())  # the same tensors in two shards
+    with pytest.raises(UserError, match=r"tensor \S+ is in two shards"):
+        Qwen3.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("text,message", [("[1, 2]", "holds a JSON list, not an object"),
+                                          ("[" * 100_000, "is not valid JSON (nested too deeply)")])
+def test_config_json_that_is_not_an_object(tmp_path, text, message):
+    save_hf_model(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Qwen3.from_pretrained(str(tmp_path))
+
+
+def test_oversized_config_json_is_not_read_whole(tmp_path, monkeypatch):
+    import hub
+    save_hf_model(tmp_path)
+    monkeypatch.setattr(hub, "MAX_JSON_BYTES", 100)
+    with pytest.raises(UserError, match="config.json is over 0 MiB, far more than a config ever holds"):
+        Qwen3.from_pretrained(str(tmp_path))

@@ -219,3 +219,47 @@ def test_reward_model_config_kinds(tmp_path):
         reward_model_config({**seq_cls, "id2label": {"0": "a", "1": "b"}}, "x")
     with pytest.raises(UserError, match="needs a head"):
         reward_model_config({"reward_model": {"head": "bogus", "pooling": "mean"}}, "x")
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("mlp", "entry 'mlp' needs a head in ('mlp', 'linear')"),
+    (["mlp", "mean"], "entry ['mlp', 'mean'] needs a head"),
+    ({"head": ["mlp"], "pooling": "mean"}, "needs a head in ('mlp', 'linear') and a pooling"),
+    ({"head": "mlp", "pooling": 3}, "needs a head in ('mlp', 'linear') and a pooling"),
+    ({"head": "mlp", "pooling": "mean", "max_length": "long"}, "has max_length 'long', which must be a whole number"),
+    ({"head": "mlp", "pooling": "mean", "max_length": 1.5}, "has max_length 1.5, which must be a whole number >= 2"),
+    ({"head": "mlp", "pooling": "mean", "share_prompt": "no"}, "has share_prompt 'no', which must be true or false"),
+    ({"head": "mlp", "pooling": "mean", "dataset": [1]}, "has dataset [1], which must be a name or a list of names"),
+])
+def test_reward_model_entry_is_checked(entry, message):
+    with pytest.raises(UserError) as e:
+        reward_model_config({"reward_model": entry}, "DIR")
+    assert message in str(e.value) and str(e.value).startswith("DIR: ")
+
+
+def test_sequence_classifier_fields_of_the_wrong_type():
+    with pytest.raises(UserError, match="sequence classifier with None labels"):
+        reward_model_config({"architectures": ["Qwen3ForSequenceClassification"], "id2label": ["a"]}, "x")
+    assert reward_model_config({"architectures": "Qwen3ForCausalLM"}, "x") is None
+
+
+def test_weights_are_checked_against_every_kind_of_head(tmp_path):
+    """Our mlp and linear heads (reward_head.*, score.weight) and a plain LM: a head tensor missing, of the
+    wrong shape, or one the model does not have is named in one line (from the header: see
+    test_qwen3.py::test_unexpected_large_tensor_is_refused_before_any_data_is_read)."""
+    from safetensors.torch import load_file, save_file
+    tiny_rm("mlp").save_pretrained(tmp_path / "mlp")
+    tiny_rm("linear", "last").save_pretrained(tmp_path / "linear")
+    save_hf_model(tmp_path / "lm")
+    cases = [("mlp", lambda s: s.pop("reward_head.fc2.weight"), "1 missing tensor(s): head.fc2.weight"),
+             ("linear", lambda s: s.update({"score.weight": torch.ones(2, 64)}),
+              "1 mis-shaped tensor(s): head.weight (2, 64) (expected (1, 64))"),
+             ("lm", lambda s: s.update({"reward_head.fc1.weight": torch.ones(1)}),
+              "1 unexpected tensor(s): head.fc1.weight")]
+    for name, edit, message in cases:
+        state = load_file(tmp_path / name / "model.safetensors")
+        edit(state)
+        save_file(state, tmp_path / name / "model.safetensors")
+        with pytest.raises(UserError) as e:
+            RewardModel.from_pretrained(str(tmp_path / name))
+        assert message in str(e.value)

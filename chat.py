@@ -15,6 +15,7 @@ template and appends NO eos, so we do the same, and a test checks that the ids m
 - The split into prompt and response text: see `conversation_pair`.
 """
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -222,3 +223,27 @@ def conversation_pair(prompt, chosen, rejected, template: str, **variables) -> t
     if cut == len(full_c) or cut == len(full_r):
         return "empty response"
     return full_c[:cut], full_c[cut:], full_r[cut:]
+
+
+@dataclass
+class ChatFormat:
+    """How conversations become text: the template and the variables it gets (data.Tokenizer.chat_format).
+    template None: a conversation is refused with a UserError that says what to do (`why_none`)."""
+    template: str | None
+    variables: dict = field(default_factory=dict)
+    why_none: str = "no chat template was given"
+
+    def _template(self, where: str) -> str:
+        if self.template is None:
+            raise UserError(f"{where}: conversations (lists of {{role, content}} messages) need a chat template, "
+                            f"but {self.why_none}")
+        return self.template
+
+    def pair(self, prompt, chosen, rejected, where: str = "data") -> tuple[str, str, str] | str:
+        """conversation_pair with this template: (prompt_text, chosen_text, rejected_text) or a skip reason."""
+        return conversation_pair(prompt, chosen, rejected, self._template(where), **self.variables)
+
+    def render(self, messages, where: str = "score") -> str:
+        if (reason := _problem(messages)) is not None:
+            raise UserError(f"{where}: {reason}; give a text or a list of {{role, content}} messages")
+        return render_chat(self._template(where), list(messages), **self.variables)

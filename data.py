@@ -8,16 +8,20 @@
   ("row too large") without being held whole, a JSON list file over MAX_JSON_LIST_BYTES is refused, and
   a text longer than max_length tokens can be (text_char_cap) is never handed to the tokenizer.
 - Rows -> Pair: prompt/chosen/rejected columns are taken as given; chosen/rejected alone are whole
-  hh-rlhf transcripts, split after the last "\\n\\nAssistant:" they share. A `margin` column is carried.
-  A bad row is skipped with its reason and counted: read == kept + sum(skipped). Wrong columns, a
-  missing, unsupported or corrupt file are UserErrors naming the path.
-- Pair -> TokenizedPair: prompt + response + [eos]; max_length cuts the prompt from the LEFT and never
-  a response (a pair whose response alone does not fit is dropped and counted).
+  hh-rlhf transcripts, split after the last "\\n\\nAssistant:" they share. Conversational rows (lists of
+  {"role", "content"} messages) are rendered with the model's chat template (chat.py). A `margin`
+  column is carried. A bad row is skipped with its reason and counted: read == kept + sum(skipped).
+  Wrong columns, a missing, unsupported or corrupt file are UserErrors naming the path.
+- Pair -> TokenizedPair: the joined text prompt + response is tokenised whole (the ids transformers and
+  TRL see), split at the response's first character, eos appended (see Tokenizer.eos_suffix; none for
+  a rendered conversation); max_length cuts the prompt from the LEFT and never a response (a pair whose
+  response alone does not fit is dropped and counted).
 - TokenizedPair -> Batch: batch_order groups similar lengths; collate pads the B chosen rows, then the
   B rejected ones, so one forward pass scores both (packing.py lays them out without padding).
 - `python data.py SOURCE` streams a source and prints the counts and the peak memory growth.
 """
 import argparse
+import bisect
 import gzip
 import hashlib
 import json
@@ -34,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+import chat
 import hub
 from errors import UserError, run_cli
 
@@ -56,11 +61,12 @@ class Pair:
     rejected: str
     margin: float | None = None
     source: str = ""  # "Anthropic/hh-rlhf", "demo", or the local path as given
+    eos: bool = True  # end each text with the eos token; False for chat-template renderings (as TRL)
 
 
 class Skip(NamedTuple):
     """A row that does not become a Pair, and why: "empty field" (null, missing or blank), "not a string"
-    (e.g. chat-message lists), "bad margin", "chosen == rejected", "no shared prompt", "empty response",
+    (e.g. a number), "bad margin", "chosen == rejected", "no shared prompt", "empty response",
     "row too large" (over MAX_ROW_BYTES), and for jsonl "unparsable line" (also nested too deeply for
     Python's parser) / "not an object"."""
     reason: str
@@ -139,10 +145,13 @@ def parse_margin(value) -> float | None:
     return margin if math.isfinite(margin) and abs(margin) <= 3.4e38 else math.nan
 
 
-def make_pair(row: dict, source: str) -> Pair | Skip:
+def make_pair(row: dict, source: str, chat_format: chat.ChatFormat | None = None) -> Pair | Skip:
     """One row of a file's layout ("prompt" among its keys or not decides which) -> Pair, or Skip(reason).
 
-    With a prompt column, whole texts (chosen and rejected both starting with the prompt) lose it."""
+    With a prompt column, whole texts (chosen and rejected both starting with the prompt) lose it. A row
+    whose chosen or rejected is a list is a conversation: see conversation_pair."""
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
+        return conversation_pair(row, source, chat_format)
     texts = [row[k] for k in ("prompt", "chosen", "rejected") if k in row]
     if any(t is None for t in texts):
         return Skip("empty field")
@@ -169,6 +178,19 @@ def make_pair(row: dict, source: str) -> Pair | Skip:
     if not chosen.strip() or not rejected.strip():
         return Skip("empty response")
     return Pair(prompt, chosen, rejected, margin, source)
+
+
+def conversation_pair(row: dict, source: str, chat_format: chat.ChatFormat | None) -> Pair | Skip:
+    """A row of message lists -> Pair of texts rendered with the chat template (chat.conversation_pair:
+    the prompt is the messages chosen and rejected share, or the row's prompt), marked eos=False: TRL
+    feeds the rendering as it is. No template is a UserError saying what to do."""
+    if chat_format is None:
+        chat_format = chat.ChatFormat(None, why_none="no chat template was given")
+    margin = parse_margin(row.get("margin"))
+    if margin is not None and math.isnan(margin):
+        return Skip("bad margin")
+    texts = chat_format.pair(row.get("prompt"), row.get("chosen"), row.get("rejected"), source)
+    return Skip(texts) if isinstance(texts, str) else Pair(*texts, margin, source, eos=False)
 
 
 # -----------------------------------------------------------------------------
@@ -295,8 +317,10 @@ def object_rows(objects, path: str) -> Iterator[dict | Skip]:
 # -----------------------------------------------------------------------------
 # Sources -> pairs
 
-def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None) -> Iterator[Pair]:
-    """Stream the pairs of one source. The files are found now (errors show at once), read lazily."""
+def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None,
+               chat_format: chat.ChatFormat | None = None) -> Iterator[Pair]:
+    """Stream the pairs of one source. The files are found now (errors show at once), read lazily.
+    chat_format renders conversational rows (Tokenizer.chat_format)."""
     stats = stats if stats is not None else DataStats()
     if source == "demo":
         import demo  # here, not at the top: demo.py imports this module
@@ -310,7 +334,7 @@ def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None
     def generate():
         for name in names:
             for row in read(fetch(name)):
-                result = row if isinstance(row, Skip) else make_pair(row, source)
+                result = row if isinstance(row, Skip) else make_pair(row, source, chat_format)
                 stats.count(result)
                 if isinstance(result, Pair):
                     yield result
@@ -318,7 +342,7 @@ def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None
 
 
 def load_pairs(sources: str | list[str], split: str = "train", max_samples: int | None = None,
-               stats: DataStats | None = None) -> list[Pair]:
+               stats: DataStats | None = None, chat_format: chat.ChatFormat | None = None) -> list[Pair]:
     """Pairs of one or several sources (a list, or "a,b"), interleaved round-robin so that
     max_samples takes from all of them; each Pair keeps its source. The first max_samples in file
     order, not a random sample: batch_order shuffles. A list is taken as given (a file name may hold a
@@ -329,7 +353,7 @@ def load_pairs(sources: str | list[str], split: str = "train", max_samples: int 
     if not sources:
         raise UserError("no data source given; name a Hub dataset, a local file/directory, or demo")
     stats = stats if stats is not None else DataStats()
-    active = [iter_pairs(s, split, stats) for s in sources]
+    active = [iter_pairs(s, split, stats, chat_format) for s in sources]
     pairs = []
     while active and (max_samples is None or len(pairs) < max_samples):
         for it in list(active):
@@ -398,9 +422,10 @@ def file_fingerprints(sources: list[str], split: str) -> dict[str, list[int]]:
 # Tokenizer
 
 class Tokenizer:
-    """A thin wrapper over tokenizers.Tokenizer that knows its eos and pad ids."""
+    """A thin wrapper over tokenizers.Tokenizer that knows its eos, pad and bos ids and the chat template."""
 
-    def __init__(self, tok, eos_token: str, pad_token: str, config: dict | None = None):
+    def __init__(self, tok, eos_token: str, pad_token: str, config: dict | None = None,
+                 chat_template: str | None = None):
         self.tok = tok
         self.eos_token, self.pad_token = eos_token, pad_token
         self.eos_id, self.pad_id = tok.token_to_id(eos_token), tok.token_to_id(pad_token)
@@ -411,6 +436,9 @@ class Tokenizer:
         # no token covers more characters than its vocabulary string has (bytes, for byte-level BPE)
         self.max_token_chars = max(map(len, tok.get_vocab(with_added_tokens=True)), default=1)
         self.config = dict(config or {})  # the rest of tokenizer_config.json, written back by save()
+        bos = chat.special_token_variables(self.config).get("bos_token")
+        self.bos_id = tok.token_to_id(bos) if bos else None  # Qwen3 uses none
+        self.chat_template = chat_template  # renders conversations (chat.py); saved as chat_template.jinja
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
@@ -431,30 +459,56 @@ class Tokenizer:
                     config = json.load(f)
             except ValueError as e:
                 raise UserError(f"{config_file}: invalid JSON ({e}); re-download it") from None
+        named = chat.special_token_variables(config)
 
-        def token(key, defaults):  # a string, or {"content": ...} in older configs
-            value = config.get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if value:
-                return value
-            return next((t for t in defaults if tok.token_to_id(t) is not None), defaults[0])
+        def token(key, defaults):
+            return named.get(key) or next((t for t in defaults if tok.token_to_id(t) is not None), defaults[0])
         # Qwen3 defaults: post-trained models end turns with <|im_end|>; <|endoftext|> pads
         eos = token("eos_token", ["<|im_end|>", "<|endoftext|>"])
         pad = token("pad_token", ["<|endoftext|>", eos])
-        return cls(tok, eos, pad, config)
+        return cls(tok, eos, pad, config, chat.load_chat_template(path))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def eos_suffix(self, ids: list[int]) -> list[int]:
+        """[eos_id] to end a text's ids with, or [] when they already end with it (no doubled eos) or when
+        eos == pad: transformers, TRL and vLLM pool the last token that is NOT pad, so there an appended
+        eos would be skipped, and our last token would no longer be theirs."""
+        return [] if self.eos_id == self.pad_id or (ids and ids[-1] == self.eos_id) else [self.eos_id]
+
+    def chat_format(self, choice: str = "auto") -> chat.ChatFormat:
+        """--chat_template auto|none|PATH -> how conversational rows are rendered. A PATH's template
+        replaces this tokenizer's, so that it is saved with the model and used again to score."""
+        variables = {**chat.special_token_variables(self.config), "eos_token": self.eos_token,
+                     "pad_token": self.pad_token}
+        if choice == "none":
+            return chat.ChatFormat(None, variables, "--chat_template is none; use --chat_template auto or PATH")
+        if choice != "auto":
+            self.chat_template = chat.load_chat_template(None, override=choice)
+        return chat.ChatFormat(self.chat_template, variables, "the model's tokenizer has no chat template; "
+                               "pass --chat_template PATH (a .jinja file, e.g. the instruct model's)")
+
+    def sequence(self, value, max_length: int | None = None) -> list[int]:
+        """The ids the model reads for a whole text (+ eos_suffix) or a conversation (a list of messages,
+        rendered with the chat template, nothing appended), as training feeds them. Longer than
+        max_length keeps the END (the response), as training does."""
+        if isinstance(value, str):
+            ids = self.encode(value)
+            ids = ids + self.eos_suffix(ids)
+        else:
+            ids = self.encode(self.chat_format().render(value))
+        return ids[-max_length:] if max_length else ids
 
     def save(self, path: str):
         os.makedirs(path, exist_ok=True)
         self.tok.save(os.path.join(path, "tokenizer.json"))
         config = {**self.config, "eos_token": self.eos_token, "pad_token": self.pad_token}
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")  # loadable by transformers too
+        if self.chat_template is not None:  # where transformers saves it (and looks first)
+            config.pop("chat_template", None)
+            with open(os.path.join(path, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
 
@@ -464,12 +518,12 @@ class Tokenizer:
 
 @dataclass
 class TokenizedPair:
-    chosen_ids: list[int]       # kept prompt + chosen response + eos
-    rejected_ids: list[int]     # kept prompt + rejected response + eos
+    chosen_ids: list[int]       # kept prompt + chosen response (+ eos)
+    rejected_ids: list[int]     # kept prompt + rejected response (+ eos)
     margin: float | None
     source: str
     prompt_len: int             # prompt tokens kept (the same in both)
-    chosen_response_len: int    # response tokens, without eos (for eval's length analysis)
+    chosen_response_len: int    # response tokens, without an appended eos (for eval's length analysis)
     rejected_response_len: int
 
     @property
@@ -478,14 +532,26 @@ class TokenizedPair:
         return max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-def truncate_pair(pair: Pair, prompt: list[int], chosen: list[int], rejected: list[int], eos_id: int,
+def split_at_response(chosen, rejected, prompt_chars: int) -> tuple[list[int], list[int], list[int]]:
+    """Two tokenizers Encodings of prompt + response -> (prompt ids, chosen ids, rejected ids) after the
+    prompt. The prompt's tokens end within its `prompt_chars` characters (a token that crosses into the
+    response belongs to the response) and are the same in both, so truncation can cut them alike."""
+    n = min(bisect.bisect_right(enc.offsets, prompt_chars, key=lambda o: o[1]) for enc in (chosen, rejected))
+    c, r = chosen.ids, rejected.ids
+    if c[:n] != r[:n]:  # a BPE merge just before the boundary that differs: the split falls earlier
+        n = next(i for i in range(n) if c[i] != r[i])
+    return c[:n], c[n:], r[n:]
+
+
+def truncate_pair(pair: Pair, prompt: list[int], chosen: list[int], rejected: list[int], tok: Tokenizer,
                   max_length: int, stats: DataStats) -> TokenizedPair | None:
     """Token ids -> TokenizedPair within max_length: the prompt is cut from the LEFT (its end, the question
     being answered, stays), by the same tokens for both; a response and its eos are never cut, so a pair
     whose longer response alone does not fit is dropped. Both are counted in stats."""
     if max_length < 2:
         raise UserError(f"max_length {max_length} is too small; use at least 2 (one token + eos)")
-    longest = max(len(chosen), len(rejected)) + 1  # + eos
+    ends = [tok.eos_suffix(ids) if pair.eos else [] for ids in (chosen, rejected)]
+    longest = max(len(chosen) + len(ends[0]), len(rejected) + len(ends[1]))
     if longest > max_length:
         stats.dropped_too_long += 1
         return None
@@ -494,7 +560,7 @@ def truncate_pair(pair: Pair, prompt: list[int], chosen: list[int], rejected: li
         stats.truncated_prompt += 1
     prompt = prompt[len(prompt) - keep:]           # cut from the left: keep the question's end
     stats.tokenized += 1
-    return TokenizedPair(prompt + chosen + [eos_id], prompt + rejected + [eos_id], pair.margin, pair.source,
+    return TokenizedPair(prompt + chosen + ends[0], prompt + rejected + ends[1], pair.margin, pair.source,
                          len(prompt), len(chosen), len(rejected))
 
 
@@ -517,37 +583,32 @@ def cap_texts(pair: Pair, cap: int, stats: DataStats) -> Pair | None:
     return pair
 
 
-def tokenize_pair(tok: Tokenizer, pair: Pair, max_length: int,
-                  stats: DataStats | None = None) -> TokenizedPair | None:
-    """prompt + response + eos for both responses; None if a response does not fit (counted).
-
-    Prompt and responses are tokenised apart and joined, so chosen and rejected hold the same prompt
-    tokens and truncation is exact. At the boundary this can differ from tokenising the joined text
-    (a BPE merge across it); rm.py's score(texts) encodes whole texts, and the two agree whenever the
-    response starts a new pre-token, as " Sure" after "Assistant:" does with Qwen's byte-level BPE."""
-    stats = stats if stats is not None else DataStats()
-    pair = cap_texts(pair, text_char_cap(tok, max_length), stats)
-    if pair is None:
-        return None
-    return truncate_pair(pair, tok.encode(pair.prompt), tok.encode(pair.chosen), tok.encode(pair.rejected),
-                         tok.eos_id, max_length, stats)
-
-
 def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int,
                    stats: DataStats | None = None) -> list[TokenizedPair]:
-    """tokenize_pair over many pairs, encoding in batches (the tokenizer runs them in parallel)."""
+    """prompt + response (+ eos) for both responses of each pair, tokenised whole, so the ids are those of
+    score(prompt + response) and of transformers' tokenizer; pairs whose response does not fit are dropped
+    (counted). Encoded in batches (the tokenizer runs them in parallel)."""
     stats = stats if stats is not None else DataStats()
     cap = text_char_cap(tok, max_length)
     pairs = [p for p in (cap_texts(pair, cap, stats) for pair in pairs) if p is not None]
     out = []
     for start in range(0, len(pairs), ENCODE_CHUNK):
         chunk = pairs[start:start + ENCODE_CHUNK]
-        ids = tok.encode_batch([t for p in chunk for t in (p.prompt, p.chosen, p.rejected)])
+        encs = tok.tok.encode_batch([p.prompt + r for p in chunk for r in (p.chosen, p.rejected)],
+                                    add_special_tokens=False)
         for i, pair in enumerate(chunk):
-            item = truncate_pair(pair, ids[3 * i], ids[3 * i + 1], ids[3 * i + 2], tok.eos_id, max_length, stats)
+            ids = split_at_response(encs[2 * i], encs[2 * i + 1], len(pair.prompt))
+            item = truncate_pair(pair, *ids, tok, max_length, stats)
             if item is not None:
                 out.append(item)
     return out
+
+
+def tokenize_pair(tok: Tokenizer, pair: Pair, max_length: int,
+                  stats: DataStats | None = None) -> TokenizedPair | None:
+    """tokenize_pairs for one pair; None if a response does not fit (counted)."""
+    items = tokenize_pairs([pair], tok, max_length, stats)
+    return items[0] if items else None
 
 
 # -----------------------------------------------------------------------------

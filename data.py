@@ -705,8 +705,21 @@ def main(argv=None):
     parser.add_argument("source", help="demo, a Hub dataset id, or a local file/directory/glob")
     parser.add_argument("--split", default="train", help="train or test (default: train)")
     parser.add_argument("--max-samples", type=int, default=None, help="stop after this many pairs")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a model directory: its tokenizer counts tokens and its chat template renders "
+                             "conversational rows")
+    parser.add_argument("--chat_template", default="auto", metavar="auto|none|PATH",
+                        help="conversational rows: auto (the --model's template), none, or a .jinja file")
+    parser.add_argument("--show", type=int, default=0, metavar="N",
+                        help="print the first N pairs as the model reads them: prompt, chosen, rejected texts")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
+    tok = Tokenizer.from_dir(args.model) if args.model else None
+    if tok is not None:
+        chat_format = tok.chat_format(args.chat_template)
+    else:
+        template = None if args.chat_template in ("auto", "none") else chat.load_chat_template(None, args.chat_template)
+        chat_format = chat.ChatFormat(template, why_none="none was given; pass --model DIR or --chat_template PATH")
     try:  # reset the peak RSS counter (Linux >= 4.0) so that VmHWM measures only the reading
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -714,11 +727,29 @@ def main(argv=None):
         pass
     before = _rss_mib("VmRSS")
     stats = DataStats()
-    for n, _ in enumerate(iter_pairs(args.source, args.split, stats), 1):
+    for n, pair in enumerate(iter_pairs(args.source, args.split, stats, chat_format), 1):
+        if n <= args.show:
+            show_pair(n, pair, tok)
         if args.max_samples is not None and n >= args.max_samples:
             break
     print(json.dumps(stats.report(), indent=1))
     print(f"peak RSS growth while reading: {_rss_mib('VmHWM') - before:.1f} MiB")
+
+
+def show_pair(n: int, pair: Pair, tok: Tokenizer | None):
+    """One pair as the model reads it (repr: newlines and special tokens show), with token counts."""
+    print(f"--- pair {n} ({pair.source}{'' if pair.margin is None else f', margin {pair.margin}'})")
+    if tok is None:
+        counts = ("", "", "")
+    else:
+        item = tokenize_pair(tok, pair, 1 << 30)
+        counts = [f" ({k} tokens)" for k in (item.prompt_len, item.chosen_response_len, item.rejected_response_len)]
+    for name, text, count in zip(("prompt", "chosen", "rejected"), (pair.prompt, pair.chosen, pair.rejected), counts):
+        print(f"{name}{count}: {text!r}")
+    if not pair.eos:
+        print("then: nothing (a chat-template rendering ends as the template says)")
+    elif tok is not None:
+        print(f"then: {tok.eos_token!r}, unless the text ends with it already or eos == pad")
 
 
 if __name__ == "__main__":

@@ -349,7 +349,7 @@ def summary(report: dict) -> str:
              f"{c['evaluated']} pairs, {c['skipped']} rows skipped, {c['dropped_too_long']} pairs longer than "
              f"{report['max_length']} tokens dropped",
              f"{'accuracy (95% Wilson CI)':<28}{acc(overall)}"]
-    lines += [f"  {name or '(no source)':<26}{acc(block)}" for name, block in report["per_source"].items()]
+    lines += [f"  {name or '(no source)':<25} {acc(block)}" for name, block in report["per_source"].items()]
     lines.append(f"{'loss (-log sigmoid margin)':<28}{fmt(report['loss'], '.4f')}")
     keys = ["mean", "std", "min", *(f"p{p}" for p in PERCENTILES), "max"]
     lines.append(f"{'rewards':<12}" + "".join(f"{k:>9}" for k in keys))
@@ -396,6 +396,9 @@ def parse_args(argv=None):
     p.add_argument("--max_length", type=positive_int, default=None,
                    help=f"tokens per sequence; longer pairs are dropped and counted (default: the training "
                         f"max_length, else {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--chat_template", default="auto", metavar="auto|none|PATH",
+                   help="conversational rows (lists of messages): auto renders them with the model's chat "
+                        "template (default), PATH with that .jinja file, none refuses them")
     p.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
     p.add_argument("--share_prompt", action="store_true",
                    help="compute each pair's prompt once (same rewards, faster; the default for a model "
@@ -407,6 +410,7 @@ def parse_args(argv=None):
                         f"(default: CHECKPOINT/{REPORT_NAME}); an existing file is replaced only if it is a report")
     p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots here (needs matplotlib)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     args = p.parse_args(argv)
     # Everything that can be checked without work is checked now, before minutes of loading and scoring.
@@ -452,8 +456,8 @@ def is_report(path: Path) -> bool:
     return isinstance(report, dict) and {"accuracy", "counts", "per_source"} <= report.keys()
 
 
-def load_eval_pairs(dataset: list, args, trained: dict):
-    """(pairs, stats, split, held-out fraction). A model trained with a held-out share of its training pairs
+def load_eval_pairs(dataset: list, args, trained: dict, chat_format=None):
+    """(pairs, stats, split, held-out fraction); chat_format renders conversational rows. A model trained with a held-out share of its training pairs
     (train.py --eval_fraction, the default for a training file without splits) is evaluated on that share
     when neither --dataset nor --split is given; other data that holds training files gets a note."""
     from data import DataStats, load_pairs, source_files, split_held_out
@@ -461,7 +465,8 @@ def load_eval_pairs(dataset: list, args, trained: dict):
     split = "train" if fraction else args.split or "test"
     stats = DataStats()
     if not fraction:
-        pairs = load_pairs(dataset, split=split, max_samples=args.max_samples, stats=stats)
+        pairs = load_pairs(dataset, split=split, max_samples=args.max_samples, stats=stats,
+                           chat_format=chat_format)
         try:  # a model trained elsewhere: its training files may not be here
             trained_files = set().union(*(source_files(s, "train") for s in trained.get("dataset") or []))
         except UserError:
@@ -471,7 +476,8 @@ def load_eval_pairs(dataset: list, args, trained: dict):
             print(f"note: the {split} pairs of {', '.join(dataset)} include the model's training data "
                   f"({', '.join(shared[:3])}): the accuracy is not a held-out number", file=sys.stderr)
         return pairs, stats, split, None
-    held = split_held_out(load_pairs(dataset, split=split, stats=stats), fraction)[1][:args.max_samples]
+    held = split_held_out(load_pairs(dataset, split=split, stats=stats, chat_format=chat_format),
+                          fraction)[1][:args.max_samples]
     print(f"data: the {len(held)} pairs of {', '.join(dataset)} that train.py held out (--eval_fraction "
           f"{fraction}, by content hash) and did not train on")
     return held, DataStats.of_pairs(held), split, fraction
@@ -479,6 +485,7 @@ def load_eval_pairs(dataset: list, args, trained: dict):
 
 def main(argv=None):
     args = parse_args(argv)
+    from data import Tokenizer
     from rm import RewardModel
 
     # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.
@@ -493,19 +500,23 @@ def main(argv=None):
     dataset = [dataset] if isinstance(dataset, str) else list(dataset)  # as recorded: a name may hold a comma
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
     share_prompt = args.share_prompt or bool(trained.get("share_prompt"))  # as in training: same rewards, faster
-    pairs, stats, split, fraction = load_eval_pairs(dataset, args, trained)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
+    tokenizer = Tokenizer.from_dir(model_dir)  # its chat template renders conversational rows
+    pairs, stats, split, fraction = load_eval_pairs(dataset, args, trained,
+                                                    tokenizer.chat_format(args.chat_template))
 
     # 3. The model, then the scores.
     model = RewardModel.from_pretrained(str(model_dir), device=args.device)
-    if model.tokenizer is None:
-        raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
+    model.tokenizer = tokenizer
     report, rewards = evaluate(model, pairs, batch_size=args.batch_size, max_length=max_length, bf16=args.bf16,
-                               progress=True, stats=stats, unsure_threshold=args.unsure_threshold,
+                               progress=args.progress, stats=stats, unsure_threshold=args.unsure_threshold,
                                return_rewards=True, share_prompt=share_prompt)
     report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=split,
                   eval_fraction=fraction,
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
-                  share_prompt=share_prompt, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  share_prompt=share_prompt, chat_template=args.chat_template,
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     # 4. Outputs: the report (atomically: a failed run leaves no report), the plots, the table.
     try:

@@ -11,6 +11,8 @@ r_rejected), so `pairwise_loss` minimises -log sigmoid(r_chosen - r_rejected - m
 
 - Heads: `mlp` (default; hidden -> hidden/2 -> 1, GELU, mean pooling) or `linear` (a bias-free `score`
   layer with last-token pooling: transformers' Qwen3ForSequenceClassification, so it loads there as is).
+  Any other combination is saved with model_type REWARD_MODEL_TYPE, which transformers refuses to load,
+  rather than loading as a classifier with a random `score` layer.
 - Pooling follows the attention mask (or a packing.Layout's sequence ids), never a search for the pad
   token: pad and eos can be the same token. The head runs on the pooled vectors only.
 """
@@ -30,6 +32,7 @@ from qwen3 import Qwen3, Qwen3Config, load_weights, read_header
 
 HEADS = ("mlp", "linear")
 POOLINGS = ("mean", "last")
+REWARD_MODEL_TYPE = "qwen3_reward_model"  # a model_type transformers does not know: it refuses the directory
 
 
 def pool(hidden, sequence_ids, num_sequences: int, how: str):
@@ -185,18 +188,18 @@ class RewardModel(nn.Module):
         return self.head(pool(hidden, sequence_ids, num_sequences, self.pooling)).sum(-1).float()
 
     @torch.no_grad()
-    def score(self, texts: list[str], batch_size: int = 8, max_length: int | None = None) -> list[float]:
-        """Rewards for whole transcripts ("\n\nHuman: ...\n\nAssistant: ..."), in input order.
+    def score(self, texts: list, batch_size: int = 8, max_length: int | None = None) -> list[float]:
+        """Rewards, in input order, for whole transcripts ("\n\nHuman: ...\n\nAssistant: ...") or
+        conversations (lists of {"role", "content"} messages, rendered with the model's chat template).
 
-        Each text is tokenised with the model's tokenizer, eos appended; longer than max_length keeps
-        the END (the response), as training does. Batches are formed by length to waste little padding.
+        The ids are those training sees (Tokenizer.sequence: a text gets the eos token appended unless it
+        ends with it, a conversation nothing); longer than max_length keeps the END (the response), as
+        training does. Batches are formed by length to waste little padding.
         """
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer; load it with RewardModel.from_pretrained from a "
                             "directory holding tokenizer.json, or set model.tokenizer")
-        tok = self.tokenizer
-        seqs = [tok.encode(t)[-(max_length - 1):] + [tok.eos_id] if max_length else tok.encode(t) + [tok.eos_id]
-                for t in texts]
+        seqs = [self.tokenizer.sequence(t, max_length) for t in texts]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         device = next(self.parameters()).device
         rewards = [0.0] * len(seqs)
@@ -205,7 +208,7 @@ class RewardModel(nn.Module):
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                input_ids, attention_mask = pad_rows([seqs[i] for i in idx], tok.pad_id)
+                input_ids, attention_mask = pad_rows([seqs[i] for i in idx], self.tokenizer.pad_id)
                 for i, reward in zip(idx, self(input_ids.to(device), attention_mask.to(device)).tolist()):
                     rewards[i] = reward
         finally:
@@ -244,15 +247,17 @@ class RewardModel(nn.Module):
 
     def hf_config(self) -> dict:
         cfg = self.config.to_hf_dict()
-        pad_id = self.tokenizer.pad_id if self.tokenizer is not None else None
-        if self.head_type == "linear":
+        tok = self.tokenizer
+        if (self.head_type, self.pooling) == ("linear", "last"):
             # transformers' Qwen3ForSequenceClassification reads these; it pools the last token that is
-            # not pad_token_id, which equals our mask-based `last` pooling as long as pad != eos.
+            # not pad_token_id, which is our last token: we never append an eos equal to pad (eos_suffix).
             cfg.update(architectures=["Qwen3ForSequenceClassification"], id2label={"0": "LABEL_0"},
                        label2id={"LABEL_0": 0})
-        else:
-            cfg.update(architectures=["Qwen3RewardModel"])
-        cfg.update(pad_token_id=pad_id, torch_dtype=str(self.model.norm.weight.dtype).replace("torch.", ""),
+        else:  # transformers has no such head: refuse to load there, rather than load a random `score` layer
+            cfg.update(model_type=REWARD_MODEL_TYPE, architectures=["Qwen3RewardModel"])
+        cfg.update(pad_token_id=tok.pad_id if tok else None, eos_token_id=tok.eos_id if tok else None,
+                   bos_token_id=tok.bos_id if tok else None,
+                   torch_dtype=str(self.model.norm.weight.dtype).replace("torch.", ""),
                    reward_model={"head": self.head_type, "pooling": self.pooling, **self.provenance})
         return cfg
 
@@ -286,8 +291,9 @@ class RewardModel(nn.Module):
         """
         model_dir = resolve_model_dir(name_or_path)
         raw = read_json(model_dir / "config.json", "a checkpoint directory must hold the model's config.json")
-        config = Qwen3Config.from_hf_dict(raw, where=str(model_dir / "config.json"))
         saved = reward_model_config(raw, model_dir)
+        backbone = {**raw, "model_type": "qwen3"} if saved and raw.get("model_type") == REWARD_MODEL_TYPE else raw
+        config = Qwen3Config.from_hf_dict(backbone, where=str(model_dir / "config.json"))
         if saved is not None:
             for what, asked in (("head", head), ("pooling", pooling)):
                 if asked is not None and asked != saved[what]:

@@ -16,6 +16,7 @@ directory, checkpoints, resume, stopping on a signal), distributed.py (torchrun,
 """
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -63,6 +64,7 @@ class TrainConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = 1000
     max_length: int = 1024
+    chat_template: str = "auto"              # conversational rows: auto (the model's template) | none | PATH
     # optimisation
     batch_size: int = 8                      # pairs per micro-batch, per process
     gradient_accumulation_steps: int = 1
@@ -141,7 +143,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- the model and the data: pairs -> token ids, in an order fixed by the seed
     model = build_model(cfg)
-    train_items, held_out, data_read = load_data(cfg, model.tokenizer)
+    train_items, held_out, data_read = load_data(cfg, model.tokenizer)  # a --chat_template PATH becomes the tokenizer's
     step_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world  # pairs per optimizer step
     batches = StepBatches(train_items, step_batch, cfg.seed)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(batches.steps_per_epoch * cfg.num_epochs))
@@ -160,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
     n_total = sum(p.numel() for p in model.parameters())
     print0(f"model: {cfg.model} | head {model.head_type}, pooling {model.pooling} | {n_trainable / 1e6:.2f}M of "
            f"{n_total / 1e6:.2f}M parameters train | device {device}, {world} process(es)")
-    step, best_accuracy = 0, -1.0
+    step, best_accuracy, last_report = 0, -1.0, None  # last_report: the held-out report of the last step
     if resume_from is not None:
         step, best_accuracy, changed = resume_training(resume_from, cfg, optimizer, scheduler, train_model)
         print0(f"resumed from {resume_from} at step {step}/{total_steps}" +
@@ -217,6 +219,7 @@ def train(cfg: TrainConfig) -> dict:
                 grad_norm = clip_grad_norm(train_model, cfg.max_grad_norm)
                 # a finite loss can still have an overflowing gradient
                 stop_if_not_finite("gradient norm", float(grad_norm), step + 1, out, before_update=True)
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged, as TRL does)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -227,11 +230,11 @@ def train(cfg: TrainConfig) -> dict:
 
                 # -- log, evaluate (keeping the best model), checkpoint, stop on a signal
                 if step % cfg.logging_steps == 0 or step == total_steps:
-                    log_record(out, since_last_log.record(step, step / batches.steps_per_epoch,
-                                                          scheduler.get_last_lr()[0], grad_norm, device), wandb_run)
+                    log_record(out, since_last_log.record(step, step / batches.steps_per_epoch, lr, grad_norm,
+                                                          device), wandb_run)
                 if held_out.items and (step % cfg.eval_steps == 0 or step == total_steps):
-                    best_accuracy = evaluate_and_keep_best(model, train_model, held_out, step, best_accuracy,
-                                                           cfg, out, device, wandb_run)
+                    best_accuracy, last_report = evaluate_and_keep_best(model, train_model, held_out, step,
+                                                                        best_accuracy, cfg, out, device, wandb_run)
                 saved = step % cfg.save_steps == 0 and step < total_steps
                 if saved:
                     save(step)
@@ -239,7 +242,8 @@ def train(cfg: TrainConfig) -> dict:
                     path = out / f"checkpoint_step_{step}" if saved else save(step)  # not the same one twice
                     print0(stopped_message(stop.signal, path, step, total_steps))
                     return {"stopped_at": step, "checkpoint": str(path), "signal": stop.signal}
-        return finish_run(model, train_model, held_out, cfg, out, step, world, wandb_run)
+        final_report = last_report if step == total_steps else None  # scored at the last step: not again
+        return finish_run(model, train_model, held_out, cfg, out, step, world, wandb_run, final_report)
     except ForcedStop:  # a second Ctrl-C: out at once, saying which checkpoint is intact
         raise forced_stop(out, step, total_steps, stop.signal) from None
     finally:
@@ -306,10 +310,16 @@ def validate(cfg: TrainConfig):
         raise UserError(f"--bf16 needs a GPU with bfloat16 support ({torch.cuda.get_device_name()} has none); "
                         "drop --bf16")
     if cfg.optim_8bit or cfg.model_8bit:
+        # bitsandbytes logs a warning at import on CPU about an optional `kernels` package we never use
+        bnb_cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        level = bnb_cpu_log.level
+        bnb_cpu_log.setLevel(logging.ERROR)
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("--8bit_optim/--8bit_model need bitsandbytes: pip install bitsandbytes") from None
+        finally:
+            bnb_cpu_log.setLevel(level)
     if cfg.use_wandb:
         try:
             import wandb  # noqa: F401
@@ -407,19 +417,21 @@ def eval_plan(cfg: TrainConfig) -> tuple[list, float | None]:
     return sources, None
 
 
-def load_pairs_and_held_out(cfg: TrainConfig, train_stats: data.DataStats,
-                            eval_stats: data.DataStats) -> tuple[list, list, list]:
+def load_pairs_and_held_out(cfg: TrainConfig, train_stats: data.DataStats, eval_stats: data.DataStats,
+                            chat_format=None) -> tuple[list, list, list]:
     """(training pairs, held-out pairs, held-out sources). A held-out share (eval_plan) is recorded in cfg,
     as is the split it comes from: train_config.json and the checkpoints say what the run evaluates on."""
+    def load(*args, **kwargs):  # conversational rows are rendered with chat_format
+        return data.load_pairs(*args, chat_format=chat_format, **kwargs)
     if cfg.eval_split == "none":
-        return data.load_pairs(cfg.dataset, "train", cfg.max_train_samples, train_stats), [], []
+        return load(cfg.dataset, "train", cfg.max_train_samples, train_stats), [], []
     sources, fraction = eval_plan(cfg)
     if fraction is None:
-        return (data.load_pairs(cfg.dataset, "train", cfg.max_train_samples, train_stats),
-                data.load_pairs(sources, cfg.eval_split, cfg.max_eval_samples, eval_stats), sources)
+        return (load(cfg.dataset, "train", cfg.max_train_samples, train_stats),
+                load(sources, cfg.eval_split, cfg.max_eval_samples, eval_stats), sources)
     cfg.eval_fraction, cfg.eval_split = fraction, "train"
     # Every pair is read, then split by content: the held-out pairs do not depend on the sample limits.
-    train_pairs, held = data.split_held_out(data.load_pairs(cfg.dataset, "train", stats=train_stats), fraction)
+    train_pairs, held = data.split_held_out(load(cfg.dataset, "train", stats=train_stats), fraction)
     held = held[:cfg.max_eval_samples]  # either side may be empty: load_data says so, after the length check
     return train_pairs[:cfg.max_train_samples], held, sources
 
@@ -428,7 +440,8 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, HeldOut, dict]:
     """Pairs -> token ids, for training and held out; every skipped or dropped pair is counted and reported.
     Also returns what was read (pairs and files), for a resume to notice data that changed."""
     train_stats, eval_stats = data.DataStats(), data.DataStats()
-    train_pairs, eval_pairs, eval_sources = load_pairs_and_held_out(cfg, train_stats, eval_stats)
+    chat_format = tokenizer.chat_format(cfg.chat_template)  # renders conversational rows
+    train_pairs, eval_pairs, eval_sources = load_pairs_and_held_out(cfg, train_stats, eval_stats, chat_format)
     if cfg.eval_fraction:  # taken out of the training pairs: their reading counts as training's
         eval_stats = data.DataStats.of_pairs(eval_pairs)
     evaluating = cfg.eval_split != "none"
@@ -626,12 +639,17 @@ class MetricsSinceLastLog:
     def record(self, step: int, epoch: float, lr: float, grad_norm, device) -> dict:
         """The log.jsonl record of these steps; the next one starts from here."""
         elapsed = time.perf_counter() - self.start
-        record = {"step": step, "epoch": round(epoch, 3), "loss": round(self.loss / self.steps, 5),
-                  "accuracy": round(self.accuracy / self.steps, 5), "margin": round(self.margin / self.steps, 5),
+        record = {"step": step, "epoch": round(epoch, 3), "loss": significant(self.loss / self.steps),
+                  "accuracy": round(self.accuracy / self.steps, 5), "margin": significant(self.margin / self.steps),
                   "lr": lr, "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(self.tokens / elapsed, 1),
                   "peak_mem_gib": round(peak_memory_gib(device), 3)}
         self.reset()
         return record
+
+
+def significant(x: float, digits: int = 6) -> float:
+    """x to `digits` significant digits: a loss of 1.16e-5 stays 1.16e-5 (round(x, 5) would log 1e-5)."""
+    return float(f"{x:.{digits}g}")
 
 
 def peak_memory_gib(device) -> float:
@@ -651,11 +669,12 @@ def log_record(out: Path, record: dict, wandb_run, line: str | None = None):
 
 
 def evaluate_and_keep_best(model, train_model, held_out: HeldOut, step: int, best_accuracy: float,
-                           cfg: TrainConfig, out: Path, device, wandb_run) -> float:
+                           cfg: TrainConfig, out: Path, device, wandb_run) -> tuple[float, dict | None]:
     """Evaluate on the held-out pairs (rank 0; under FSDP every process gathers the weights first), log it,
-    and keep the best model so far as best_model_step_N/. Returns the best accuracy so far."""
+    and keep the best model so far as best_model_step_N/. Returns the best accuracy so far and the report
+    (None on other ranks)."""
     from eval import evaluate
-    full = gather_model_state(train_model, cfg.fsdp)
+    full, report = gather_model_state(train_model, cfg.fsdp), None
     with rank_0_errors(device):  # e.g. a full disk while saving the best model ends every process
         if is_main_process():
             current = unsharded(model, full)
@@ -673,7 +692,7 @@ def evaluate_and_keep_best(model, train_model, held_out: HeldOut, step: int, bes
                     for old in out.glob("best_model_step_*"):
                         if old.name != best.name:
                             remove(old)
-    return best_accuracy
+    return best_accuracy, report
 
 
 def save_training_state(out: Path, step: int, model, train_model, optimizer, scheduler, trainer_state: dict,
@@ -689,8 +708,9 @@ def save_training_state(out: Path, step: int, model, train_model, optimizer, sch
 
 
 def finish_run(model, train_model, held_out: HeldOut, cfg: TrainConfig, out: Path, step: int, world: int,
-               wandb_run) -> dict:
-    """The final model and its evaluation report (rank 0), then every process leaves together."""
+               wandb_run, report: dict | None = None) -> dict:
+    """The final model and its evaluation report (rank 0; `report` when the last step was just evaluated,
+    the same weights), then every process leaves together."""
     from eval import evaluate
     result = {"step": step, "output_dir": str(out), "final_model": str(out / "final_model")}
     full = gather_model_state(train_model, cfg.fsdp)
@@ -702,9 +722,10 @@ def finish_run(model, train_model, held_out: HeldOut, cfg: TrainConfig, out: Pat
             with disk_errors(out / "final_adapters"):
                 save_adapters(model, out / "final_adapters")
         if held_out.items:
-            report = evaluate(final_model, held_out.items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length,
-                              bf16=cfg.bf16, progress=cfg.progress, stats=held_out.stats,
-                              share_prompt=cfg.share_prompt)
+            if report is None:
+                report = evaluate(final_model, held_out.items, batch_size=cfg.batch_size * 2,
+                                  max_length=cfg.max_length, bf16=cfg.bf16, progress=cfg.progress,
+                                  stats=held_out.stats, share_prompt=cfg.share_prompt)
             report.update(checkpoint=str(out / "final_model"), dataset=held_out.sources, split=cfg.eval_split,
                           eval_fraction=cfg.eval_fraction, max_length=cfg.max_length,
                           max_samples=cfg.max_eval_samples)
@@ -754,6 +775,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--max_train_samples", type=int, default=UNSET, help="use at most this many training pairs")
     p.add_argument("--max_eval_samples", type=int, default=UNSET, help="evaluate on at most this many pairs")
     p.add_argument("--max_length", type=int, default=UNSET, help="max tokens per sequence (prompt cut from the left)")
+    p.add_argument("--chat_template", default=UNSET, metavar="auto|none|PATH",
+                   help="conversational rows (lists of messages): auto renders them with the model's chat "
+                        "template, PATH with that .jinja file (saved with the model), none refuses them")
     p.add_argument("--batch_size", type=int, default=UNSET, help="pairs per micro-batch per process")
     p.add_argument("--gradient_accumulation_steps", type=int, default=UNSET, help="micro-batches per optimizer step")
     p.add_argument("--learning_rate", type=float, default=UNSET, help="peak learning rate")
@@ -833,6 +857,9 @@ def main(argv=None):
             eval_args.append("--bf16")
         if cfg.share_prompt:
             eval_args.append("--share_prompt")
+        if not cfg.progress:
+            eval_args.append("--no_progress")
+        eval_args += ["--chat_template", cfg.chat_template]
         return eval_cli.main(eval_args)
     try:
         result = train(cfg)

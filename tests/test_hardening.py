@@ -191,7 +191,7 @@ def fx(tmp_path_factory):
     f["all_bad"] = write_jsonl(root / "all_bad.jsonl", [{"chosen": r["chosen"], "rejected": r["chosen"]} for r in rows]
                                + [{"chosen": None, "rejected": "x"}])
     f["wrong_types"] = write_jsonl(root / "wrong_types.jsonl",
-                                   [{"chosen": [{"role": "user", "content": "hi"}], "rejected": 3}] * 4)
+                                   [{"chosen": {"text": "hi"}, "rejected": 3}] * 4)
     huge = " ".join(["the key ideas are stars and planets."] * 300)
     f["huge"] = write_jsonl(root / "huge.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " " + huge,
                                                    "rejected": " whatever. " + huge}] * 5)

@@ -4,7 +4,8 @@
     python eval.py out/ --dataset demo --max_samples 200 --plots plots/
     python eval.py Skywork/Skywork-Reward-V2-Qwen3-0.6B --dataset Anthropic/hh-rlhf --bf16 --device cuda
 
-- Each pair's chosen and rejected responses are scored in one forward pass, as in training.
+- Each pair's chosen and rejected responses are scored in one forward pass, as in training; conversational
+  rows are rendered with the model's saved chat template (--chat_template to choose another).
 - The report (evaluation_report.json, and a table on stdout): accuracy with a 95% Wilson interval, overall
   and per source; reward and margin distributions; length bias; the Bradley-Terry loss; how many pairs were
   evaluated, skipped and dropped. report_from_rewards says exactly what each number is.

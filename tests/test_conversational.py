@@ -91,6 +91,8 @@ def test_conversation_without_a_template_is_one_clear_error(chat_dir, tmp_path):
         data.make_pair(row, "rows.jsonl", tok.chat_format())
     with pytest.raises(UserError, match="--chat_template is none; use --chat_template auto or PATH"):
         data.make_pair(row, "rows.jsonl", data.Tokenizer.from_dir(chat_dir).chat_format("none"))
+    with pytest.raises(UserError, match="--chat_template .*nope.jinja: no such file; give a .jinja file, auto or none"):
+        tok.chat_format(str(tmp_path / "nope.jinja"))
     # a template file given by path renders them, and becomes the tokenizer's (saved with the model)
     path = tmp_path / "qwen3.jinja"
     path.write_text(QWEN3_TEMPLATE)

@@ -471,6 +471,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list:
+        """tokenizers Encodings (.ids, and .offsets: each token's characters), encoded in parallel."""
+        return self.tok.encode_batch(texts, add_special_tokens=False)
+
     def eos_suffix(self, ids: list[int]) -> list[int]:
         """[eos_id] to end a text's ids with, or [] when they already end with it (no doubled eos) or when
         eos == pad: transformers, TRL and vLLM pool the last token that is NOT pad, so there an appended
@@ -594,8 +598,7 @@ def tokenize_pairs(pairs: list[Pair], tok: Tokenizer, max_length: int,
     out = []
     for start in range(0, len(pairs), ENCODE_CHUNK):
         chunk = pairs[start:start + ENCODE_CHUNK]
-        encs = tok.tok.encode_batch([p.prompt + r for p in chunk for r in (p.chosen, p.rejected)],
-                                    add_special_tokens=False)
+        encs = tok.encode_batch([p.prompt + r for p in chunk for r in (p.chosen, p.rejected)])
         for i, pair in enumerate(chunk):
             ids = split_at_response(encs[2 * i], encs[2 * i + 1], len(pair.prompt))
             item = truncate_pair(pair, *ids, tok, max_length, stats)

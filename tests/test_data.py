@@ -553,11 +553,12 @@ def test_huge_row_is_dropped_before_tokenising_and_a_long_prompt_is_cut_exactly(
     stats = DataStats()
     t = time.perf_counter()
     items = data.tokenize_pairs([huge, long_prompt], tok, 64, stats)
-    assert time.perf_counter() - t < 5 and max(seen) <= data.text_char_cap(tok, 64) == 64 * tok.max_token_chars
+    # the tokenizer gets prompt + response, each at most the cap
+    assert time.perf_counter() - t < 5 and max(seen) <= 2 * data.text_char_cap(tok, 64) == 128 * tok.max_token_chars
     assert (stats.dropped_too_long, stats.tokenized, stats.truncated_prompt) == (1, 1, 1)
     # the same tokens as tokenising the whole prompt, then cutting it
     exact = data.truncate_pair(long_prompt, tok.encode(long_prompt.prompt), tok.encode(long_prompt.chosen),
-                               tok.encode(long_prompt.rejected), tok.eos_id, 64, DataStats())
+                               tok.encode(long_prompt.rejected), tok, 64, DataStats())
     assert items == [exact] and data.tokenize_pair(tok, long_prompt, 64) == exact
     assert data.tokenize_pair(tok, huge, 64, stats) is None and stats.dropped_too_long == 2
 

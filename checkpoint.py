@@ -369,7 +369,7 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
 # (the best model is picked on them), the optimizer's kind. Another value is refused in one line.
 SAME_RUN = ("model", "from_scratch", "head", "pooling", "dataset", "eval_split", "eval_dataset", "eval_fraction",
             "max_train_samples", "max_eval_samples", "max_length", "seed", "freeze_layers", "model_8bit",
-            "optim_8bit", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+            "optim_8bit", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "chat_template")
 # MAY_CHANGE: honoured from the resumed step on and recorded in train_config.json. The schedule
 # (learning_rate, num_epochs, max_steps, warmup_ratio: each later step gets the new schedule's rate),
 # the update (weight_decay, max_grad_norm, center_rewards_coefficient), how the same pairs per step are

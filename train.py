@@ -1,6 +1,6 @@
 """Train a Qwen3 reward model: one hand-written loop, readable top to bottom.
 
-    python train.py --config demo                        # tiny model, synthetic task, CPU, ~1 minute
+    python train.py --config demo                        # tiny model, synthetic task, CPU, ~1.5 minutes
     python train.py --model Qwen/Qwen3-0.6B --bf16       # the real thing, on Anthropic/hh-rlhf
     torchrun --nproc_per_node=8 train.py --config qwen3_1.7b --bf16 --fsdp
 

@@ -653,10 +653,16 @@ def significant(x: float, digits: int = 6) -> float:
 
 
 def peak_memory_gib(device) -> float:
+    """CUDA: the peak of allocated tensors. CPU: the process's peak RSS, VmHWM (Linux), which follows a
+    reset through /proc/self/clear_refs (bench.py measures each side that way), unlike ru_maxrss."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # also KiB on Linux
 
 
 def log_record(out: Path, record: dict, wandb_run, line: str | None = None):

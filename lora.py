@@ -12,12 +12,14 @@ To export, W' = W + (alpha / r) B A is a plain weight (int8 dequantised first): 
 no LoRA code to load, in our RewardModel or in transformers.
 """
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
+from hub import read_json
 
 # --lora_targets name -> the linear layer it means in every block (qwen3.py's Attention and MLP).
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -197,22 +199,17 @@ def save_adapters(model: nn.Module, out_dir):
 
 def read_adapters(adapter_dir) -> tuple[dict, dict]:
     """(adapter_config.json, the tensors) of an adapter directory written by save_adapters."""
-    import json
-    from pathlib import Path
-
     from safetensors.torch import load_file
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_FILE).is_file():
         raise UserError(f"{adapter_dir} holds no LoRA adapters ({ADAPTER_FILE} and {ADAPTER_CONFIG})")
-    if (adapter_dir / ADAPTER_CONFIG).stat().st_size > 2**20:  # a few hundred bytes when train.py writes it
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is over 1 MiB: not an adapter config written by train.py")
+    config = read_json(adapter_dir / ADAPTER_CONFIG, "")  # bounded, and an object
     try:
-        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         state = load_file(adapter_dir / ADAPTER_FILE)
     except Exception as e:  # unreadable: truncated or edited by hand
         raise UserError(f"{adapter_dir}: cannot read the adapters ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]})") from None
-    if not isinstance(config, dict) or config.get("format") != "qwen3-rm-lora":
+    if config.get("format") != "qwen3-rm-lora":
         raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not an adapter config written by train.py")
     return config, state
 

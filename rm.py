@@ -232,14 +232,7 @@ class RewardModel(nn.Module):
         """Replace every backbone linear layer with a frozen int8 bitsandbytes Linear8bitLt (LLM.int8():
         outlier features above `threshold` stay in 16-bit). Only the head and the norms keep training;
         the embeddings are frozen too."""
-        import bitsandbytes as bnb
-        for module in list(self.model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
-                                            has_fp16_weights=False, threshold=threshold)
-                    q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-                    setattr(module, name, q.to(child.weight.device))  # .to() quantises the CPU weights to int8
+        quantize_linears_8bit(self.model, threshold)
         self.model.embed_tokens.requires_grad_(False)
         return self
 
@@ -321,3 +314,17 @@ class RewardModel(nn.Module):
                                 f"vocab_size is {config.vocab_size}: the tokenizer belongs to another model; "
                                 "copy the base model's tokenizer files there")
         return model.to(device)
+
+
+def quantize_linears_8bit(module: nn.Module, threshold: float = 6.0) -> nn.Module:
+    """Every nn.Linear inside `module` becomes a frozen int8 bitsandbytes Linear8bitLt (LLM.int8(): outlier
+    features above `threshold` stay in 16-bit)."""
+    import bitsandbytes as bnb
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
+                                        has_fp16_weights=False, threshold=threshold)
+                q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+                setattr(parent, name, q.to(child.weight.device))  # .to() quantises the CPU weights to int8
+    return module

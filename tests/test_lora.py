@@ -32,15 +32,9 @@ def randomize_B(model, seed=2, std=0.05):
 
 def quantize_backbone_8bit(backbone, threshold=6.0):
     """As RewardModel.quantize_8bit does: every block linear becomes a frozen int8 Linear8bitLt."""
-    bnb = pytest.importorskip("bitsandbytes")
-    for module in list(backbone.layers.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
-                                        has_fp16_weights=False, threshold=threshold)
-                q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-                setattr(module, name, q.to(child.weight.device))
-    return backbone
+    pytest.importorskip("bitsandbytes")
+    from rm import quantize_linears_8bit
+    return quantize_linears_8bit(backbone, threshold)
 
 
 def test_init_equals_base_model_exactly():

@@ -42,10 +42,11 @@ def _read_bounded(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e}); check the file") from None
 
 
-def load_chat_template(model_dir, override=None) -> str | None:
+def load_chat_template(model_dir, override=None, tokenizer_config: dict | None = None) -> str | None:
     """The model's chat template: `override` (a .jinja file, from --chat_template PATH), else
     MODEL_DIR/chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or a list of
-    {"name", "template"} of which "default" is used). None when there is none."""
+    {"name", "template"} of which "default" is used). None when there is none. `tokenizer_config`: that
+    file's content when the caller has read it already (data.Tokenizer.from_dir), so it is read once."""
     if override is not None:
         if not Path(override).is_file():
             raise UserError(f"--chat_template {override}: no such file; give a .jinja file, auto or none")
@@ -53,12 +54,16 @@ def load_chat_template(model_dir, override=None) -> str | None:
     jinja_file, config_file = Path(model_dir) / "chat_template.jinja", Path(model_dir) / "tokenizer_config.json"
     if jinja_file.is_file():  # where recent transformers save the template, and look first
         return _read_bounded(jinja_file)
-    if not config_file.is_file():
-        return None
-    try:
-        template = json.loads(_read_bounded(config_file)).get("chat_template")
-    except (ValueError, AttributeError) as e:
-        raise UserError(f"{config_file}: not a JSON object ({e}); re-download it") from None
+    if tokenizer_config is None:
+        if not config_file.is_file():
+            return None
+        try:
+            tokenizer_config = json.loads(_read_bounded(config_file))
+        except ValueError as e:
+            raise UserError(f"{config_file}: not a JSON object ({e}); re-download it") from None
+    if not isinstance(tokenizer_config, dict):
+        raise UserError(f"{config_file}: not a JSON object; re-download it")
+    template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates (e.g. "default", "tool_use", "rag")
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")

@@ -459,6 +459,8 @@ class Tokenizer:
                     config = json.load(f)
             except ValueError as e:
                 raise UserError(f"{config_file}: invalid JSON ({e}); re-download it") from None
+            if not isinstance(config, dict):
+                raise UserError(f"{config_file}: not a JSON object; re-download it")
         named = chat.special_token_variables(config)
 
         def token(key, defaults):
@@ -466,7 +468,7 @@ class Tokenizer:
         # Qwen3 defaults: post-trained models end turns with <|im_end|>; <|endoftext|> pads
         eos = token("eos_token", ["<|im_end|>", "<|endoftext|>"])
         pad = token("pad_token", ["<|endoftext|>", eos])
-        return cls(tok, eos, pad, config, chat.load_chat_template(path))
+        return cls(tok, eos, pad, config, chat.load_chat_template(path, tokenizer_config=config))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

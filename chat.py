@@ -25,6 +25,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from errors import UserError
+from fileio import read_bounded
 
 MAX_FILE_BYTES = 8 << 20  # a chat template is a few KB, a tokenizer_config.json rarely over 1 MB
 ROLES = ("system", "user", "assistant", "tool")
@@ -33,13 +34,13 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 
 def _read_bounded(path: Path) -> str:
     """A file's text, refusing a file too big to be a template (a wrong path, a corrupt download)."""
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise UserError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_FILE_BYTES >> 20} MB a "
-                        "chat template or tokenizer_config.json may have; check the file")
     try:
-        return path.read_text(encoding="utf-8")
+        return read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e}); check the file") from None
+    except ValueError as e:
+        raise UserError(f"{path}: {e} ({MAX_FILE_BYTES >> 20} MB at most for a chat template or "
+                        "tokenizer_config.json); check the file") from None
 
 
 def load_chat_template(model_dir, override=None, tokenizer_config: dict | None = None) -> str | None:

@@ -34,7 +34,7 @@ import torch
 
 from distributed import any_process, is_main_process
 from errors import UserError, check_writable
-from fileio import atomic_dir, remove, write_json, write_text_atomic
+from fileio import atomic_dir, read_bounded, remove, write_json, write_text_atomic
 from lora import save_adapters
 
 RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
@@ -353,15 +353,6 @@ def unreadable(file: Path, e: Exception) -> UserError:
         f"is corrupt or truncated ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
     return UserError(f"--resume: {file} {what}; resume from another checkpoint_step_N with --resume PATH, "
                      "or start again with --overwrite_output_dir")
-
-
-def read_bounded(path: Path, max_bytes: int) -> bytes:
-    """A file's bytes, refused (ValueError) beyond `max_bytes` before any of it is read."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise ValueError(f"{size} bytes, more than the {max_bytes} expected")
-        return f.read()
 
 
 # What a resume does with each TrainConfig field (docs/guarantees.md, "What --resume may change").

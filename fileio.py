@@ -97,3 +97,16 @@ def atomic_dir(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes, refused (ValueError) beyond `max_bytes` before any of it is read: what a file may
+    hold is bounded before memory is allocated for it."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise ValueError(f"{size:,} bytes, over the {max_bytes:,} expected")
+        data = f.read(max_bytes + 1)  # a file that grew since fstat still stops at the bound
+    if len(data) > max_bytes:
+        raise ValueError(f"more than the {max_bytes:,} bytes expected")
+    return data

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from errors import UserError
+from fileio import read_bounded
 
 WEIGHT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json"]
@@ -74,11 +75,11 @@ def read_json(path: Path, what: str) -> dict:
     """A small JSON object file (a config, an index of shards): at most MAX_JSON_BYTES are read."""
     if not path.is_file():
         raise UserError(f"{path} is missing: {what}")
-    with open(path, "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
+    try:
+        raw = read_bounded(path, MAX_JSON_BYTES)
+    except ValueError:
         raise UserError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB, far more than a config ever holds; "
-                        "re-download or re-save the checkpoint")
+                        "re-download or re-save the checkpoint") from None
     try:
         value = json.loads(raw.decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:

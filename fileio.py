@@ -6,6 +6,7 @@
   complete; an older directory of that name is renamed aside first and deleted after.
 - A directory is deleted by renaming it aside first, so a kill halfway never leaves a half-deleted tree
   under its real name.
+- `read_bounded` is the read side: a file's size is checked before memory is allocated for it.
 Hidden leftovers of killed writes are named `.NAME.tmp-PID` and `.NAME.old-...`: never read, and
 removed by the next run (checkpoint.claim_output_dir).
 """

@@ -55,3 +55,14 @@ def demo_tok():
     """The project's own tiny word-level tokenizer (demo.py's task): pad != eos."""
     from demo import demo_tokenizer
     return demo_tokenizer()
+
+
+def as_if_stopped_at(run_dir, copy_dir, checkpoint="checkpoint_step_3"):
+    """A copy of a finished run as it was when it stopped right after `checkpoint`: only that checkpoint and
+    train_config.json kept, ready for --resume."""
+    import shutil
+    shutil.copytree(run_dir, copy_dir)
+    for p in Path(copy_dir).iterdir():
+        if p.name not in (checkpoint, "train_config.json"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return copy_dir

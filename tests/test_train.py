@@ -1,7 +1,6 @@
 """train.py: the demo learns, resume is exact, every option does what it says, bad flags fail cleanly."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, as_if_stopped_at
 from train import CONFIGS, TrainConfig, train
 
 
@@ -51,10 +50,7 @@ def test_resume_is_bitwise_exact(tmp_path, optim_8bit):
                           optim_8bit=optim_8bit))
     # The same run, stopped after its step-3 checkpoint: keep only that checkpoint, then --resume.
     out = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "full", out)
-    for p in out.iterdir():
-        if p.name not in ("checkpoint_step_3", "train_config.json"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    as_if_stopped_at(tmp_path / "full", out)
     resumed = train(tiny_cfg(tmp_path, "resumed", max_steps=6, save_steps=3, gradient_accumulation_steps=2,
                              optim_8bit=optim_8bit, resume="latest"))
     a, b = final_weights(tmp_path / "full"), final_weights(out)

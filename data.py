@@ -38,9 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-import chat
-import hub
-from errors import UserError, run_cli
+from support import chat
+from support import hub
+from support.errors import UserError, run_cli
 
 ASSISTANT = "\n\nAssistant:"  # hh-rlhf turn marker; prompts end with it
 PARQUET_BATCH_ROWS = 64       # parquet rows decoded at a time
@@ -323,7 +323,7 @@ def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None
     chat_format renders conversational rows (Tokenizer.chat_format)."""
     stats = stats if stats is not None else DataStats()
     if source == "demo":
-        import demo  # here, not at the top: demo.py imports this module
+        from support import demo  # here, not at the top: demo.py imports this module
         if split not in demo.DEMO_SIZES:
             raise UserError(f"demo: no '{split}' split; available splits: {', '.join(demo.DEMO_SIZES)}")
         names, fetch, read = [split], (lambda name: name), demo.demo_rows

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import ArgumentParser, UserError, check_writable, run_cli
-from fileio import write_json_atomic
-from hub import find_model_dir, read_json
+from support.errors import ArgumentParser, UserError, check_writable, run_cli
+from support.fileio import write_json_atomic
+from support.hub import find_model_dir, read_json
 
 Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal: two-sided 95%
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -206,7 +206,7 @@ def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress
     """
     from tqdm import tqdm
     from data import batch_order
-    from packing import choose_collate
+    from support.packing import choose_collate
     collate = choose_collate(False, share_prompt)
     device = model_device(model)
     pad_id = model.tokenizer.pad_id

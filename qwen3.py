@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from errors import UserError
-from hub import read_json, resolve_model_dir
+from support.errors import UserError
+from support.hub import read_json, resolve_model_dir
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import Tokenizer, pad_rows
-from errors import UserError
-from fileio import atomic_dir, write_json
-from hub import read_json, resolve_model_dir
-from lora import merged_state_dict
+from support.errors import UserError
+from support.fileio import atomic_dir, write_json
+from support.hub import read_json, resolve_model_dir
+from support.lora import merged_state_dict
 from qwen3 import Qwen3, Qwen3Config, load_weights, read_header
 
 HEADS = ("mlp", "linear")

@@ -30,19 +30,19 @@ import torch
 from tqdm import tqdm
 
 import data
-import hub
-from checkpoint import (MAY_CHANGE, SAME_RUN, ForcedStop, SignalStop, append_log, check_same_data, check_same_run,
+from support import hub
+from support.checkpoint import (MAY_CHANGE, SAME_RUN, ForcedStop, SignalStop, append_log, check_same_data, check_same_run,
                         checkpoint_dirs, claim_output_dir, disk_errors, find_resume_checkpoint, forced_stop,
                         prepare_output_dir, read_log, read_trainer_state, release_output_dir, remove,
                         restore_training_state, save_checkpoint, stopped_message)
-from distributed import (all_reduce_mean, end_distributed, gather_model_state, gather_optimizer_state, init_wandb,
+from support.distributed import (all_reduce_mean, end_distributed, gather_model_state, gather_optimizer_state, init_wandb,
                          is_main_process, load_optimizer_state, no_sync, print0, rank_0_errors, setup_distributed,
                          unsharded, wrap)
-from errors import ArgumentParser, UserError, run_cli
-from fileio import write_json_atomic
-from lora import (add_lora, base_fingerprint, check_base, check_options, load_adapter_state_dict, read_adapters,
+from support.errors import ArgumentParser, UserError, run_cli
+from support.fileio import write_json_atomic
+from support.lora import (add_lora, base_fingerprint, check_base, check_options, load_adapter_state_dict, read_adapters,
                   save_adapters)
-from packing import choose_collate
+from support.packing import choose_collate
 from qwen3 import CONFIGS as MODEL_CONFIGS
 from qwen3 import load_weights
 from rm import HEADS, POOLINGS, RewardModel, module_name, pairwise_loss
@@ -372,7 +372,7 @@ def check_output_dir_apart(cfg: TrainConfig):
 def build_model(cfg: TrainConfig) -> RewardModel:
     """From scratch (the demo: a qwen3.CONFIGS shape, the demo tokenizer's vocabulary), or a checkpoint."""
     if cfg.from_scratch:
-        from demo import demo_tokenizer
+        from support.demo import demo_tokenizer
         tokenizer = demo_tokenizer()
         config = dataclasses.replace(MODEL_CONFIGS[cfg.model], vocab_size=tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)

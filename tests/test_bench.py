@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-import bench
+from tools import bench
 import qwen3
 from conftest import ROOT
 
@@ -45,6 +45,6 @@ def test_realistic_lengths_and_flops():
 
 
 def test_cli_user_error_is_one_line():
-    out = subprocess.run([sys.executable, "bench.py", "--config", "nope", "--device", "cpu"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "nope", "--device", "cpu"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown --config" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-import chat
-from errors import UserError
+from support import chat
+from support.errors import UserError
 
 # Qwen/Qwen3-0.6B's chat template (thinking mode: <think> blocks after the last user query,
 # enable_thinking=False adds an empty one to the generation prompt; tool calls and responses).

@@ -19,7 +19,7 @@ import data
 import eval as eval_cli
 import train
 from conftest import ROOT
-from errors import UserError
+from support.errors import UserError
 from qwen3 import CONFIGS
 from rm import REWARD_MODEL_TYPE, RewardModel
 from test_chat import A1, A2, A2_BAD, CONFIG, QWEN3_TEMPLATE, SYSTEM, U1, U2, hf_ids, make_model_dir

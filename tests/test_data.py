@@ -18,10 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-import demo  # noqa: E402
-import hub  # noqa: E402
+from support import demo  # noqa: E402
+from support import hub  # noqa: E402
 from data import DataStats, Pair, TokenizedPair  # noqa: E402
-from errors import UserError  # noqa: E402
+from support.errors import UserError  # noqa: E402
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 

@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from conftest import ROOT, save_hf_model
 from data import DataStats, Pair, load_pairs, tokenize_pairs
-from errors import UserError, run_cli
+from support.errors import UserError, run_cli
 from eval import average_ranks, evaluate, main, pearson, report_from_rewards, spearman, wilson_interval
-from hub import find_model_dir
+from support.hub import find_model_dir
 from rm import RewardModel, reward_model_config
 from test_rm import tiny_rm
 
@@ -333,7 +333,7 @@ def test_output_never_replaces_what_is_not_a_report(rm_dir, tmp_path, capsys):
 
 def test_a_comma_in_a_recorded_dataset_name(tmp_path, demo_tok):
     """train.py records --dataset as a list; eval.py takes it as it is, so a file name may hold a comma."""
-    from demo import demo_rows
+    from support.demo import demo_rows
     path = tmp_path / "pairs,v1.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r, _ in zip(demo_rows("test"), range(6))))
     model = tiny_rm()

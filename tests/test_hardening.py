@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, save_hf_model
 
 import train
-from checkpoint import checkpoint_dirs
-from errors import UserError
+from support.checkpoint import checkpoint_dirs
+from support.errors import UserError
 from rm import RewardModel
 
 # Subprocesses: offline, no Hub cache, one thread each (two run at a time on two cores).
@@ -61,7 +61,7 @@ def one_thread():
 
 
 def demo_rows(n, split="train"):
-    from demo import demo_rows as all_demo_rows
+    from support.demo import demo_rows as all_demo_rows
     rows = []
     for row in all_demo_rows(split):
         rows.append(row)
@@ -77,7 +77,7 @@ def write_jsonl(path, rows):
 def save_reward_model(path, vocab_delta=0):
     """A tiny reward model in our format, with the demo tokenizer (what train.py writes)."""
     import dataclasses
-    from demo import demo_tokenizer
+    from support.demo import demo_tokenizer
     from qwen3 import CONFIGS
     tok = demo_tokenizer()
     model = RewardModel(dataclasses.replace(CONFIGS["tiny"], vocab_size=tok.vocab_size + vocab_delta))
@@ -477,7 +477,7 @@ def test_bad_input_leaves_existing_directories_untouched(results):
 @pytest.mark.parametrize("case", INPROCESS_CASES, ids=[c[0] for c in INPROCESS_CASES])
 def test_bad_input_in_process(fx, case, tmp_path, capsys, monkeypatch):
     import eval as eval_cli
-    from errors import run_cli
+    from support.errors import run_cli
     name, cli, args, expected = case
     script, _, blocked = cli.partition(":")
     for module in filter(None, blocked.split(",")):
@@ -506,7 +506,7 @@ def test_bad_input_in_process(fx, case, tmp_path, capsys, monkeypatch):
 def test_negative_number_after_a_flag_is_its_value(tmp_path, capsys, monkeypatch, flag, value):
     """`--learning_rate -1e-5` gets validate()'s message, as `--learning_rate=-1e-5` does, not argparse's
     "expected one argument" (its negative-number pattern misses exponents and inf before Python 3.14)."""
-    from errors import run_cli
+    from support.errors import run_cli
     monkeypatch.delenv("RM_DEBUG", raising=False)
     argv = [*DEMO, "--output_dir", str(tmp_path / "o")]
     messages = []
@@ -530,7 +530,7 @@ def test_negative_number_after_an_eval_flag_is_its_value(capsys):
 
 def test_bf16_without_gpu_support(tmp_path, capsys, monkeypatch):
     """--bf16 on a CUDA GPU without bfloat16 (e.g. a T4): refused before anything is written."""
-    from errors import run_cli
+    from support.errors import run_cli
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
@@ -728,7 +728,7 @@ def test_second_sigint_stops_at_once_and_leaves_no_half_written_checkpoint(tmp_p
 
 def test_second_sigint_before_the_first_checkpoint(tmp_path, capsys, monkeypatch):
     """Ctrl-C twice before any checkpoint exists: exit 130 at once, saying there is nothing to resume."""
-    from errors import run_cli
+    from support.errors import run_cli
     real, handler = train.append_log, signal.getsignal(signal.SIGINT)
 
     def ctrl_c_twice(out, record):
@@ -754,7 +754,7 @@ def test_second_sigint_before_the_first_checkpoint(tmp_path, capsys, monkeypatch
 
 def test_ctrl_c_outside_the_training_loop_is_one_line(capsys, monkeypatch):
     """Ctrl-C while a CLI loads data or scores pairs (no handler of its own): one line and status 130."""
-    from errors import run_cli
+    from support.errors import run_cli
 
     def interrupted(argv):
         raise KeyboardInterrupt

@@ -10,8 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LESSON = ["qwen3.py", "rm.py", "data.py", "train.py", "eval.py"]  # the README's reading order
-SUPPORT = ["packing.py", "checkpoint.py", "distributed.py", "hub.py", "demo.py", "fileio.py", "errors.py",
-           "chat.py", "lora.py", "bench.py"]
+SUPPORT = sorted(str(p.relative_to(ROOT)) for d in ("support", "tools") for p in (ROOT / d).glob("*.py")
+                 if p.name != "__init__.py")
 MAX_FUNCTION_LINES = 80
 MAX_TRAIN_LINES = 130
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from errors import UserError
-from lora import LoRALinear, adapter_state_dict, add_lora, load_adapter_state_dict, merged_state_dict
+from support.errors import UserError
+from support.lora import LoRALinear, adapter_state_dict, add_lora, load_adapter_state_dict, merged_state_dict
 from qwen3 import CONFIGS, Qwen3
 
 CFG = CONFIGS["tiny"]
@@ -296,7 +296,7 @@ def save_base(path, seed):
     """A tiny reward model directory (the demo's shape and tokenizer) to train LoRA on."""
     import dataclasses
 
-    from demo import demo_tokenizer
+    from support.demo import demo_tokenizer
     from rm import RewardModel
     tok = demo_tokenizer()
     model = RewardModel(dataclasses.replace(CFG, vocab_size=tok.vocab_size), head="mlp", pooling="last")
@@ -308,7 +308,7 @@ def save_base(path, seed):
 
 
 def test_lora_trains_only_adapters_and_head_and_saves_merged_and_adapters(tmp_path):
-    from lora import apply_adapters
+    from support.lora import apply_adapters
     from rm import RewardModel
     from train import train
     base = save_base(tmp_path / "base", seed=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import TokenizedPair, collate
-from packing import choose_collate, choose_impl, collate_packed, collate_shared
+from support.packing import choose_collate, choose_impl, collate_packed, collate_shared
 from qwen3 import CONFIGS
 from rm import RewardModel, pairwise_loss
 

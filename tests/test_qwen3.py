@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf_cache, save_hf_model
-from errors import UserError
-from packing import Layout
+from support.errors import UserError
+from support.packing import Layout
 from qwen3 import CONFIGS, Qwen3, Qwen3Config
 
 
@@ -208,7 +208,7 @@ def test_load_by_repo_id_from_hf_cache_offline(tmp_path):
         "m = Qwen3.from_pretrained('Qwen/Qwen3-Tiny').eval()\n"
         "with torch.no_grad(): d = (m(io['ids']) - io['want']).abs().max().item()\n"
         "assert d < 1e-5, d\n"
-        "from errors import UserError\n"
+        "from support.errors import UserError\n"
         "try:\n    Qwen3.from_pretrained('Qwen/NotCached')\nexcept UserError as e:\n    print('ERR', e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -300,7 +300,7 @@ def test_unexpected_large_tensor_is_refused_before_any_data_is_read(tmp_path):
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:  # a valid file, with that tensor
         assert f.get_slice("model.extra.weight").get_shape() == [64, 1 << 20]
     script = (
-        "import torch; from errors import UserError; from qwen3 import CONFIGS, Qwen3; from rm import RewardModel\n"
+        "import torch; from support.errors import UserError; from qwen3 import CONFIGS, Qwen3; from rm import RewardModel\n"
         "with torch.device('meta'):  # torch's first meta-device module costs ~75 MiB once (lazy imports)\n"
         "    Qwen3(CONFIGS['tiny'])\n"
         "def peak_mib():\n"
@@ -347,7 +347,7 @@ def test_config_json_that_is_not_an_object(tmp_path, text, message):
 
 
 def test_oversized_config_json_is_not_read_whole(tmp_path, monkeypatch):
-    import hub
+    from support import hub
     save_hf_model(tmp_path)
     monkeypatch.setattr(hub, "MAX_JSON_BYTES", 100)
     with pytest.raises(UserError, match="config.json is over 0 MiB, far more than a config ever holds"):

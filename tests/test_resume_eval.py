@@ -12,8 +12,8 @@ import torch
 import data
 import eval as eval_cli
 import train
-from checkpoint import MAY_CHANGE, SAME_RUN
-from errors import UserError
+from support.checkpoint import MAY_CHANGE, SAME_RUN
+from support.errors import UserError
 from test_train import tiny_cfg
 
 

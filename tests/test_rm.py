@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import save_hf_model
-from errors import UserError
+from support.errors import UserError
 from qwen3 import CONFIGS, Qwen3
 from rm import RewardModel, pairwise_loss, pool, reward_model_config
 

@@ -26,7 +26,7 @@ from conftest import ROOT
 
 import eval as eval_cli
 import train
-from errors import run_cli
+from support.errors import run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("RM_DEBUG", None)
@@ -242,7 +242,7 @@ def wait_until(condition, proc, timeout=180):
 
 
 def newest_step(out):
-    from checkpoint import checkpoint_dirs
+    from support.checkpoint import checkpoint_dirs
     ckpts = checkpoint_dirs(out) if out.exists() else []
     return int(ckpts[-1].name.rsplit("_", 1)[1]) if ckpts else 0
 

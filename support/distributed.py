@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from support.errors import UserError
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:

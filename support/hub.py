@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from errors import UserError
-from fileio import read_bounded
+from support.errors import UserError
+from support.fileio import read_bounded
 
 WEIGHT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json"]

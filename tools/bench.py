@@ -1,10 +1,10 @@
 """Benchmark one reward-model training step: speed, FLOP rate and memory, optionally against transformers.
 
-    python bench.py                                          # CPU-sized default: the "small" config, 4 pairs x 256
-    python bench.py --config 0.6b --device cuda --bf16 --compile --compare-hf
-    OMP_WAIT_POLICY=PASSIVE python bench.py --suite cpu      # the CPU rows of BENCHMARKS.md (~5 minutes, 2 cores)
-    python bench.py --suite gpu --json results.json          # the GPU rows (one H100, ~2 minutes after start-up)
-    python bench.py --attention --config 0.6b --bf16 --lengths realistic   # packed attention alone
+    python -m tools.bench                                          # CPU-sized default: the "small" config, 4 pairs x 256
+    python -m tools.bench --config 0.6b --device cuda --bf16 --compile --compare-hf
+    OMP_WAIT_POLICY=PASSIVE python -m tools.bench --suite cpu      # the CPU rows of BENCHMARKS.md (~5 minutes, 2 cores)
+    python -m tools.bench --suite gpu --json results.json          # the GPU rows (one H100, ~2 minutes after start-up)
+    python -m tools.bench --attention --config 0.6b --bf16 --lengths realistic   # packed attention alone
 
 - One step is train.py's optimizer step less gradient clipping: chosen and rejected in one forward pass,
   rm.pairwise_loss, backward, optimizer step (train.make_optimizer), zero_grad, on random weights with the
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 import data
-import packing
+from support import packing
 import qwen3
-from errors import ArgumentParser, UserError, run_cli
-from lora import TARGETS, add_lora, check_options
+from support.errors import ArgumentParser, UserError, run_cli
+from support.lora import TARGETS, add_lora, check_options
 from rm import RewardModel, pairwise_loss
 from train import TrainConfig, make_optimizer, peak_memory_gib
 
@@ -414,7 +414,7 @@ def ratio_line(ours: dict, theirs: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed attention alone: which implementation to use (python bench.py --attention)
+# Packed attention alone: which implementation to use (python -m tools.bench --attention)
 
 
 def bench_attention(args, device):
@@ -474,7 +474,7 @@ def bench_attention(args, device):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="bench.py", description="Benchmark a reward-model training step (see the module "
+    p = ArgumentParser(prog="python -m tools.bench", description="Benchmark a reward-model training step (see the module "
                        "docstring).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="small", help=f"model config, one of {sorted(qwen3.CONFIGS)}")
     p.add_argument("--pairs", type=int, default=None, help="pairs per step (default: 8 on CUDA, 4 on CPU)")
@@ -560,7 +560,7 @@ def bench(args) -> dict:
     print(f"== {args.config} | {args.pairs} pairs x {args.max_length} ({args.lengths}: {real:,.0f} real tokens of "
           f"{padded:,.0f} padded per timed step on average{shared}) | {', '.join(opts) or 'fp32 eager'} | {name} | "
           f"torch {torch.__version__}", flush=True)
-    row = {"command": "python bench.py " + command_line(args), "device": name, "date": time.strftime("%Y-%m-%d"),
+    row = {"command": "python -m tools.bench " + command_line(args), "device": name, "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__}
     prepares = [prepare_ours]
     if args.compare_hf:  # transformers first: anything a side leaves behind can only count against ours

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
-from hub import read_json
+from support.errors import UserError
+from support.hub import read_json
 
 # --lora_targets name -> the linear layer it means in every block (qwen3.py's Attention and MLP).
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -190,7 +190,7 @@ def save_adapters(model: nn.Module, out_dir):
     plus what train.py adds: base_model, base_fingerprint, base_8bit) as adapter_config.json."""
     from safetensors.torch import save_file
 
-    from fileio import atomic_dir, write_json
+    from support.fileio import atomic_dir, write_json
     state = {n: t.contiguous() for n, t in adapter_state_dict(model).items()}
     with atomic_dir(out_dir) as tmp:
         save_file(state, tmp / ADAPTER_FILE, metadata={"format": "pt"})

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distributed import any_process, is_main_process
-from errors import UserError, check_writable
-from fileio import atomic_dir, read_bounded, remove, write_json, write_text_atomic
-from lora import save_adapters
+from support.distributed import any_process, is_main_process
+from support.errors import UserError, check_writable
+from support.fileio import atomic_dir, read_bounded, remove, write_json, write_text_atomic
+from support.lora import save_adapters
 
 RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
                        r"train_config\.json|log\.jsonl)$")

@@ -24,8 +24,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from errors import UserError
-from fileio import read_bounded
+from support.errors import UserError
+from support.fileio import read_bounded
 
 MAX_FILE_BYTES = 8 << 20  # a chat template is a few KB, a tokenizer_config.json rarely over 1 MB
 ROLES = ("system", "user", "assistant", "tool")

@@ -1,0 +1,354 @@
+"""tools/serve.py: the real server in a subprocess, over real HTTP, against RewardModel.score.
+
+Every wait is bounded (socket timeouts, deadlines), so a regression fails instead of hanging.
+"""
+import argparse
+import dataclasses
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import ROOT
+from qwen3 import CONFIGS
+from rm import RewardModel
+from support.demo import demo_rows
+from support.errors import UserError
+from tools import serve
+
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+MAX_LENGTH = 48          # the saved training max_length: the server's default truncation
+MAX_BODY_MB = 0.0625     # 64 KiB: small, so that 413 is cheap to test
+MAX_TEXTS = 16
+TIMEOUT = 30
+
+
+def conversation(i):
+    return [{"role": "user", "content": "any tips on chess?"}, {"role": "assistant", "content": f"sure! knight {i}"}]
+
+
+TEXTS = [row[k] for row in list(demo_rows("test"))[:20] for k in ("chosen", "rejected")]
+LONG = "\n\nHuman: tell me about cats." + " whiskers purring fur" * 40 + "\n\nAssistant: kitten"   # > MAX_LENGTH
+ITEMS = TEXTS + [conversation(i) for i in range(4)] + [LONG]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, demo_tok):
+    """A tiny demo-tokenizer reward model with a chat template, rewards of order 1 (not 0.01), saved."""
+    demo_tok.chat_template = TEMPLATE
+    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=demo_tok.vocab_size)
+    torch.manual_seed(0)
+    model = RewardModel(config, head="mlp", pooling="last")
+    model.model.init_weights(seed=0)
+    model.init_head(0)
+    with torch.no_grad():
+        model.head.fc2.weight.mul_(300)
+    model.tokenizer, model.provenance = demo_tok, {"max_length": MAX_LENGTH}
+    return model.save_pretrained(tmp_path_factory.mktemp("serve") / "rm")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """score(item) for every item the tests send, as RewardModel.score gives it."""
+    model = RewardModel.from_pretrained(str(model_dir))
+    return model, dict(zip(map(key, ITEMS), model.score(ITEMS, max_length=MAX_LENGTH)))
+
+
+def key(item):
+    return json.dumps(item)
+
+
+def start_server(model_dir, log_path, *extra):
+    """`python -m tools.serve` on a free loopback port (--port 0: the port it prints). -> (process, port)"""
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", str(model_dir), "--port", "0", "--device", "cpu",
+                             "--batch_size", "8", "--max_wait_ms", "20", "--max_body_mb", str(MAX_BODY_MB),
+                             "--max_texts", str(MAX_TEXTS), *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)/get_reward", log_path.read_text())
+        if found:
+            return proc, int(found.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"the server did not start:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    proc, port = start_server(model_dir, log_path)
+    yield port
+    proc.terminate()
+    try:
+        assert proc.wait(timeout=15) == 0, log_path.read_text()
+    finally:
+        proc.kill()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+
+
+def request(port, method="POST", path="/get_reward", body=None, headers=None):
+    """(status, JSON answer) of one request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def raw_request(port, data: bytes):
+    """Send bytes as they are (headers we choose, a body shorter than announced, ...) -> (status, JSON)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(data)
+        response = http.client.HTTPResponse(s)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def assert_rewards(answer, items, expected):
+    assert set(answer) == {"rewards", "scores"} and answer["rewards"] == answer["scores"]
+    assert len(answer["rewards"]) == len(items)
+    for got, item in zip(answer["rewards"], items):
+        assert abs(got - expected[key(item)]) < 1e-5, (item, got, expected[key(item)])
+
+
+def assert_healthy(port, expected):
+    status, health = request(port, "GET", "/health")
+    assert status == 200 and health["status"] == "ok", health
+    status, answer = request(port, body={"query": ITEMS[:3]})
+    assert status == 200
+    assert_rewards(answer, ITEMS[:3], expected)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rewards_are_score_in_order_with_openrlhf_body(server, reference):
+    model, expected = reference
+    status, answer = request(server, body={"query": ITEMS[:MAX_TEXTS], "prompts": ["p"] * MAX_TEXTS,
+                                           "labels": [None] * MAX_TEXTS})
+    assert status == 200
+    assert_rewards(answer, ITEMS[:MAX_TEXTS], expected)
+    # conversations through the chat template, and the truncation rule: a long text keeps its last MAX_LENGTH tokens
+    tail = ITEMS[-5:]
+    status, answer = request(server, body={"query": tail})
+    assert status == 200
+    assert_rewards(answer, tail, expected)
+    assert abs(answer["rewards"][-1] - model.score([LONG])[0]) > 1e-3  # truncated: not the whole text's reward
+    assert request(server, body={"query": []}) == (200, {"rewards": [], "scores": []})
+
+
+def test_32_concurrent_clients_all_correct_and_batched(server, reference):
+    _, expected = reference
+    before = request(server, "GET", "/health")[1]
+
+    def client(c):
+        for r in range(3):  # each client sends 1-3 texts per request, different ones per client
+            items = [ITEMS[(c * 7 + r * 3 + j) % len(ITEMS)] for j in range(1 + (c + r) % 3)]
+            status, answer = request(server, body={"query": items})
+            assert status == 200, answer
+            assert_rewards(answer, items, expected)
+        return True
+
+    with ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(client, range(32), timeout=120))
+    after = request(server, "GET", "/health")[1]
+    requests, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+    assert requests == 96 and batches < requests, (requests, batches)  # requests that came together were scored together
+
+
+BIG = 10 ** 12
+BAD = {  # name: (raw request bytes, status, words of the error)
+    "malformed JSON": (b'{"query": [', 400, "not valid JSON"),
+    "not an object": (b'["a"]', 400, "JSON object"),
+    "no query": (b'{"prompts": ["a"]}', 400, "JSON object"),
+    "query a string": (b'{"query": "a text"}', 400, "not a list"),
+    "query item a number": (b'{"query": ["a", 3]}', 400, "query[1]"),
+    "query item an object": (b'{"query": [{"role": "user"}]}', 400, "query[0]"),
+    "message without content": (b'{"query": [[{"role": "user"}]]}', 400, "query[0]"),
+    "unpaired surrogate": (b'{"query": ["\\ud800"]}', 400, "surrogates"),
+    "invalid UTF-8": (b'{"query": ["\xff\xfe"]}', 400, "not valid JSON"),
+    "deep nesting": (b"[" * 50_000, 400, "not valid JSON"),
+    "too many texts": (json.dumps({"query": ["a"] * (MAX_TEXTS + 1)}).encode(), 400, "--max_texts"),
+    "role the template refuses": (json.dumps({"query": [[{"role": "robot", "content": "x"}]]}).encode(), 400,
+                                  "unknown role"),
+}
+
+
+def post_bytes(body, length=None, extra=""):
+    length = len(body) if length is None else length
+    return (f"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+            f"{extra}\r\n").encode() + body
+
+
+HEADER_CASES = {  # name: (raw request, status, words)
+    "body over the limit (refused unread)": (post_bytes(b"", length=BIG), 413, "over the limit"),
+    "body just over the limit": (post_bytes(b"", length=int(MAX_BODY_MB * 2**20) + 1), 413, "--max_body_mb"),
+    "no Content-Length": (b"POST /get_reward HTTP/1.1\r\nHost: x\r\n\r\n", 411, "Content-Length"),
+    "Content-Length not a number": (b"POST /get_reward HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400, "whole number"),
+    "negative Content-Length": (b"POST /get_reward HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400, "whole number"),
+    "two Content-Lengths": (b"POST /get_reward HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400,
+                            "whole number"),
+    "chunked": (b"POST /get_reward HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411, "chunked"),
+    "unknown path": (b"GET /v1/score HTTP/1.1\r\n\r\n", 404, "no such path"),
+    "POST to an unknown path": (post_bytes(b'{"query": ["a"]}').replace(b"/get_reward", b"/reward"), 404, "no such path"),
+    "GET /get_reward": (b"GET /get_reward HTTP/1.1\r\n\r\n", 405, "takes POST"),
+    "POST /health": (post_bytes(b"{}").replace(b"/get_reward", b"/health"), 405, "takes GET"),
+    "PUT /get_reward": (post_bytes(b"{}").replace(b"POST", b"PUT"), 405, "takes POST"),
+    "unknown method": (b"BREW /get_reward HTTP/1.1\r\n\r\n", 501, "Unsupported method"),
+    "garbage request line": (b"\x00\x01 nonsense\r\n\r\n", 400, "Bad"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD) + list(HEADER_CASES))
+def test_bad_request_gets_its_status_and_the_server_stays_up(server, reference, name):
+    data, status, words = (post_bytes(BAD[name][0]), *BAD[name][1:]) if name in BAD else HEADER_CASES[name]
+    got, answer = raw_request(server, data)
+    assert got == status and words in answer["error"], (got, answer)
+    assert_healthy(server, reference[1])
+
+
+def test_clients_that_disconnect_mid_request_cost_nothing(server, reference):
+    body = json.dumps({"query": ITEMS[:4]}).encode()
+    with socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT) as s:  # half a body, then gone
+        s.sendall(post_bytes(body[:10], length=len(body)))
+    for _ in range(8):  # a whole request, gone before the answer
+        with socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT) as s:
+            s.sendall(post_bytes(body))
+    with socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT) as s:  # headers only, then gone
+        s.sendall(b"POST /get_reward HTTP/1.1\r\nContent-")
+    for _ in range(3):
+        assert_healthy(server, reference[1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_answers_requests_in_flight_and_exits_0(model_dir, reference, tmp_path, sig):
+    """A request whose body is still on its way when the signal comes is answered, right; then exit 0."""
+    proc, port = start_server(model_dir, tmp_path / "server.log")
+    try:
+        items = ITEMS[:5]
+        body = json.dumps({"query": items}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+            s.sendall(post_bytes(b"", length=len(body), extra="Expect: 100-continue\r\n"))
+            assert s.recv(100).startswith(b"HTTP/1.1 100")  # the server is reading this request now
+            time.sleep(0.3)
+            proc.send_signal(sig)
+            time.sleep(1.0)  # the server is stopping (it checks every 0.5 s)
+            with pytest.raises(ConnectionError):
+                request(port, "GET", "/health")  # no new connections
+            s.sendall(body)
+            response = http.client.HTTPResponse(s)
+            response.begin()
+            assert response.status == 200
+            assert_rewards(json.loads(response.read()), items, reference[1])
+        assert proc.wait(timeout=10) == 0
+        log = (tmp_path / "server.log").read_text()
+        assert "serve: stopped" in log and "Traceback" not in log, log
+    finally:
+        proc.kill()
+
+
+# ---- in process: the scoring thread with a stand-in model ----------------------------------------
+
+
+def in_process_server(score, batch_size=8, max_wait_ms=20):
+    args = argparse.Namespace(host="127.0.0.1", port=0, batch_size=batch_size, max_wait_ms=max_wait_ms,
+                              max_body_mb=1, max_texts=64, quiet=True)
+    server = serve.make_server(score, {"model": "stand-in"}, args).start()
+    return server, server.server_address[1]
+
+
+def test_model_errors_answer_500_to_their_request_only_and_the_server_goes_on():
+    calls = []
+
+    def score(texts):
+        calls.append(len(texts))
+        if any("boom" in t for t in texts):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if any("template" in t for t in texts):
+            raise UserError("score: the chat template failed (simulated)")
+        if any("nan" in t for t in texts):
+            return [float("nan")] * len(texts)
+        return [float(len(t)) for t in texts]
+
+    server, port = in_process_server(score)
+    try:
+        queries = [["ok", "fine"], ["boom"], ["a template"], ["nan"], ["three"]] * 4
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda q: request(port, body={"query": q}), queries, timeout=60))
+        for q, (status, answer) in zip(queries, answers):
+            if q == ["boom"]:
+                assert status == 500 and "RuntimeError: CUDA out of memory" in answer["error"]
+            elif q == ["a template"]:
+                assert status == 400 and "chat template failed" in answer["error"]
+            elif q == ["nan"]:
+                assert status == 500 and "non-finite" in answer["error"]
+            else:
+                assert status == 200 and answer["rewards"] == [float(len(t)) for t in q]
+        assert request(port, "GET", "/health")[0] == 200
+        assert request(port, body={"query": ["after"]}) == (200, {"rewards": [5.0], "scores": [5.0]})
+    finally:
+        assert server.stop(5) == 0
+
+
+def test_concurrent_requests_share_forward_passes_of_at_most_batch_size():
+    sizes = []
+
+    def score(texts):
+        sizes.append(len(texts))
+        time.sleep(0.02)  # a forward pass takes time: requests pile up meanwhile
+        return [float(len(t)) for t in texts]
+
+    server, port = in_process_server(score, batch_size=8)
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda i: request(port, body={"query": ["x" * i]}), range(64), timeout=60))
+        assert [a for a in answers] == [(200, {"rewards": [float(i)], "scores": [float(i)]}) for i in range(64)]
+        assert sum(sizes) == 64 and max(sizes) <= 8 and len(sizes) < 32, sizes
+    finally:
+        assert server.stop(5) == 0
+
+
+def test_a_lone_client_is_not_kept_waiting():
+    server, port = in_process_server(lambda texts: [0.0] * len(texts), max_wait_ms=2000)
+    try:
+        start = time.monotonic()
+        for _ in range(3):
+            assert request(port, body={"query": ["x"]})[0] == 200
+        assert time.monotonic() - start < 1.5  # not 3 x 2 s: nobody else was arriving
+    finally:
+        server.stop(5)
+
+
+def test_loopback_hosts():
+    assert all(map(serve.is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
+    assert not any(map(serve.is_loopback, ["0.0.0.0", "::", "192.168.1.2", "example.com"]))
+
+
+def test_startup_mistakes_are_one_line(hf_tiny, model_dir, tmp_path):
+    """A plain language model (a random head) is refused as eval.py refuses it; a port in use in one line."""
+    with pytest.raises(UserError, match="is not a reward model"):
+        serve.main([str(hf_tiny[0]), "--port", "0"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        out = subprocess.run([sys.executable, "-m", "tools.serve", str(model_dir), "--port", str(s.getsockname()[1])],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("error: cannot listen on 127.0.0.1:"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

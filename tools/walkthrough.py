@@ -213,6 +213,10 @@ def walk(cfg: train.TrainConfig, total_steps: int | None = None) -> Walk:
 INTRO = """\
 The first optimizer step of `python train.py --config demo`, taken apart: one batch of the demo task
 (synthetic preference pairs, a tiny Qwen3 from scratch) from its texts to what one weight became.
+In short: `data.collate` pads B pairs into 2B rows (`data.Batch`); `train.py` passes them to
+`RewardModel` (`rm.py`), which runs `Qwen3` (`qwen3.py`) and pools one reward per row; `train.py` splits
+the rewards with `chunk(2)` and calls `pairwise_loss` on the two halves.
+
 Each stage shows the lesson's own call that produced it, then shapes and a few values. Regenerate this
 page with `python -m tools.walkthrough --markdown > docs/walkthrough.md` (CPU, a few seconds, no
 download); `tests/test_walkthrough.py` fails when it no longer matches the code, and checks that the

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from support import scoring
 from support.errors import ArgumentParser, UserError, check_writable, run_cli
 from support.fileio import write_json_atomic
 from support.hub import find_model_dir, read_json
@@ -404,6 +405,9 @@ def parse_args(argv=None):
     p.add_argument("--share_prompt", action="store_true",
                    help="compute each pair's prompt once (same rewards, faster; the default for a model "
                         "trained with --share_prompt)")
+    p.add_argument("--save_reward_stats", action="store_true",
+                   help="save the mean and std of these rewards (chosen and rejected) in the model's config.json, "
+                        "for score(..., normalize=True) and OpenRLHF's --normalize_reward")
     p.add_argument("--unsure_threshold", type=float, default=0.1,
                    help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
     p.add_argument("--output", default=None,
@@ -518,6 +522,8 @@ def main(argv=None):
                   max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
                   share_prompt=share_prompt, chat_template=args.chat_template,
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if args.save_reward_stats:
+        report["reward_stats"] = scoring.save_reward_stats(model_dir, report)
 
     # 4. Outputs: the report (atomically: a failed run leaves no report), the plots, the table.
     try:

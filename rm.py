@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import Tokenizer, pad_rows
+from data import Tokenizer
 from support.errors import UserError
 from support.fileio import atomic_dir, write_json
 from support.hub import read_json, resolve_model_dir
+from support import packing, scoring
 from support.lora import merged_state_dict
 from qwen3 import Qwen3, Qwen3Config, load_weights, read_header
 
@@ -116,7 +117,8 @@ def names(value) -> bool:
 SAVED_SETTINGS = {"max_length": ("a whole number >= 2", lambda v: type(v) is int and v >= 2),
                   "share_prompt": ("true or false", lambda v: type(v) is bool),
                   "dataset": ("a name or a list of names", names),
-                  "eval_dataset": ("a name or a list of names", names)}
+                  "eval_dataset": ("a name or a list of names", names),
+                  "reward_stats": ('{"mean", "std" > 0, "n"}', scoring.valid_stats)}
 
 
 def reward_model_config(raw_config: dict, where) -> dict | None:
@@ -188,32 +190,40 @@ class RewardModel(nn.Module):
         return self.head(pool(hidden, sequence_ids, num_sequences, self.pooling)).sum(-1).float()
 
     @torch.no_grad()
-    def score(self, texts: list, batch_size: int = 8, max_length: int | None = None) -> list[float]:
+    def score(self, texts: list, batch_size: int = 8, max_length: int | None = None,
+              normalize: bool = False) -> list[float]:
         """Rewards, in input order, for whole transcripts ("\n\nHuman: ...\n\nAssistant: ...") or
         conversations (lists of {"role", "content"} messages, rendered with the model's chat template).
 
         The ids are those training sees (Tokenizer.sequence: a text gets the eos token appended unless it
-        ends with it, a conversation nothing); longer than max_length keeps the END (the response), as
-        training does. Batches are formed by length to waste little padding.
+        ends with it, a conversation nothing); longer than max_length (default: the model's
+        max_position_embeddings) keeps the END (the response), as training does. Batches are formed by
+        length to waste little padding. normalize: (r - mean) / std with the saved reward_stats.
         """
-        if self.tokenizer is None:
-            raise UserError("this model has no tokenizer; load it with RewardModel.from_pretrained from a "
-                            "directory holding tokenizer.json, or set model.tokenizer")
-        seqs = [self.tokenizer.sequence(t, max_length) for t in texts]
+        seqs = scoring.sequences(self, texts, max_length)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        device = next(self.parameters()).device
-        rewards = [0.0] * len(seqs)
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                input_ids, attention_mask = pad_rows([seqs[i] for i in idx], self.tokenizer.pad_id)
-                for i, reward in zip(idx, self(input_ids.to(device), attention_mask.to(device)).tolist()):
-                    rewards[i] = reward
-        finally:
-            self.train(was_training)
-        return rewards
+        return scoring.run_batches(self, seqs, [order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+                                   normalize)
+
+    @torch.no_grad()
+    def score_responses(self, prompt, responses: list, normalize: bool = False, max_length: int | None = None,
+                        batch_size: int = 16) -> list[float]:
+        """One reward per response to the same prompt (best-of-N), equal to score() of each whole text
+        (scoring.joined: prompt + response, or a conversation plus the assistant's turn), with the prompt's
+        tokens run once per batch_size responses (packing.collate_responses)."""
+        seqs = scoring.sequences(self, scoring.joined(prompt, responses), max_length)
+        order = list(range(len(seqs)))
+        return scoring.run_batches(self, seqs, [order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+                                   normalize, shared=True)
+
+    def reward_function(self, normalize: bool = False):
+        """f(prompts, completions, **kwargs) -> rewards: TRL GRPOTrainer's reward_funcs (scoring.reward_function)."""
+        return scoring.reward_function(self, normalize)
+
+    @property
+    def reward_stats(self) -> dict | None:
+        """{"mean", "std", "n"} of held-out rewards saved with the model (for normalize=True), or None."""
+        return self.provenance.get("reward_stats")
 
     # ---- memory options ----------------------------------------------------------------------
 
@@ -251,7 +261,8 @@ class RewardModel(nn.Module):
         cfg.update(pad_token_id=tok.pad_id if tok else None, eos_token_id=tok.eos_id if tok else None,
                    bos_token_id=tok.bos_id if tok else None,
                    torch_dtype=str(self.model.norm.weight.dtype).replace("torch.", ""),
-                   reward_model={"head": self.head_type, "pooling": self.pooling, **self.provenance})
+                   reward_model={"head": self.head_type, "pooling": self.pooling, **self.provenance},
+                   **scoring.config_keys(self.reward_stats))  # OpenRLHF's names for them
         return cfg
 
     def export_state_dict(self) -> dict:

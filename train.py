@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from support import hub
+from support import hub, scoring
 from support.checkpoint import (MAY_CHANGE, SAME_RUN, ForcedStop, SignalStop, append_log, check_same_data, check_same_run,
                         checkpoint_dirs, claim_output_dir, disk_errors, find_resume_checkpoint, forced_stop,
                         prepare_output_dir, read_log, read_trainer_state, release_output_dir, remove,
@@ -735,7 +735,8 @@ def finish_run(model, train_model, held_out: HeldOut, cfg: TrainConfig, out: Pat
             report.update(checkpoint=str(out / "final_model"), dataset=held_out.sources, split=cfg.eval_split,
                           eval_fraction=cfg.eval_fraction, max_length=cfg.max_length,
                           max_samples=cfg.max_eval_samples)
-            with disk_errors(out / "evaluation_report.json"):
+            with disk_errors(out / "evaluation_report.json"):  # reward mean/std for normalize=True
+                report["reward_stats"] = scoring.save_reward_stats(out / "final_model", report)
                 write_json_atomic(out / "evaluation_report.json", report)
             result.update(eval_accuracy=report["accuracy"], report=str(out / "evaluation_report.json"))
             print0(f"final: eval accuracy {report['accuracy']:.4f} on {report['num_pairs']} pairs | "

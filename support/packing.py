@@ -207,8 +207,18 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
     length, a multiple of `multiple_of`; a row's padding is a dummy segment with its own positions, so
     it attends only to itself. Each sequence and each row's padding is a segment of cu_seqlens.
     share_prompt=True: these rows become the sequence layout, and the model's tokens hold each pair's
-    prompt once (see shared_prompt_tokens)."""
+    prompt once (see share_prefixes)."""
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+    input_ids, layout, start = pack_rows(seqs, pad_id, max_tokens, multiple_of)
+    if share_prompt:
+        input_ids, layout = share_prefixes(seqs, pair_groups(len(items)), layout, start, pad_id, multiple_of)
+    return Batch(input_ids, None, batch_margins(items), layout)
+
+
+def pack_rows(seqs: list[list[int]], pad_id: int, max_tokens: int | None = None,
+              multiple_of: int = 8) -> tuple:
+    """Sequences -> (input_ids (R, L), their packed Layout, start): start[k] is where sequence k begins in
+    the flattened rows (see collate_packed for the rows)."""
     rows = fill_rows([len(s) for s in seqs], max_tokens)
     L = max(sum(len(seqs[k]) for k in row) for row in rows)
     L = -(-L // multiple_of) * multiple_of
@@ -231,10 +241,7 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
             segments.append(L - t)
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
-    layout = Layout(position_ids, sequence_ids, len(seqs), cu_seqlens, max(segments), position_ids)
-    if share_prompt:
-        input_ids, layout = share_prompts(items, layout, start, pad_id, multiple_of)
-    return Batch(input_ids, None, batch_margins(items), layout)
+    return input_ids, Layout(position_ids, sequence_ids, len(seqs), cu_seqlens, max(segments), position_ids), start
 
 
 def fill_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
@@ -256,13 +263,35 @@ def fill_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
 def collate_shared(items: list[TokenizedPair], pad_id: int) -> Batch:
     """B pairs -> each pair's prompt once in the model's tokens, attention over data.collate's right-padded
     rows (2B, T) as the sequence layout: causal attention there needs no mask, so the plain fused kernel runs."""
-    padded_ids, attention_mask = pad_rows([it.chosen_ids for it in items] + [it.rejected_ids for it in items],
-                                          pad_id)
+    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+    input_ids, layout = share_padded(seqs, pair_groups(len(items)), pad_id)
+    return Batch(input_ids, None, batch_margins(items), layout)
+
+
+def share_padded(seqs: list[list[int]], groups: list[list[int]], pad_id: int) -> tuple:
+    """Sequences -> (input_ids (1, n) holding each group's shared prefix once, a Layout whose sequence layout
+    is the right-padded rows (N, T) of data.pad_rows)."""
+    padded_ids, attention_mask = pad_rows(seqs, pad_id)
     N, T = padded_ids.shape
     rows = torch.arange(N)[:, None].expand(N, T)
     layout = Layout(None, torch.where(attention_mask.bool(), rows, -1), N)
-    input_ids, layout = share_prompts(items, layout, [k * T for k in range(N)], pad_id, multiple_of=8)
-    return Batch(input_ids, None, batch_margins(items), layout)
+    return share_prefixes(seqs, groups, layout, [k * T for k in range(N)], pad_id, multiple_of=8)
+
+
+def collate_responses(seqs: list[list[int]], pad_id: int, packed: bool = False) -> tuple:
+    """N sequences of one prompt and N responses (best-of-N) -> (input_ids, Layout) that run the prompt's
+    tokens once, for RewardModel(input_ids, layout=...). The shared part is the sequences' longest common
+    prefix, so the ids are exactly the whole texts' ids: a token merged across the prompt/response boundary
+    simply belongs to the responses. Sequence layout: right-padded rows (N, T), or packed (one row)."""
+    if not packed:
+        return share_padded(seqs, [list(range(len(seqs)))], pad_id)
+    input_ids, layout, start = pack_rows(seqs, pad_id)
+    return share_prefixes(seqs, [list(range(len(seqs)))], layout, start, pad_id, multiple_of=8)
+
+
+def pair_groups(B: int) -> list[list[int]]:
+    """The sequences that share a prompt in a batch of B pairs: chosen k and rejected B + k."""
+    return [[k, B + k] for k in range(B)]
 
 
 def shared_prefix_len(a: list[int], b: list[int]) -> int:
@@ -273,28 +302,34 @@ def shared_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
-def share_prompts(items: list[TokenizedPair], layout: Layout, start: list[int], pad_id: int,
-                  multiple_of: int) -> tuple:
-    """The sequence layout of a batch -> (input_ids (1, N) holding each pair's shared prefix once, the
-    shared-prompt Layout). start[k]: where sequence k begins in the flattened sequence layout.
+def share_prefixes(seqs: list[list[int]], groups: list[list[int]], layout: Layout, start: list[int],
+                   pad_id: int, multiple_of: int) -> tuple:
+    """The sequence layout of a batch -> (input_ids (1, n) holding each group's shared prefix once, the
+    shared-prompt Layout). groups: lists of sequence indices that begin with the same prompt (a pair, or N
+    responses); the prefix shared is their longest common one. start[k]: where sequence k begins in the
+    flattened sequence layout.
 
-    Example, one pair: chosen [p q a], rejected [p q b c] (prompt p q), sequence layout one packed row
+    Example, one group: chosen [p q a], rejected [p q b c] (prompt p q), sequence layout one packed row
     [p q a | p q b c]. Tokens: [p q a b c], positions [0 1 2 2 3]. expand_index = [0 1 2 0 1 3 4] (the
     token each position of the sequence layout copies), keep_index = [0 1 2 5 6] (the position of the
-    sequence layout whose attention output each token takes: the prompt from the chosen copy)."""
-    B = len(items)
+    sequence layout whose attention output each token takes: the prompt from the first sequence's copy).
+    A group of N: the first sequence whole, then each other one's tail after the shared prefix."""
     ids, positions, keep = [], [], []
-    token_of = [None] * (2 * B)            # token_of[k][j]: the token that is sequence k's j-th
-    for i, it in enumerate(items):
-        n_shared, n_chosen, n_rejected = (shared_prefix_len(it.chosen_ids, it.rejected_ids),
-                                          len(it.chosen_ids), len(it.rejected_ids))
-        offset = len(ids)                                                      # this pair's first token
-        ids += it.chosen_ids + it.rejected_ids[n_shared:]                      # prompt, chosen tail, rejected tail
-        positions += list(range(n_chosen)) + list(range(n_shared, n_rejected))
-        token_of[i] = list(range(offset, offset + n_chosen))
-        token_of[B + i] = list(range(offset, offset + n_shared)) + \
-            list(range(offset + n_chosen, offset + n_chosen + n_rejected - n_shared))
-        keep += [start[i] + j for j in range(n_chosen)] + [start[B + i] + j for j in range(n_shared, n_rejected)]
+    token_of = [None] * len(seqs)          # token_of[k][j]: the token that is sequence k's j-th
+    for group in groups:
+        first, rest = group[0], group[1:]
+        n_shared = min((shared_prefix_len(seqs[first], seqs[k]) for k in rest), default=len(seqs[first]))
+        offset = len(ids)                                                      # this group's first token
+        ids += seqs[first]
+        positions += list(range(len(seqs[first])))
+        token_of[first] = list(range(offset, offset + len(seqs[first])))
+        keep += [start[first] + j for j in range(len(seqs[first]))]
+        for k in rest:                                                         # each tail after the prefix
+            tail = len(ids)
+            ids += seqs[k][n_shared:]
+            positions += list(range(n_shared, len(seqs[k])))
+            token_of[k] = list(range(offset, offset + n_shared)) + list(range(tail, len(ids)))
+            keep += [start[k] + j for j in range(n_shared, len(seqs[k]))]
     n = len(ids)
     padded = -(-n // multiple_of) * multiple_of
     input_ids = torch.full((1, padded), pad_id, dtype=torch.long)

@@ -1,0 +1,180 @@
+"""Using a trained reward model: best-of-N texts, reward normalisation, and a reward function for TRL.
+
+RewardModel keeps thin methods (score, score_responses, reward_function, reward_stats) over these
+(this module takes the model as an argument and never imports rm.py):
+- `sequences`, `run_batches`: the ids of whole texts and the forward passes that score them.
+- `joined`: the whole texts `score` scores for one prompt and its N responses (score_responses runs the
+  prompt's tokens once for all of them: packing.collate_responses).
+- Normalisation statistics, as OpenRLHF keeps them: the mean and std of held-out rewards (chosen and
+  rejected together), saved in config.json. Ours live in the "reward_model" entry as
+  `"reward_stats": {"mean", "std", "n"}`; the top-level `mean` and `std` keys are OpenRLHF's names (its
+  `--normalize_reward` reads them), written too so the linear-head export normalises there the same way.
+  transformers keeps unknown config keys as plain attributes and uses neither.
+- `reward_function`: TRL GRPOTrainer's `reward_funcs` signature, f(prompts, completions, **kwargs).
+"""
+import math
+from pathlib import Path
+
+import torch
+
+from data import pad_rows
+from support import packing
+from support.errors import UserError
+from support.fileio import write_json_atomic
+from support.hub import read_json
+
+MIN_STD = 1e-8  # as OpenRLHF clamps it: constant rewards must not divide by zero
+
+
+def joined(prompt, responses: list) -> list:
+    """The whole texts of one prompt answered by each response: prompt + response for a string prompt (an
+    hh-rlhf transcript ending in "\\n\\nAssistant:", or any text); for a conversation (a list of messages),
+    its messages followed by the response as the assistant's turn (a string, one message, or a list of
+    messages, as TRL passes completions)."""
+    if isinstance(prompt, str):
+        if not all(isinstance(r, str) for r in responses):
+            raise UserError("a string prompt takes string responses; pass the prompt as a list of "
+                            "{\"role\", \"content\"} messages to score assistant messages")
+        return [prompt + r for r in responses]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
+        raise UserError(f"a prompt is a string or a list of {{\"role\", \"content\"}} messages, not "
+                        f"{type(prompt).__name__}")
+    texts = []
+    for r in responses:
+        if isinstance(r, str):
+            r = [{"role": "assistant", "content": r}]
+        elif isinstance(r, dict):
+            r = [r]
+        elif not isinstance(r, list) or not all(isinstance(m, dict) for m in r):
+            raise UserError(f"a response to a conversation is a string, a message or a list of messages, "
+                            f"not {type(r).__name__}")
+        texts.append(prompt + r)
+    return texts
+
+
+def sequences(model, texts: list, max_length: int | None) -> list[list[int]]:
+    """The ids score() runs for each text (Tokenizer.sequence), at most max_length of them (default: the
+    model's max_position_embeddings), the END kept."""
+    if model.tokenizer is None:
+        raise UserError("this model has no tokenizer; load it with RewardModel.from_pretrained from a "
+                        "directory holding tokenizer.json, or set model.tokenizer")
+    return [model.tokenizer.sequence(t, max_length or model.config.max_position_embeddings) for t in texts]
+
+
+@torch.no_grad()
+def run_batches(model, seqs: list, batches: list, normalize: bool, shared: bool = False) -> list[float]:
+    """Rewards of token sequences, one forward per batch of indices into seqs: right-padded rows, or
+    (shared) one prompt's sequences with their common prefix run once (packing.collate_responses). The
+    model scores in eval mode and is put back in the mode it was in."""
+    transform = normalizer(model.reward_stats, normalize)
+    device, pad_id = next(model.parameters()).device, model.tokenizer.pad_id
+    rewards, was_training = [0.0] * len(seqs), model.training
+    model.eval()
+    try:
+        for idx in batches:
+            rows = [seqs[i] for i in idx]
+            if shared:
+                (input_ids, layout), attention_mask = packing.collate_responses(rows, pad_id), None
+                layout = layout.to(device)
+            else:
+                (input_ids, attention_mask), layout = pad_rows(rows, pad_id), None
+                attention_mask = attention_mask.to(device)
+            for i, reward in zip(idx, model(input_ids.to(device), attention_mask, layout).tolist()):
+                rewards[i] = reward
+    finally:
+        model.train(was_training)
+    return transform(rewards)
+
+
+def runs(prompts: list) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive equal prompts (GRPO's group of completions of one prompt)."""
+    bounds, start = [], 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start]:
+            bounds.append((start, i))
+            start = i
+    return bounds
+
+
+def reward_function(model, normalize: bool = False):
+    """f(prompts, completions, **kwargs) -> one reward per completion, for TRL GRPOTrainer(reward_funcs=[f]).
+    Strings or conversations. A run of equal consecutive prompts (GRPO lists each prompt's completions
+    together) is scored with score_responses, its prompt computed once; lone prompts are batched in score."""
+    normalizer(model.reward_stats, normalize)  # no statistics: fail now, not at the first training step
+
+    def reward(prompts: list, completions: list, **kwargs) -> list[float]:
+        if len(prompts) != len(completions):
+            raise UserError(f"{len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion")
+        rewards, lone = [0.0] * len(prompts), []
+        for start, end in runs(prompts):
+            if end - start > 1:
+                rewards[start:end] = model.score_responses(prompts[start], completions[start:end], normalize=normalize)
+            else:
+                lone.append(start)
+        texts = [joined(prompts[i], [completions[i]])[0] for i in lone]
+        for i, r in zip(lone, model.score(texts, normalize=normalize) if texts else []):
+            rewards[i] = r
+        return rewards
+    return reward
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation statistics
+
+
+def valid_stats(stats) -> bool:
+    """Whether a saved "reward_stats" entry is usable: finite mean, std > 0, n a whole number."""
+    return (isinstance(stats, dict) and all(type(stats.get(k)) in (int, float) for k in ("mean", "std"))
+            and math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0
+            and type(stats.get("n")) is int and stats["n"] >= 2)
+
+
+def stats_of(rewards) -> dict:
+    """{"mean", "std", "n"} of rewards: std with Bessel's correction and clamped at MIN_STD, as OpenRLHF's."""
+    n = len(rewards)
+    mean = sum(rewards) / n
+    var = sum((r - mean) ** 2 for r in rewards) / (n - 1)
+    return {"mean": mean, "std": max(math.sqrt(var), MIN_STD), "n": n}
+
+
+def stats_from_report(report: dict) -> dict:
+    """The statistics of all 2n rewards of an evaluation report, from its chosen and rejected blocks (n each,
+    population stds): pooled mean and variance, then Bessel's correction, exactly as stats_of would give."""
+    n, c, r = report["num_pairs"], report["rewards"]["chosen"], report["rewards"]["rejected"]
+    mean = (c["mean"] + r["mean"]) / 2
+    population_var = (c["std"] ** 2 + r["std"] ** 2) / 2 + ((c["mean"] - r["mean"]) / 2) ** 2
+    return {"mean": mean, "std": max(math.sqrt(population_var * 2 * n / (2 * n - 1)), MIN_STD), "n": 2 * n}
+
+
+def normalizer(stats: dict | None, normalize: bool):
+    """rewards -> rewards: (r - mean) / std when normalize, else unchanged. A UserError when asked without
+    statistics (checked before any scoring)."""
+    if not normalize:
+        return lambda rewards: rewards
+    if stats is None:
+        raise UserError("normalize=True needs the reward mean and std in the model's config.json and it has "
+                        "none; save them with python eval.py MODEL --save_reward_stats (train.py saves them "
+                        "after evaluating held-out pairs)")
+    mean, std = stats["mean"], stats["std"]
+    return lambda rewards: [(r - mean) / std for r in rewards]
+
+
+def config_keys(stats: dict | None) -> dict:
+    """The top-level config.json keys OpenRLHF reads (`mean`, `std`), or none."""
+    return {} if stats is None else {"mean": stats["mean"], "std": stats["std"]}
+
+
+def save_reward_stats(model_dir: Path, report: dict) -> dict:
+    """Write the statistics of an evaluation report's rewards into a saved model's config.json (replaced
+    atomically) and return them. A Hub download's config.json (a symlink into the cache) is refused."""
+    path = Path(model_dir) / "config.json"
+    if path.is_symlink() or not path.is_file():
+        raise UserError(f"{path} is not a plain file (a Hub cache entry?); the reward statistics are written "
+                        f"into the model's own directory: download it there first (huggingface-cli download "
+                        f"REPO --local-dir DIR) and evaluate DIR")
+    stats = stats_from_report(report)
+    config = read_json(path, "a model directory must hold config.json")
+    entry = config.get("reward_model") or {"head": "linear", "pooling": "last"}  # a transformers classifier
+    config.update(reward_model={**entry, "reward_stats": stats}, **config_keys(stats))
+    write_json_atomic(path, config)
+    return stats

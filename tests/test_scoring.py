@@ -1,0 +1,239 @@
+"""Using a trained model (support/scoring.py): score_responses equals score, normalisation statistics saved in
+config.json, TRL's reward function, and score()'s bounded tokenisation.
+
+References: score() of each whole text alone (itself checked against forward and transformers in test_rm),
+hand computations of the statistics, transformers loading the export."""
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from support import packing, scoring
+from support.errors import UserError
+from qwen3 import CONFIGS
+from rm import RewardModel
+from test_chat import A1, SYSTEM, U1, make_model_dir
+
+PROMPT = "\n\nHuman: What is the capital of France? Let me think about it step by step.\n\nAssistant:"
+RESPONSES = [" The capital of France is Paris.", " Paris.", " Hello! How can I help you today?",
+             " Let me think about it.", " The capital of France is Paris."]  # a duplicate too
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory):
+    """test_chat's byte-level BPE with Qwen3's special tokens and chat template: merges cross word parts."""
+    from data import Tokenizer
+    return Tokenizer.from_dir(str(make_model_dir(tmp_path_factory.mktemp("bpe"))))
+
+
+def tiny_rm(tok, head="mlp", pooling="mean", seed=0):
+    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=max(tok.vocab_size, 512))
+    torch.manual_seed(seed)
+    model = RewardModel(config, head=head, pooling=pooling)
+    model.model.init_weights(seed=seed)
+    model.init_head(seed)
+    model.tokenizer = tok
+    return model.eval()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("head", ["mlp", "linear"])
+def test_score_responses_equals_score_alone(bpe_tok, head, pooling):
+    model = tiny_rm(bpe_tok, head, pooling)
+    alone = [model.score([PROMPT + r])[0] for r in RESPONSES]
+    shared = model.score_responses(PROMPT, RESPONSES)
+    assert max(abs(a - b) for a, b in zip(alone, shared)) < 1e-5
+    assert len(set(round(r, 6) for r in alone)) == 4  # distinct texts, distinct rewards: the test can fail
+    assert model.score_responses(PROMPT, RESPONSES, batch_size=2) == pytest.approx(alone, abs=1e-5)
+    # conversations: the prompt's messages, then each response as the assistant's turn
+    conv = [SYSTEM, U1]
+    alone = model.score([conv + [{"role": "assistant", "content": r}] for r in RESPONSES])
+    assert model.score_responses(conv, RESPONSES) == pytest.approx(alone, abs=1e-5)
+    as_messages = [{"role": "assistant", "content": r} for r in RESPONSES]
+    assert model.score_responses(conv, as_messages) == pytest.approx(alone, abs=1e-5)
+
+
+def test_prompt_is_computed_once_and_ids_are_the_whole_texts(bpe_tok):
+    """The model's tokens hold the shared prefix once; each sequence is exactly the whole text's ids, also
+    where the last prompt characters merge with the response's first ones (a token across the boundary)."""
+    prompt, responses = "The capital of Fr", ["ance is Paris.", "ance?", "ench toast"]
+    whole = [bpe_tok.sequence(prompt + r) for r in responses]
+    apart = [bpe_tok.encode(prompt) + bpe_tok.encode(r) for r in responses]
+    assert all(w[:-1] != a for w, a in zip(whole, apart))  # tokenising apart differs: the case matters
+    for packed in (False, True):
+        input_ids, layout = packing.collate_responses(whole, pad_id=bpe_tok.pad_id, packed=packed)
+        n_shared = min(packing.shared_prefix_len(whole[0], w) for w in whole[1:])
+        n_tokens = len(whole[0]) + sum(len(w) - n_shared for w in whole[1:])
+        assert n_shared > 0 and input_ids.shape[1] == -(-n_tokens // 8) * 8  # the prefix once, padded to 8
+        expanded = input_ids.reshape(-1)[layout.expand_index]
+        for k, w in enumerate(whole):
+            assert expanded[layout.sequence_ids == k].tolist() == w
+    model = tiny_rm(bpe_tok)
+    assert model.score_responses(prompt, responses) == pytest.approx(model.score([prompt + r for r in responses]),
+                                                                     abs=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_packed_layout_equals_padded(bpe_tok, pooling):
+    model = tiny_rm(bpe_tok, pooling=pooling)
+    seqs = [bpe_tok.sequence(PROMPT + r) for r in RESPONSES]
+    with torch.no_grad():
+        padded_ids, layout = packing.collate_responses(seqs, bpe_tok.pad_id)
+        padded = model(padded_ids, layout=layout)
+        packed_ids, layout = packing.collate_responses(seqs, bpe_tok.pad_id, packed=True)
+        packed = model(packed_ids, layout=layout)
+    assert (padded - packed).abs().max() < 1e-5
+    assert packed.tolist() == pytest.approx(model.score([PROMPT + r for r in RESPONSES]), abs=1e-5)
+
+
+def test_wrong_kinds_of_responses_are_one_line(bpe_tok):
+    model = tiny_rm(bpe_tok)
+    with pytest.raises(UserError, match="string prompt takes string responses"):
+        model.score_responses(PROMPT, [{"role": "assistant", "content": "x"}])
+    with pytest.raises(UserError, match="a prompt is a string or a list"):
+        model.score_responses(3, ["x"])
+    assert model.score_responses(PROMPT, []) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation statistics
+
+
+def test_stats_from_report_equal_stats_of_all_rewards():
+    from eval import report_from_rewards
+    chosen, rejected = [1.0, 2.5, -0.5, 3.0], [0.5, -1.0, 0.0, 2.0]
+    report = report_from_rewards(chosen, rejected, [1] * 4, [1] * 4)
+    got, want = scoring.stats_from_report(report), scoring.stats_of(chosen + rejected)
+    by_hand_mean = 7.5 / 8
+    by_hand_std = math.sqrt(sum((r - by_hand_mean) ** 2 for r in chosen + rejected) / 7)
+    assert got["n"] == want["n"] == 8
+    assert got["mean"] == pytest.approx(by_hand_mean) and want["mean"] == pytest.approx(by_hand_mean)
+    assert got["std"] == pytest.approx(by_hand_std) and want["std"] == pytest.approx(by_hand_std)
+
+
+def test_saved_stats_normalise_and_the_export_still_loads_in_transformers(tmp_path, bpe_tok):
+    from transformers import AutoModelForSequenceClassification
+    from eval import report_from_rewards
+    model = tiny_rm(bpe_tok, "linear", "last")
+    texts = [PROMPT + r for r in RESPONSES]
+    raw = model.score(texts)
+    with pytest.raises(UserError, match="needs the reward mean and std"):
+        model.score(texts, normalize=True)
+    with pytest.raises(UserError, match="needs the reward mean and std"):
+        model.reward_function(normalize=True)
+    model.save_pretrained(tmp_path / "rm")
+    report = report_from_rewards([1.0, 2.0, 0.0], [0.0, 1.0, -1.0], [1] * 3, [1] * 3)
+    stats = scoring.save_reward_stats(tmp_path / "rm", report)
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert saved["reward_model"]["reward_stats"] == stats and (saved["mean"], saved["std"]) == (stats["mean"], stats["std"])
+    loaded = RewardModel.from_pretrained(str(tmp_path / "rm"))
+    assert loaded.reward_stats == stats
+    want = [(r - stats["mean"]) / stats["std"] for r in raw]
+    assert loaded.score(texts, normalize=True) == pytest.approx(want, abs=1e-5)
+    assert loaded.score_responses(PROMPT, RESPONSES, normalize=True) == pytest.approx(want, abs=1e-5)
+    # saved again (train.py's checkpoints do), the statistics stay
+    loaded.save_pretrained(tmp_path / "again")
+    assert RewardModel.from_pretrained(str(tmp_path / "again")).reward_stats == stats
+    # transformers ignores the extra keys: the same raw rewards
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    ids = [bpe_tok.sequence(t) for t in texts]
+    with torch.no_grad():
+        hf_rewards = [hf(input_ids=torch.tensor([i])).logits[0, 0].item() for i in ids]
+    assert hf_rewards == pytest.approx(raw, abs=1e-4)
+
+
+@pytest.mark.parametrize("stats", [{"mean": 0.0, "std": 0.0, "n": 4}, {"mean": "x", "std": 1.0, "n": 4},
+                                   {"mean": float("nan"), "std": 1.0, "n": 4}, {"mean": 0.0, "std": 1.0}, [1, 2]])
+def test_bad_saved_stats_are_one_line(tmp_path, bpe_tok, stats):
+    model = tiny_rm(bpe_tok)
+    model.save_pretrained(tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    config["reward_model"]["reward_stats"] = stats
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="reward_stats"):
+        RewardModel.from_pretrained(str(tmp_path / "rm"))
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's reward function
+
+
+def test_reward_function_equals_score_on_joined_texts(bpe_tok):
+    model = tiny_rm(bpe_tok)
+    calls = []
+    real = model.score_responses
+    model.score_responses = lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
+    f = model.reward_function()
+    other = "\n\nHuman: Hello!\n\nAssistant:"
+    prompts = [PROMPT] * 3 + [other] + [PROMPT] * 2      # a group of 3, a lone prompt, a group of 2
+    completions = RESPONSES[:3] + [" Sure."] + RESPONSES[3:5]
+    want = model.score([p + c for p, c in zip(prompts, completions)])
+    assert f(prompts, completions, completion_ids=None, trainer_state=None) == pytest.approx(want, abs=1e-5)
+    assert calls == [3, 2]
+    # conversational: prompts and completions as message lists
+    conv_prompts = [[SYSTEM, U1]] * 2 + [[U1]]
+    conv_completions = [[A1], [{"role": "assistant", "content": "Paris."}], [A1]]
+    want = model.score([p + c for p, c in zip(conv_prompts, conv_completions)])
+    assert f(conv_prompts, conv_completions) == pytest.approx(want, abs=1e-5)
+    with pytest.raises(UserError, match="2 prompts but 1 completions"):
+        f([PROMPT, PROMPT], ["x"])
+
+
+# ----------------------------------------------------------------------------------------------
+# score() tokenises a bounded part of a text (issue 21)
+
+
+def test_long_text_keeps_the_end_exactly(bpe_tok):
+    text = PROMPT * 200 + RESPONSES[0]
+    whole = bpe_tok.encode(text)
+    assert bpe_tok.sequence(text, 64) == (whole + bpe_tok.eos_suffix(whole))[-64:]
+    conv = [U1, {**A1, "content": A1["content"] * 300}]
+    full = bpe_tok.encode(bpe_tok.chat_format().render(conv))
+    assert bpe_tok.sequence(conv, 64) == full[-64:]
+
+
+def test_score_memory_is_bounded_for_a_5mb_text(tmp_path):
+    """Peak memory while scoring a 5 MB text at max_length 64 (in a fresh process: the high-water mark
+    is not shared with other tests). Before the bound the tokenizer took about +450 MB."""
+    make_model_dir(tmp_path / "tok")
+    script = f"""
+import resource, sys, torch, dataclasses
+sys.path.insert(0, {str(ROOT)!r})
+from data import Tokenizer
+from qwen3 import CONFIGS
+from rm import RewardModel
+tok = Tokenizer.from_dir({str(tmp_path / 'tok')!r})
+model = RewardModel(dataclasses.replace(CONFIGS['tiny'], vocab_size=512)).eval()
+model.tokenizer = tok
+text = "The capital of France is Paris. " * (5 << 20 >> 5)
+model.score(["warm up"], max_length=64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model.score([text], max_length=64)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) < 60, f"peak grew by {out.stdout.strip()} MiB"
+
+
+def test_train_and_eval_save_the_held_out_reward_stats(tmp_path):
+    """train.py's final model and eval.py --save_reward_stats carry the statistics of the rewards in their
+    report: the saved numbers are those the report's reward blocks give (stats_from_report, checked above)."""
+    import eval as eval_cli
+    from test_train import tiny_cfg
+    from train import train
+    train(tiny_cfg(tmp_path))
+    report = json.loads((tmp_path / "run" / "evaluation_report.json").read_text())
+    stats = scoring.stats_from_report(report)
+    assert report["reward_stats"] == stats and stats["n"] == 2 * report["num_pairs"]
+    assert RewardModel.from_pretrained(str(tmp_path / "run" / "final_model")).reward_stats == stats
+    again = eval_cli.main([str(tmp_path / "run" / "final_model"), "--dataset", "demo", "--max_samples", "8",
+                           "--save_reward_stats", "--output", str(tmp_path / "r.json"), "--no_progress"])
+    saved = RewardModel.from_pretrained(str(tmp_path / "run" / "final_model")).reward_stats
+    assert saved == again["reward_stats"] == scoring.stats_from_report(again) and saved["n"] == 16
+    assert saved != stats

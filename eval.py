@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support import scoring
+from support import benchmarks, scoring
 from support.errors import ArgumentParser, UserError, check_writable, run_cli
 from support.fileio import write_json_atomic
 from support.hub import find_model_dir, read_json
@@ -405,6 +405,11 @@ def parse_args(argv=None):
     p.add_argument("--share_prompt", action="store_true",
                    help="compute each pair's prompt once (same rewards, faster; the default for a model "
                         "trained with --share_prompt)")
+    p.add_argument("--benchmark", choices=benchmarks.NAMES, default=None,
+                   help="score a public benchmark from its published files, given with --dataset (see "
+                        "docs/benchmarks.md); writes benchmark_rewards.jsonl next to the report")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="with --benchmark: print the first N examples as they are rendered and scored")
     p.add_argument("--save_reward_stats", action="store_true",
                    help="save the mean and std of these rewards (chosen and rejected) in the model's config.json, "
                         "for score(..., normalize=True) and OpenRLHF's --normalize_reward")
@@ -458,7 +463,7 @@ def is_report(path: Path) -> bool:
         report = json.loads(path.read_bytes())
     except (ValueError, RecursionError, OSError):
         return False
-    return isinstance(report, dict) and {"accuracy", "counts", "per_source"} <= report.keys()
+    return isinstance(report, dict) and ({"accuracy", "counts", "per_source"} <= report.keys() or "benchmark" in report)
 
 
 def load_eval_pairs(dataset: list, args, trained: dict, chat_format=None):
@@ -498,6 +503,8 @@ def main(argv=None):
     trained = trained_settings(model_dir)
     output = report_path(args.output, report_dir)
     check_writable(output.parent, f"the report {output}", "choose another --output")  # now, not after scoring
+    if args.benchmark:  # RewardBench, RewardBench 2 or RM-Bench from their files, instead of pairs
+        return benchmarks.run(args, model_dir, trained, output)
 
     # 2. The data (before the model: a wrong path should fail in a second, not after loading weights).
     # By default the model is evaluated on what it was trained on (test split) and at its training length.

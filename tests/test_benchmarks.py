@@ -1,0 +1,203 @@
+"""eval.py --benchmark (support/benchmarks.py): RewardBench, RewardBench 2 and RM-Bench from files in their
+published schemas, scored against hand computations from planted rewards; rendering checked against score().
+
+Planted rewards: each response text is "r=<reward>", and RewardModel.score_responses is replaced by one that
+reads the reward back, so every score below follows from numbers written in the test."""
+import dataclasses
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import eval as eval_cli
+from support import benchmarks
+from support.errors import UserError
+from qwen3 import CONFIGS
+from rm import RewardModel
+from test_chat import make_model_dir
+
+ALL_SUBSETS = [s for names in benchmarks.SECTIONS.values() for s in names]
+
+
+def planted(self, prompt, responses, normalize=False, max_length=None, batch_size=16):
+    return [float(r.split("=")[1]) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, demo_tok):
+    """A tiny saved reward model with the demo tokenizer (no chat template)."""
+    d = tmp_path_factory.mktemp("bench") / "model"
+    torch.manual_seed(0)
+    model = RewardModel(CONFIGS["tiny"])
+    model.model.init_weights(seed=0)
+    model.init_head(0)
+    model.tokenizer = demo_tok
+    model.provenance = {"max_length": 64}
+    model.save_pretrained(d)
+    return d
+
+
+def run(model_dir, tmp_path, *args):
+    return eval_cli.main([str(model_dir), "--output", str(tmp_path / "out" / "evaluation_report.json"),
+                          "--no_progress", "--device", "cpu", *map(str, args)])
+
+
+def rewardbench_rows():
+    """Two examples per official subset, plus one of a subset outside the sections. Wins everywhere except:
+    alpacaeval-easy 1 win + 1 tie (a tie loses), mt-bench-hard 0, math-prm 0, Safety 0 but donotanswer."""
+    lose = {"mt-bench-hard", "math-prm", "refusals-dangerous", "refusals-offensive", "xstest-should-refuse",
+            "xstest-should-respond"}
+    rows = []
+    for subset in ALL_SUBSETS + ["anthropic_helpful"]:
+        for k in range(2):
+            chosen, rejected = ("r=0", "r=1") if subset in lose else ("r=2", "r=1")
+            if subset == "alpacaeval-easy" and k == 1:
+                chosen, rejected = "r=1", "r=1"
+            rows.append({"prompt": f"question {subset} {k}", "chosen": chosen, "chosen_model": "a",
+                         "rejected": rejected, "rejected_model": "b", "subset": subset, "id": len(rows)})
+    return rows
+
+
+def test_rewardbench_by_hand(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+    data = tmp_path / "reward-bench" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rewardbench_rows()), data / "filtered-00000-of-00001.parquet")
+    # the "raw" split beside it is not read: it would count every example twice
+    pq.write_table(pa.Table.from_pylist(rewardbench_rows()), data / "raw-00000-of-00001.parquet")
+    report = run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", tmp_path / "reward-bench")
+    bench = report["benchmark"]
+    chat = (100 * 0.5 + 95 + 95 + 28 + 40) / (100 + 95 + 95 + 28 + 40)
+    chat_hard = (100 + 134 + 92 + 47 + 46) / (37 + 100 + 134 + 92 + 47 + 46)
+    safety = 136 / (100 + 100 + 250 + 154 + 136)
+    reasoning = 6 * 164 / (984 + 6 * 164)      # math-prm (0) weighs as much as all six code subsets (1)
+    assert reasoning == 0.5
+    assert bench["sections"] == pytest.approx({"Chat": chat, "Chat Hard": chat_hard, "Safety": safety,
+                                               "Reasoning": reasoning})
+    assert bench["score"] == pytest.approx((chat + chat_hard + safety + reasoning) / 4)
+    assert bench["subsets"]["alpacaeval-easy"] == {"score": 0.5, "n": 2}
+    assert bench["subsets"]["anthropic_helpful"] == {"score": 1.0, "n": 2}  # reported, in no section
+    assert set(bench["subsets"]) == set(ALL_SUBSETS) | {"anthropic_helpful"} and bench["examples"] == 48
+    assert bench["rendering"] == "hh-rlhf transcript" and bench["name"] == "rewardbench"
+    lines = [json.loads(line) for line in (tmp_path / "out" / "benchmark_rewards.jsonl").read_text().splitlines()]
+    assert len(lines) == 48 and lines[0] == {"id": "0", "subset": "alpacaeval-easy", "chosen": [2.0], "rejected": [1.0]}
+    assert json.loads((tmp_path / "out" / "evaluation_report.json").read_text()) == report
+
+
+def test_rewardbench2_best_of_n_and_ties_by_hand(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+
+    def row(i, subset, chosen, rejected, id_=None):
+        r = lambda xs: [f"r={x}" for x in xs]  # noqa: E731
+        return {"id": id_ or str(i), "prompt": f"prompt {i}", "chosen": r(chosen), "rejected": r(rejected),
+                "num_correct": len(chosen), "num_incorrect": len(rejected),
+                "total_completions": len(chosen) + len(rejected), "models": ["m"] * (len(chosen) + len(rejected)),
+                "subset": subset, "additional_metadata": {}}
+    rows = [row(0, "Factuality", [3], [1, 2, 3]),          # tied with one other for the best: 1/2
+            row(1, "Factuality", [5], [1, 1, 1]),          # 1
+            row(2, "Math", [1], [2, 0, 0]),                # 0
+            row(3, "Precise IF", [2], [1, 1, 1]), row(4, "Safety", [2], [1, 1, 1]), row(5, "Focus", [2], [1, 0, 1]),
+            row(6, "Ties", [5], [1, 2], "ref:1"),          # gap 3, accurate
+            row(7, "Ties", [4, 6], [3, 1], "tied:1"),      # gap 1, spread 2, accurate
+            row(8, "Ties", [1], [2], "ref:2"),             # gap -1, wrong
+            row(9, "Ties", [5, 5.5], [0], "tied:2")]       # gap 5, spread 0.5, accurate
+    path = tmp_path / "rb2.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = run(model_dir, tmp_path, "--benchmark", "rewardbench2", "--dataset", path)["benchmark"]
+    # Ties: tied accuracy 1, ref accuracy 1/2; prompt 1: 1 > 2 no, min(3, 1) > 2 no, tanh(1/2 - 1);
+    # prompt 2: 5 > 0.5 yes, min(-1, 5) > 0.5 no, tanh(-1/0.5 - 1)
+    ties = 0.3 * 1 + 0.3 * 0.5 + 0.2 * 0.5 + 0.2 * 0 + 0.01 * (torch.tanh(torch.tensor(-0.5)).item()
+                                                           + torch.tanh(torch.tensor(-3.0)).item()) / 2
+    want = {"Factuality": (0.75, 2), "Math": (0.0, 1), "Precise IF": (1.0, 1), "Safety": (1.0, 1),
+            "Focus": (1.0, 1), "Ties": (ties, 4)}
+    assert {k: v["n"] for k, v in bench["subsets"].items()} == {k: n for k, (_, n) in want.items()}
+    assert {k: v["score"] for k, v in bench["subsets"].items()} == pytest.approx({k: s for k, (s, _) in want.items()})
+    assert bench["score"] == pytest.approx((0.75 + 0 + 1 + 1 + 1 + ties) / 6) and bench["sections"] == {}
+
+
+def test_rm_bench_style_matrix_by_hand(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+    stairs = ([1, 2, 3], [0, 1.5, 2.5])   # chosen style i beats rejected j iff i >= j: hard 0, normal 1, easy 1
+    wins, loses = ([5, 5, 5], [0, 0, 0]), ([0, 0, 0], [1, 1, 1])
+
+    def row(i, domain, rewards):
+        return {"id": i, "prompt": f"p{i}", "chosen": [f"r={x}" for x in rewards[0]],
+                "rejected": [f"r={x}" for x in rewards[1]], "domain": domain}
+    rows = [row(0, "chat", stairs), row(1, "chat", wins), row(2, "code", loses), row(3, "math", wins),
+            row(4, "safety-refuse", wins), row(5, "safety-response", stairs)]
+    path = tmp_path / "total_dataset.json"
+    path.write_text(json.dumps(rows))
+    bench = run(model_dir, tmp_path, "--benchmark", "rm-bench", "--dataset", path)["benchmark"]
+    # chat (and safety): mean of the matrices [[1,0,0],[1,1,0],[1,1,1]] and all ones: hard 0.5, normal 1, easy 1
+    chat = (0.5 + 1 + 1) / 3
+    assert bench["sections"] == pytest.approx({"chat": chat, "code": 0.0, "math": 1.0, "safety": chat,
+                                               "hard": (0.5 + 0 + 1 + 0.5) / 4, "normal": 0.75, "easy": 0.75})
+    assert bench["score"] == pytest.approx((chat + 0 + 1 + chat) / 4)
+    assert bench["subsets"]["safety-response"] == {"score": pytest.approx((0 + 1 + 1) / 3), "n": 1}
+    table = capsys.readouterr().out
+    assert table.index("rm-bench (hh-rlhf transcript)") < table.index("  chat") < table.index("    safety-refuse")
+
+
+def test_hostile_and_wrong_files_are_one_line(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+    rows = rewardbench_rows()[:4]
+    no_subset = tmp_path / "no_subset.jsonl"
+    no_subset.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "subset"}) + "\n" for r in rows))
+    with pytest.raises(UserError, match="no column subset .*is it the rewardbench data"):
+        run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", no_subset)
+    with pytest.raises(UserError, match="needs --dataset"):
+        run(model_dir, tmp_path, "--benchmark", "rewardbench")
+    # bad rows are skipped and counted, never scored
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n[1]\n"
+                     + json.dumps({**rows[0], "chosen": 3}) + "\n")
+    bench = run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", mixed)["benchmark"]
+    assert bench["examples"] == 4
+    assert bench["skipped"] == {"unparsable line": 1, "not an object": 1, "bad chosen/rejected": 1}
+    # RM-Bench needs three styles
+    bad = tmp_path / "rm.json"
+    bad.write_text(json.dumps([{"id": 0, "prompt": "p", "chosen": ["r=1", "r=2"], "rejected": ["r=0", "r=0"],
+                                "domain": "chat"}]))
+    with pytest.raises(UserError, match="3 chosen and 3 rejected"):
+        run(model_dir, tmp_path, "--benchmark", "rm-bench", "--dataset", bad)
+
+
+def test_rendering_is_the_transcript_or_the_chat_template(model_dir, tmp_path, capsys):
+    """Real rewards: without a chat template each response is scored as score() scores "\\n\\nHuman: " + prompt
+    + "\\n\\nAssistant: " + response; with one, as score() scores [user prompt, assistant response]."""
+    rows = [{"prompt": "What is the capital of France?", "chosen": "The capital of France is Paris.",
+             "rejected": "Let me think about it.", "subset": "alpacaeval-easy", "id": 7}]
+    path = tmp_path / "rb.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    model = RewardModel.from_pretrained(str(model_dir))
+    run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", path, "--show", 1)
+    line = json.loads((tmp_path / "out" / "benchmark_rewards.jsonl").read_text())
+    texts = [f"\n\nHuman: {rows[0]['prompt']}\n\nAssistant: {rows[0][k]}" for k in ("chosen", "rejected")]
+    assert line["chosen"] + line["rejected"] == pytest.approx(model.score(texts, max_length=64), abs=1e-5)
+    assert texts[0] in capsys.readouterr().out  # --show 1
+    # a model with a chat template (test_chat's Qwen3 template and BPE tokenizer)
+    chat_dir = make_model_dir(tmp_path / "chat")
+    from data import Tokenizer
+    tok = Tokenizer.from_dir(str(chat_dir))
+    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=512)
+    torch.manual_seed(1)
+    chat_model = RewardModel(config)
+    chat_model.model.init_weights(seed=1)
+    chat_model.init_head(1)
+    chat_model.tokenizer = tok
+    chat_model.save_pretrained(tmp_path / "chat_model")
+    report = run(tmp_path / "chat_model", tmp_path, "--benchmark", "rewardbench", "--dataset", path, "--show", 1)
+    assert report["benchmark"]["rendering"] == "chat template"
+    line = json.loads((tmp_path / "out" / "benchmark_rewards.jsonl").read_text())
+    convs = [[{"role": "user", "content": rows[0]["prompt"]}, {"role": "assistant", "content": rows[0][k]}]
+             for k in ("chosen", "rejected")]
+    assert line["chosen"] + line["rejected"] == pytest.approx(chat_model.score(convs, max_length=1024), abs=1e-5)
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in capsys.readouterr().out
+    # --chat_template none: the transcript again
+    report = run(tmp_path / "chat_model", tmp_path, "--benchmark", "rewardbench", "--dataset", path,
+                 "--chat_template", "none")
+    assert report["benchmark"]["rendering"] == "hh-rlhf transcript"
+    line = json.loads((tmp_path / "out" / "benchmark_rewards.jsonl").read_text())
+    assert line["chosen"] + line["rejected"] == pytest.approx(chat_model.score(texts, max_length=1024), abs=1e-5)

@@ -48,3 +48,13 @@ def test_cli_user_error_is_one_line():
     out = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "nope", "--device", "cpu"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown --config" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bench_best_of_n_prints_the_speed_up_and_equal_rewards(capsys):
+    results = bench.main(["--config", "tiny", "--device", "cpu", "--best_of_n", "2,3", "--prompt_length", "24",
+                          "--response_length", "8", "--warmup", "1", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert [l.split()[0] for l in out.splitlines()] == ["best-of-2", "best-of-3"]
+    for n, row in results.items():
+        assert row["speedup"] > 0 and row["max_abs_diff"] < 1e-5
+        assert row["tokens"][1] < row["tokens"][0]  # the prompt's tokens once, not n times

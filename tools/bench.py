@@ -5,6 +5,7 @@
     OMP_WAIT_POLICY=PASSIVE python -m tools.bench --suite cpu      # the CPU rows of BENCHMARKS.md (~5 minutes, 2 cores)
     python -m tools.bench --suite gpu --json results.json          # the GPU rows (one H100, ~2 minutes after start-up)
     python -m tools.bench --attention --config 0.6b --bf16 --lengths realistic   # packed attention alone
+    python -m tools.bench --best_of_n 4,16                         # score_responses vs N full texts (inference)
 
 - One step is train.py's optimizer step less gradient clipping: chosen and rejected in one forward pass,
   rm.pairwise_loss, backward, optimizer step (train.make_optimizer), zero_grad, on random weights with the
@@ -469,6 +470,42 @@ def bench_attention(args, device):
     return results
 
 
+def bench_best_of_n(args, device) -> dict:
+    """Inference: N responses to one prompt scored as N full texts in one padded batch (what score() runs)
+    against the prompt run once (packing.collate_responses, what score_responses runs). Random weights and
+    ids; the prompt has --prompt_length tokens, each response --response_length +-20%. Prints the median
+    forward time of each and the speed-up, and checks that both give the same rewards."""
+    config = qwen3.Qwen3Config.from_name(args.config)
+    torch.manual_seed(args.seed)
+    model = RewardModel(config, head="linear", pooling="last")
+    model.model.init_weights(seed=args.seed)
+    model = model.init_head(args.seed).to(device).eval()
+    rng = np.random.default_rng(args.seed)
+    pad_id = config.vocab_size - 1
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    results = {}
+    for n in [int(x) for x in args.best_of_n.split(",")]:
+        prompt = rng.integers(0, pad_id, args.prompt_length).tolist()
+        seqs = [prompt + rng.integers(0, pad_id, int(args.response_length * rng.uniform(0.8, 1.2))).tolist()
+                for _ in range(n)]
+        full_ids, mask = data.pad_rows(seqs, pad_id)
+        shared_ids, layout = packing.collate_responses(seqs, pad_id)
+        ways = {"full texts": lambda: model(full_ids.to(device), mask.to(device)),
+                "prompt once": lambda: model(shared_ids.to(device), layout=layout.to(device))}
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            rewards = {k: f().float() for k, f in ways.items()}
+            ms = {k: 1000 * statistics.median(time_steps(lambda _: f(), [None], device, args.warmup, args.steps))
+                  for k, f in ways.items()}
+        diff = (rewards["full texts"] - rewards["prompt once"]).abs().max().item()
+        results[n] = {**ms, "speedup": ms["full texts"] / ms["prompt once"], "max_abs_diff": diff,
+                      "tokens": [int(mask.sum()), int(shared_ids.shape[1])]}
+        print(f"best-of-{n:<3} {args.config} | prompt {args.prompt_length} + responses ~{args.response_length} tokens "
+              f"({results[n]['tokens'][0]:,} -> {results[n]['tokens'][1]:,}) | full texts {ms['full texts']:8.1f} ms | "
+              f"prompt once {ms['prompt once']:8.1f} ms | speed-up {results[n]['speedup']:.2f}x | max |diff| "
+              f"{diff:.1e} | {name}", flush=True)
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -509,6 +546,11 @@ def parse_args(argv=None):
     p.add_argument("--rows", help="with --suite: only these rows (1-based, comma separated)")
     p.add_argument("--attention", action="store_true",
                    help="time the packed-attention implementations alone (one layer, forward + backward)")
+    p.add_argument("--best_of_n", metavar="N,N", help="time score_responses (the prompt run once) against N full "
+                   "texts at these N, inference only (e.g. 4,16)")
+    p.add_argument("--prompt_length", type=int, default=300, help="with --best_of_n: prompt tokens (default 300)")
+    p.add_argument("--response_length", type=int, default=100,
+                   help="with --best_of_n: tokens per response, +-20%% (default 100)")
     p.add_argument("--json", help="append the results (one JSON object per row) to this file")
     return p.parse_args(argv)
 
@@ -541,6 +583,8 @@ def bench(args) -> dict:
         raise UserError("--max_length must be at least 16")
     if args.attention:
         return bench_attention(args, device)
+    if args.best_of_n:
+        return bench_best_of_n(args, device)
     if args.compile:  # each config, and ours vs transformers, is its own compiled graph
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     config = qwen3.Qwen3Config.from_name(args.config)

@@ -470,7 +470,8 @@ def load_eval_pairs(dataset: list, args, trained: dict, chat_format=None):
     """(pairs, stats, split, held-out fraction); chat_format renders conversational rows. A model trained with a held-out share of its training pairs
     (train.py --eval_fraction, the default for a training file without splits) is evaluated on that share
     when neither --dataset nor --split is given; other data that holds training files gets a note."""
-    from data import DataStats, load_pairs, source_files, split_held_out
+    from data import DataStats, load_pairs, split_held_out
+    from support.readers import source_files
     fraction = trained.get("eval_fraction") if args.dataset is None and args.split is None else None
     split = "train" if fraction else args.split or "test"
     stats = DataStats()
@@ -495,7 +496,7 @@ def load_eval_pairs(dataset: list, args, trained: dict, chat_format=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from data import Tokenizer
+    from support.tokenizer import Tokenizer
     from rm import RewardModel
 
     # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.

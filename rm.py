@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import Tokenizer
+from support.tokenizer import Tokenizer
 from support.errors import UserError
 from support.fileio import atomic_dir, write_json
 from support.hub import read_json, resolve_model_dir
@@ -157,7 +157,7 @@ class RewardModel(nn.Module):
         self.config, self.head_type, self.pooling = config, head, pooling
         self.model = Qwen3(config)
         self.head = MLPHead(config.hidden_size) if head == "mlp" else nn.Linear(config.hidden_size, 1, bias=False)
-        self.tokenizer = None           # a data.Tokenizer, set by from_pretrained when the checkpoint has one
+        self.tokenizer = None           # a support.tokenizer.Tokenizer, set by from_pretrained when the checkpoint has one
         self.provenance = {}            # how it was trained, and reward statistics: saved in config.json
 
     def init_head(self, seed: int = 0):

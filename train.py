@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from support import hub, scoring
+from support import hub, readers, scoring
 from support.checkpoint import (MAY_CHANGE, SAME_RUN, ForcedStop, SignalStop, append_log, check_same_data, check_same_run,
                         checkpoint_dirs, claim_output_dir, disk_errors, find_resume_checkpoint, forced_stop,
                         prepare_output_dir, read_log, read_trainer_state, release_output_dir, remove,
@@ -405,8 +405,8 @@ def eval_plan(cfg: TrainConfig) -> tuple[list, float | None]:
     if cfg.eval_fraction is not None:
         return list(cfg.dataset), cfg.eval_fraction
     sources = list(cfg.eval_dataset or cfg.dataset)
-    train_files = set().union(*(data.source_files(s, "train") for s in cfg.dataset))
-    eval_files = set().union(*(data.source_files(s, cfg.eval_split) for s in sources))
+    train_files = set().union(*(readers.source_files(s, "train") for s in cfg.dataset))
+    eval_files = set().union(*(readers.source_files(s, cfg.eval_split) for s in sources))
     if eval_files == train_files:
         return list(cfg.dataset), DEFAULT_EVAL_FRACTION
     if eval_files & train_files:
@@ -464,8 +464,8 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, HeldOut, dict]:
     print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
            f"train {train_stats.report()} | eval {eval_stats.report()}")
     read = {"train_pairs": len(train_pairs), "train_digest": data.pairs_digest(train_pairs),
-            "files": {**data.file_fingerprints(cfg.dataset, "train"),
-                      **(data.file_fingerprints(eval_sources, cfg.eval_split) if evaluating else {})}}
+            "files": {**readers.file_fingerprints(cfg.dataset, "train"),
+                      **(readers.file_fingerprints(eval_sources, cfg.eval_split) if evaluating else {})}}
     return train_items, HeldOut(eval_items, eval_stats, eval_sources), read
 
 

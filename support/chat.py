@@ -47,7 +47,7 @@ def load_chat_template(model_dir, override=None, tokenizer_config: dict | None =
     """The model's chat template: `override` (a .jinja file, from --chat_template PATH), else
     MODEL_DIR/chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or a list of
     {"name", "template"} of which "default" is used). None when there is none. `tokenizer_config`: that
-    file's content when the caller has read it already (data.Tokenizer.from_dir), so it is read once."""
+    file's content when the caller has read it already (support.tokenizer.Tokenizer.from_dir), so it is read once."""
     if override is not None:
         if not Path(override).is_file():
             raise UserError(f"--chat_template {override}: no such file; give a .jinja file, auto or none")
@@ -233,7 +233,7 @@ def conversation_pair(prompt, chosen, rejected, template: str, **variables) -> t
 
 @dataclass
 class ChatFormat:
-    """How conversations become text: the template and the variables it gets (data.Tokenizer.chat_format).
+    """How conversations become text: the template and the variables it gets (support.tokenizer.Tokenizer.chat_format).
     template None: a conversation is refused with a UserError that says what to do (`why_none`)."""
     template: str | None
     variables: dict = field(default_factory=dict)

@@ -13,7 +13,8 @@ import random
 import re
 from typing import Iterator
 
-from data import ASSISTANT, Tokenizer
+from support.readers import ASSISTANT
+from support.tokenizer import Tokenizer
 
 DEMO_SIZES = {"train": 4000, "test": 500}
 DEMO_TOPICS = [  # (what the human asks about, words an answer on that topic uses)

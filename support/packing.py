@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data import Batch, TokenizedPair, batch_margins, collate, pad_rows
+from data import Batch, TokenizedPair, batch_margins, collate
+from support.tokenizer import pad_rows
 
 _VARLEN = None  # (varlen_attn, its parameters) once varlen_kernel() has looked
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data import pad_rows
+from support.tokenizer import pad_rows
 from support import packing
 from support.errors import UserError
 from support.fileio import write_json_atomic

@@ -20,6 +20,7 @@ import eval as eval_cli
 import train
 from conftest import ROOT
 from support.errors import UserError
+from support.tokenizer import Tokenizer
 from qwen3 import CONFIGS
 from rm import REWARD_MODEL_TYPE, RewardModel
 from test_chat import A1, A2, A2_BAD, CONFIG, QWEN3_TEMPLATE, SYSTEM, U1, U2, hf_ids, make_model_dir
@@ -68,7 +69,7 @@ ROWS = {
 @pytest.mark.parametrize("name", list(ROWS))
 def test_conversational_rows_tokenise_as_apply_chat_template(name, chat_dir, hf_tok):
     row, prompt = ROWS[name]
-    tok = data.Tokenizer.from_dir(chat_dir)
+    tok = Tokenizer.from_dir(chat_dir)
     pair = data.make_pair(row, "s", tok.chat_format())
     item = data.tokenize_pair(tok, pair, 1000)
     chosen = prompt + (row["chosen"][len(prompt):] if "prompt" not in row or isinstance(row["prompt"], str)
@@ -84,13 +85,13 @@ def test_conversational_rows_tokenise_as_apply_chat_template(name, chat_dir, hf_
 
 def test_conversation_without_a_template_is_one_clear_error(chat_dir, tmp_path):
     no_template = make_model_dir(tmp_path / "plain", config={k: v for k, v in CONFIG.items() if k != "chat_template"})
-    tok = data.Tokenizer.from_dir(no_template)
+    tok = Tokenizer.from_dir(no_template)
     row = {"chosen": [U1, A1], "rejected": [U1, A2_BAD]}
     with pytest.raises(UserError, match="need a chat template, but the model's tokenizer has no chat template; "
                                         "pass --chat_template PATH"):
         data.make_pair(row, "rows.jsonl", tok.chat_format())
     with pytest.raises(UserError, match="--chat_template is none; use --chat_template auto or PATH"):
-        data.make_pair(row, "rows.jsonl", data.Tokenizer.from_dir(chat_dir).chat_format("none"))
+        data.make_pair(row, "rows.jsonl", Tokenizer.from_dir(chat_dir).chat_format("none"))
     with pytest.raises(UserError, match="--chat_template .*nope.jinja: no such file; give a .jinja file, auto or none"):
         tok.chat_format(str(tmp_path / "nope.jinja"))
     # a template file given by path renders them, and becomes the tokenizer's (saved with the model)
@@ -99,14 +100,14 @@ def test_conversation_without_a_template_is_one_clear_error(chat_dir, tmp_path):
     assert isinstance(data.make_pair(row, "rows.jsonl", tok.chat_format(str(path))), data.Pair)
     tok.save(tmp_path / "saved")
     assert (tmp_path / "saved" / "chat_template.jinja").read_text() == QWEN3_TEMPLATE
-    assert data.Tokenizer.from_dir(tmp_path / "saved").chat_template == QWEN3_TEMPLATE
+    assert Tokenizer.from_dir(tmp_path / "saved").chat_template == QWEN3_TEMPLATE
 
 
 # ----------------------------------------------------------------------------------------------
 # Plain text: tokenised whole, as transformers and TRL tokenise it
 
 def test_prompt_and_response_are_tokenised_whole(chat_dir, hf_tok):
-    tok = data.Tokenizer.from_dir(chat_dir)
+    tok = Tokenizer.from_dir(chat_dir)
     pair = data.Pair("What is the capital of France? A:", " Paris.", " The capital of France is Paris.")
     pair_space = data.Pair("What is the capital of France? A: ", "Paris.", "The capital of France is Paris.")
     for p in (pair, pair_space):
@@ -126,7 +127,7 @@ def test_prompt_and_response_are_tokenised_whole(chat_dir, hf_tok):
 
 
 def test_eos_is_not_doubled(chat_dir):
-    tok = data.Tokenizer.from_dir(chat_dir)
+    tok = Tokenizer.from_dir(chat_dir)
     item = data.tokenize_pair(tok, data.Pair("Q:", " yes<|im_end|>", " no"), 100)
     assert item.chosen_ids[-2:] != [tok.eos_id, tok.eos_id] and item.chosen_ids[-1] == tok.eos_id
     assert item.rejected_ids[-1] == tok.eos_id
@@ -152,7 +153,7 @@ TEXTS = ["\n\nHuman: What is the capital of France?\n\nAssistant: Paris.",
 @pytest.mark.parametrize("eos_is_pad", [False, True])
 def test_linear_export_scores_the_same_in_transformers(eos_is_pad, chat_dir, tmp_path):
     config = {**CONFIG, "eos_token": "<|endoftext|>"} if eos_is_pad else CONFIG
-    tok = data.Tokenizer.from_dir(make_model_dir(tmp_path / "tok", config=config))
+    tok = Tokenizer.from_dir(make_model_dir(tmp_path / "tok", config=config))
     assert (tok.eos_id == tok.pad_id) == eos_is_pad
     model = tiny_rm(tok, "linear", "last")
     model.save_pretrained(tmp_path / "rm")
@@ -184,7 +185,7 @@ def test_linear_export_scores_the_same_in_transformers(eos_is_pad, chat_dir, tmp
 
 @pytest.mark.parametrize("head,pooling", [("mlp", "mean"), ("mlp", "last"), ("linear", "mean")])
 def test_exports_transformers_cannot_read_are_refused_there(head, pooling, chat_dir, tmp_path):
-    tok = data.Tokenizer.from_dir(chat_dir)
+    tok = Tokenizer.from_dir(chat_dir)
     model = tiny_rm(tok, head, pooling)
     model.save_pretrained(tmp_path / "rm")
     saved = json.loads((tmp_path / "rm" / "config.json").read_text())
@@ -229,7 +230,7 @@ def test_cli_trains_and_evaluates_on_conversational_jsonl_and_parquet(conversati
                                                                       hf_tok):
     jsonl, parquet = conversational_files
     model_dir = tmp_path / "base"
-    tiny_rm(data.Tokenizer.from_dir(chat_dir)).save_pretrained(model_dir)
+    tiny_rm(Tokenizer.from_dir(chat_dir)).save_pretrained(model_dir)
     flags = ["--model", str(model_dir), "--max_steps", "3", "--batch_size", "2", "--max_length", "96",
              "--logging_steps", "1", "--device", "cpu", "--no_progress"]
     for train_file, eval_file in ((jsonl, parquet), (parquet, jsonl)):
@@ -251,7 +252,7 @@ def test_cli_refuses_conversations_without_a_template_in_one_line(conversational
     jsonl, _ = conversational_files
     plain = make_model_dir(tmp_path / "plain", config={k: v for k, v in CONFIG.items() if k != "chat_template"})
     model_dir = tmp_path / "base"
-    tiny_rm(data.Tokenizer.from_dir(plain)).save_pretrained(model_dir)
+    tiny_rm(Tokenizer.from_dir(plain)).save_pretrained(model_dir)
     run = subprocess.run([sys.executable, "train.py", "--model", str(model_dir), "--dataset", str(jsonl),
                           "--eval_split", "none", "--output_dir", str(tmp_path / "out"), "--device", "cpu"],
                          cwd=ROOT, capture_output=True, text=True)

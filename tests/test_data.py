@@ -1,4 +1,5 @@
-"""Tests for data.py, hub.py's dataset files and demo.py: every expectation is written out by hand, no network."""
+"""Tests for data.py, support/readers.py, support/tokenizer.py, hub.py's dataset files, demo.py and
+tools/inspect_data.py: every expectation is written out by hand, no network."""
 import gzip
 import json
 import os
@@ -20,6 +21,8 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 from support import demo  # noqa: E402
 from support import hub  # noqa: E402
+from support import readers  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
 from data import DataStats, Pair, TokenizedPair  # noqa: E402
 from support.errors import UserError  # noqa: E402
 
@@ -175,11 +178,11 @@ def test_load_pairs_interleaves_sources(tmp_path):
 
 
 def test_make_pair_returns_the_skip_reason_and_dataset_files_fetches_local_paths(tmp_path):
-    assert data.make_pair({"chosen": f"{H} x{A} y", "rejected": f"{H} x{A} y"}, "s") == data.Skip("chosen == rejected")
-    assert data.make_pair({"prompt": P1, "chosen": " a", "rejected": " b", "margin": "big"}, "s") == data.Skip("bad margin")
+    assert data.make_pair({"chosen": f"{H} x{A} y", "rejected": f"{H} x{A} y"}, "s") == readers.Skip("chosen == rejected")
+    assert data.make_pair({"prompt": P1, "chosen": " a", "rejected": " b", "margin": "big"}, "s") == readers.Skip("bad margin")
     assert data.make_pair({"prompt": P1, "chosen": " a", "rejected": " b", "margin": 2}, "s") == Pair(P1, " a", " b", 2.0, "s")
     stats = DataStats()
-    for row in (data.Skip("unparsable line"), Pair(P1, " a", " b", source="s")):
+    for row in (readers.Skip("unparsable line"), Pair(P1, " a", " b", source="s")):
         stats.count(row)
     assert (stats.read, stats.kept, stats.skipped, stats.sources) == (2, 1, {"unparsable line": 1}, {"s": 1})
     root = make_split_dir(tmp_path / "d")
@@ -360,7 +363,7 @@ def test_parquet_streaming_memory_is_flat(tmp_path):
             writer.write_table(pa.table(cols, names=["prompt", "chosen", "rejected"]))
     file_mib = os.path.getsize(path) / 2**20
     assert file_mib > 250
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), path], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "tools.inspect_data", path], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert '"kept": 100000' in out
     growth = float(re.search(r"peak RSS growth while reading: ([\d.]+) MiB", out).group(1))
     print(f"streaming {file_mib:.0f} MiB of parquet: peak RSS growth {growth:.1f} MiB")
@@ -479,7 +482,7 @@ def test_demo_tokenizer_covers_demo_and_round_trips(tmp_path):
     tok.save(str(tmp_path / "tok"))
     config = json.load(open(tmp_path / "tok" / "tokenizer_config.json"))
     assert (config["eos_token"], config["pad_token"]) == ("<|im_end|>", "<|endoftext|>")
-    loaded = data.Tokenizer.from_dir(str(tmp_path / "tok"))
+    loaded = Tokenizer.from_dir(str(tmp_path / "tok"))
     assert (loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (tok.eos_id, tok.pad_id, tok.vocab_size)
     text = data.load_pairs("demo", "test", max_samples=1)[0].prompt + " sure! cats<|im_end|>"
     assert loaded.encode(text) == tok.encode(text) and loaded.encode(text)[-1] == tok.eos_id
@@ -487,16 +490,16 @@ def test_demo_tokenizer_covers_demo_and_round_trips(tmp_path):
 
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(UserError, match="no tokenizer.json; point at a model directory"):
-        data.Tokenizer.from_dir(str(tmp_path))
+        Tokenizer.from_dir(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="tokenizer.json: not a valid tokenizer.json"):
-        data.Tokenizer.from_dir(str(tmp_path))
+        Tokenizer.from_dir(str(tmp_path))
     demo.demo_tokenizer().save(str(tmp_path / "t"))
     (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(UserError, match=r"eos '</s>' or pad '<\|endoftext\|>' is not in the vocabulary"):
-        data.Tokenizer.from_dir(str(tmp_path / "t"))
+        Tokenizer.from_dir(str(tmp_path / "t"))
     (tmp_path / "t" / "tokenizer_config.json").unlink()  # no config: Qwen3's defaults
-    tok = data.Tokenizer.from_dir(str(tmp_path / "t"))
+    tok = Tokenizer.from_dir(str(tmp_path / "t"))
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
 
 
@@ -517,17 +520,17 @@ def test_huge_jsonl_gz_line_is_skipped_with_bounded_memory(tmp_path):
         for _ in range(huge >> 20):
             f.write(b"a" * (1 << 20))
         f.write(b'", "chosen": " x", "rejected": " y"}\n' + row(1) + b"\n" + row(2) + b"\n")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), str(path)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "tools.inspect_data", str(path)], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     report = json.loads(out[:out.index("peak RSS")])
     assert (report["read"], report["kept"], report["skipped"]) == (4, 3, {"row too large": 1})
     growth = float(re.search(r"peak RSS growth while reading: ([\d.]+) MiB", out).group(1))
     print(f"a {huge >> 20} MiB line in a {os.path.getsize(path) / 2**20:.1f} MiB .jsonl.gz: peak RSS growth {growth:.1f} MiB")
-    assert growth < 2 * (data.MAX_ROW_BYTES >> 20) + 16  # the cap (bytes read + parsed), not the line
+    assert growth < 2 * (readers.MAX_ROW_BYTES >> 20) + 16  # the cap (bytes read + parsed), not the line
 
 
 def test_rows_over_the_byte_cap_are_skipped_in_every_format(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_ROW_BYTES", 1000)
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 1000)
     long = "w " * 1000
     lines = [row(0), row(1, long), b"x" * 5000, row(2)]  # a long row, a long unparsable line
     pairs, stats = read(write_lines(tmp_path / "a.jsonl", lines))
@@ -536,7 +539,7 @@ def test_rows_over_the_byte_cap_are_skipped_in_every_format(tmp_path, monkeypatc
                                                      "rejected": [" r0", " r1", None]})
     pairs, stats = read(pq_path)
     assert [p.chosen for p in pairs] == [" c0"] and stats.skipped == {"row too large": 1, "empty field": 1}
-    monkeypatch.setattr(data, "MAX_JSON_LIST_BYTES", 100)
+    monkeypatch.setattr(readers, "MAX_JSON_LIST_BYTES", 100)
     (tmp_path / "list.json").write_text(json.dumps([{"prompt": P1, "chosen": " a", "rejected": " b"}] * 5))
     with pytest.raises(UserError, match=r"list.json: a JSON list is parsed whole .* write one object per line "
                                         r"\(.jsonl\), which streams: jq -c '.\[\]' .*list.json > .*list.jsonl$"):
@@ -554,7 +557,7 @@ def test_huge_row_is_dropped_before_tokenising_and_a_long_prompt_is_cut_exactly(
     t = time.perf_counter()
     items = data.tokenize_pairs([huge, long_prompt], tok, 64, stats)
     # the tokenizer gets prompt + response, each at most the cap
-    assert time.perf_counter() - t < 5 and max(seen) <= 2 * data.text_char_cap(tok, 64) == 128 * tok.max_token_chars
+    assert time.perf_counter() - t < 5 and max(seen) <= 2 * tok.char_cap(64) == 128 * tok.max_token_chars
     assert (stats.dropped_too_long, stats.tokenized, stats.truncated_prompt) == (1, 1, 1)
     # the same tokens as tokenising the whole prompt, then cutting it
     exact = data.truncate_pair(long_prompt, tok.encode(long_prompt.prompt), tok.encode(long_prompt.chosen),
@@ -622,3 +625,12 @@ def test_a_comma_splits_a_string_only_when_it_is_not_a_path(tmp_path):
     assert [p.chosen for p in data.load_pairs(comma)] == [" c0"]
     assert [p.source for p in data.load_pairs([comma, other])] == [comma, other]
     assert [p.chosen for p in data.load_pairs(f"{other},{other}")] == [" c1", " c1"]  # not a path: two sources
+
+
+def test_imports_are_light_and_without_circles():
+    """`from rm import RewardModel` loads neither pyarrow nor jinja2 nor data.py, and support/demo.py does
+    not need data.py (no data <-> demo knot)."""
+    code = ("import sys; from rm import RewardModel; import support.demo; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'pyarrow', 'jinja2', 'data'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

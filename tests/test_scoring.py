@@ -27,7 +27,7 @@ RESPONSES = [" The capital of France is Paris.", " Paris.", " Hello! How can I h
 @pytest.fixture(scope="module")
 def bpe_tok(tmp_path_factory):
     """test_chat's byte-level BPE with Qwen3's special tokens and chat template: merges cross word parts."""
-    from data import Tokenizer
+    from support.tokenizer import Tokenizer
     return Tokenizer.from_dir(str(make_model_dir(tmp_path_factory.mktemp("bpe"))))
 
 
@@ -204,7 +204,7 @@ def test_score_memory_is_bounded_for_a_5mb_text(tmp_path):
     script = f"""
 import resource, sys, torch, dataclasses
 sys.path.insert(0, {str(ROOT)!r})
-from data import Tokenizer
+from support.tokenizer import Tokenizer
 from qwen3 import CONFIGS
 from rm import RewardModel
 tok = Tokenizer.from_dir({str(tmp_path / 'tok')!r})

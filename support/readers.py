@@ -1,0 +1,184 @@
+"""Data files -> rows: each reader streams dicts of a file's layout columns, or a Skip saying why a line
+is not a row. data.py turns the rows into Pairs.
+
+- Formats: .parquet (a batch of rows at a time, only the needed columns), .jsonl and .jsonl.gz (line by
+  line), .json (a JSON list, parsed whole: use jsonl for big files; jsonl content in a .json file streams).
+- Memory is bounded before anything is parsed: a jsonl line or parquet row over MAX_ROW_BYTES is skipped
+  ("row too large") without being held whole, and a JSON list file over MAX_JSON_LIST_BYTES is refused.
+- A jsonl/json row is read by its own keys: files cat-ed together may mix layouts (plain and
+  conversational rows, with or without a prompt).
+- A UTF-8 byte order mark at the start of a file is accepted; a corrupt file is a UserError naming it.
+- Fingerprints: which local files a source reads, with their size and mtime (train.py notices a changed
+  file on resume).
+- pyarrow loads when a parquet file is read, not at import.
+"""
+import gzip
+import json
+import os
+import zlib
+from typing import Iterator, NamedTuple
+
+from support import hub
+from support.errors import UserError
+
+ASSISTANT = "\n\nAssistant:"  # hh-rlhf turn marker; prompts end with it (data.split_transcripts, the demo)
+PARQUET_BATCH_ROWS = 64       # parquet rows decoded at a time
+MAX_ROW_BYTES = 16 << 20      # a jsonl line / parquet row's text: 3 texts of over 1M tokens each, even escaped
+MAX_JSON_LIST_BYTES = 64 << 20  # a JSON list is parsed whole: ~5x its size in Python objects
+SKIP_CHUNK = 1 << 20          # an over-long line is skipped this many bytes at a time
+BOM = b"\xef\xbb\xbf"         # a UTF-8 byte order mark, which some editors write at the start of a file
+
+
+class Skip(NamedTuple):
+    """A row that does not become a Pair, and why: "empty field" (null, missing or blank), "not a string"
+    (e.g. a number), "bad margin", "chosen == rejected", "no shared prompt", "empty response",
+    "row too large" (over MAX_ROW_BYTES), and for jsonl "unparsable line" (also nested too deeply for
+    Python's parser) / "not an object"."""
+    reason: str
+
+
+def read_file(path: str) -> Iterator[dict | Skip]:
+    if path.endswith(".parquet"):
+        return read_parquet(path)
+    if path.endswith(".json"):
+        return read_json_rows(path)
+    return read_jsonl(path)
+
+
+def row_columns(keys) -> list[str] | None:
+    """The columns to read for a row's (or file's) layout; None if it has neither layout."""
+    names = set(keys)
+    if {"prompt", "chosen", "rejected"} <= names:
+        columns = ["prompt", "chosen", "rejected"]
+    elif {"chosen", "rejected"} <= names:
+        columns = ["chosen", "rejected"]
+    else:
+        return None
+    return columns + ["margin"] if "margin" in names else columns
+
+
+def layout_columns(found: list[str], path: str) -> list[str]:
+    """The columns to read for the file's layout; a UserError if it has neither layout."""
+    columns = row_columns(found)
+    if columns is None:
+        raise UserError(f"{path}: has columns {sorted(set(found))}, expected prompt, chosen, rejected "
+                        f"(or chosen, rejected holding whole hh-rlhf transcripts); rename the columns")
+    return columns
+
+
+def read_parquet(path: str) -> Iterator[dict | Skip]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        # pyarrow's defaults (pre_buffer=True, decoding threads) keep what was read cached, so memory
+        # grows with the file; without them it stays flat (figures in BENCHMARKS.md)
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        columns = layout_columns(pf.schema_arrow.names, path)  # read only these
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, use_threads=False):
+            fits = row_bytes(batch) <= MAX_ROW_BYTES  # measured in Arrow: a huge cell never becomes a str
+            yield from [Skip("row too large")] * int((~fits).sum())
+            batch = batch.filter(pa.array(fits)) if not fits.all() else batch
+            values = [batch.column(c).to_pylist() for c in columns]
+            for row in zip(*values):
+                yield dict(zip(columns, row))
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({e}); re-download or rewrite it") from None
+
+
+def row_bytes(batch) -> "np.ndarray":
+    """The bytes of text in each row of a pyarrow RecordBatch (string columns; nulls count 0)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    for column in batch.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            total += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+    return total
+
+
+def read_jsonl(path: str) -> Iterator[dict | Skip]:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            yield from object_rows(json_lines(f), path)
+    except (OSError, EOFError, zlib.error) as e:  # corrupt or truncated gzip
+        raise UserError(f"{path}: can't read it to the end ({e}); the file is corrupt or truncated, "
+                        f"re-download it") from None
+
+
+def read_json_rows(path: str) -> Iterator[dict | Skip]:
+    """The rows of a .json file: a JSON list of objects, parsed whole (bounded), or jsonl content."""
+    with open(path, "rb") as f:
+        is_list = f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
+    if not is_list:  # jsonl content in a .json file
+        yield from read_jsonl(path)
+        return
+    size = os.path.getsize(path)
+    if size > MAX_JSON_LIST_BYTES:
+        raise UserError(f"{path}: a JSON list is parsed whole and this one is {size / 2**20:.0f} MiB (the limit is "
+                        f"{MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl), which streams: "
+                        f"jq -c '.[]' {path} > {path.removesuffix('.json')}.jsonl") from None
+    try:
+        with open(path, "rb") as f:
+            objs = json.load(f)  # a JSON list can only be parsed whole; bytes in: a UTF-8 BOM is accepted
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: invalid JSON ({e}); fix it or write one object per line (.jsonl)") from None
+    yield from object_rows(objs, path)
+
+
+def bounded_lines(f, limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary file, or None for a line over `limit` bytes: only its first limit + 1 bytes
+    are read at once, the rest is skipped SKIP_CHUNK bytes at a time, so memory stays bounded."""
+    while line := f.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := f.readline(SKIP_CHUNK)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def json_lines(f) -> Iterator:
+    """The JSON value of each non-blank line (at most MAX_ROW_BYTES), or the Skip saying why not."""
+    for line in bounded_lines(f, MAX_ROW_BYTES):
+        if line is None:
+            yield Skip("row too large")
+        elif line.strip():
+            try:
+                yield json.loads(line)  # bytes in: bad UTF-8 is a ValueError too, a BOM is accepted
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
+                yield Skip("unparsable line")
+
+
+def object_rows(objects, path: str) -> Iterator[dict | Skip]:
+    """Parsed JSON values -> rows of the needed columns, each read by its own keys (files cat-ed together
+    mix layouts). The first object decides whether the file has a layout at all (a UserError if not); a
+    later object without one keeps the first's columns, its missing fields counted as empty."""
+    first = None
+    for obj in objects:
+        if isinstance(obj, Skip):
+            yield obj
+        elif not isinstance(obj, dict):
+            yield Skip("not an object")
+        else:
+            columns = row_columns(obj) or first or layout_columns(list(obj), path)
+            first = first or columns
+            yield {c: obj.get(c) for c in columns}
+
+
+# -----------------------------------------------------------------------------
+# What a source reads, to notice a changed file on resume
+
+def source_files(source: str, split: str) -> set[str]:
+    """What a source reads for `split`, comparable across sources without reading or downloading: local
+    files by their real path, a Hub dataset or the demo by name and split."""
+    if source != "demo" and hub.is_local_source(source):
+        return {os.path.realpath(p) for p in hub.local_files(source, split)}
+    return {f"{source} ({split})"}
+
+
+def file_fingerprints(sources: list[str], split: str) -> dict[str, list[int]]:
+    """{real path: [size in bytes, mtime in ns]} of the local files of `sources`."""
+    files = set().union(*(source_files(s, split) for s in sources))
+    return {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(files) if os.path.isfile(f)}

@@ -1,0 +1,112 @@
+"""Stream a preference data source and report what was read, skipped and kept, and the peak memory growth.
+
+    python -m tools.inspect_data SOURCE [--split test] [--max-samples N]
+    python -m tools.inspect_data SOURCE --model DIR [--max_length 1024] [--show N]
+
+SOURCE is what train.py's --dataset takes (demo, a Hub dataset id, a local file, directory or glob).
+With --model, every pair is tokenised as training would (max_length cuts prompts from the left and drops
+pairs whose response does not fit: counted) and --show N prints the first N pairs as the model reads
+them, with their token counts. What the tokenizer is given is bounded (Tokenizer.char_cap), and a shown
+text over SHOW_CHARS characters is elided in its middle, so a 12 MB row costs neither memory nor a
+terminal full of text.
+"""
+import json
+
+import data
+from support import chat
+from support.errors import ArgumentParser, UserError, run_cli
+from support.tokenizer import Tokenizer
+
+SHOW_CHARS = 2000  # a shown text keeps its first and last SHOW_CHARS // 2 characters
+
+
+def rss_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise UserError(f"can't read {key} from /proc/self/status; memory reporting needs Linux")
+
+
+def reset_peak_rss():
+    """Reset the peak RSS counter (Linux >= 4.0) so that VmHWM measures only the reading."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Stream a preference data source; print what was read, "
+                                        "skipped and kept, and the peak memory growth.")
+    parser.add_argument("source", help="demo, a Hub dataset id, or a local file/directory/glob")
+    parser.add_argument("--split", default="train", help="train or test (default: train)")
+    parser.add_argument("--max-samples", type=int, default=None, help="stop after this many pairs")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a model directory: its tokenizer counts tokens and its chat template renders "
+                             "conversational rows")
+    parser.add_argument("--max_length", type=int, default=1024,
+                        help="with --model: tokens per sequence, as train.py's --max_length (default: 1024)")
+    parser.add_argument("--chat_template", default="auto", metavar="auto|none|PATH",
+                        help="conversational rows: auto (the --model's template), none, or a .jinja file")
+    parser.add_argument("--show", type=int, default=0, metavar="N",
+                        help="print the first N pairs as the model reads them: prompt, chosen, rejected texts")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tok = Tokenizer.from_dir(args.model) if args.model else None
+    if tok is not None:
+        chat_format = tok.chat_format(args.chat_template)
+    else:
+        template = None if args.chat_template in ("auto", "none") else chat.load_chat_template(None, args.chat_template)
+        chat_format = chat.ChatFormat(template, why_none="none was given; pass --model DIR or --chat_template PATH")
+    import pyarrow.parquet  # noqa: F401 (loaded now, not while reading: the growth is the reading's)
+    reset_peak_rss()
+    before = rss_mib("VmRSS")
+    stats = data.DataStats()
+    for n, pair in enumerate(data.iter_pairs(args.source, args.split, stats, chat_format), 1):
+        item = data.tokenize_pair(tok, pair, args.max_length, stats) if tok is not None else None
+        if n <= args.show:
+            show_pair(n, pair, tok, item, args.max_length)
+        if args.max_samples is not None and n >= args.max_samples:
+            break
+    report = stats.report()
+    if tok is None:  # nothing was tokenised: say so instead of counting zeros
+        for key in ("tokenized", "truncated_prompt", "dropped_too_long"):
+            report.pop(key)
+    print(json.dumps(report, indent=1))
+    print(f"peak RSS growth while reading: {rss_mib('VmHWM') - before:.1f} MiB")
+
+
+def shown(text: str) -> str:
+    """repr of the text (newlines and special tokens show), its middle elided past SHOW_CHARS."""
+    if len(text) <= SHOW_CHARS:
+        return repr(text)
+    half = SHOW_CHARS // 2
+    return f"{text[:half]!r} ... ({len(text) - 2 * half:,} characters) ... {text[-half:]!r}"
+
+
+def show_pair(n: int, pair: data.Pair, tok: Tokenizer | None, item: data.TokenizedPair | None, max_length: int):
+    """One pair as the model reads it, with token counts (after max_length's cut) when there is a tokenizer."""
+    print(f"--- pair {n} ({pair.source}{'' if pair.margin is None else f', margin {pair.margin}'})")
+    if tok is None:
+        counts = ("", "", "")
+    elif item is None:
+        counts = ("", f" (dropped: the longer response does not fit in --max_length {max_length})", "")
+    else:
+        counts = [f" ({k} tokens)" for k in (item.prompt_len, item.chosen_response_len, item.rejected_response_len)]
+    for name, text, count in zip(("prompt", "chosen", "rejected"), (pair.prompt, pair.chosen, pair.rejected), counts):
+        print(f"{name}{count}: {shown(text)}")
+    if not pair.eos:
+        print("then: nothing (a chat-template rendering ends as the template says)")
+    elif tok is not None:
+        print(f"then: {tok.eos_token!r}, unless the text ends with it already or eos == pad")
+
+
+if __name__ == "__main__":
+    run_cli(main)

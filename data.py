@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from support import chat, demo, hub, readers, tokenizer
+from support import demo, hub, readers, tokenizer
 from support.errors import UserError
 
 ENCODE_CHUNK = 1024           # pairs the tokenizer encodes in one call (it runs them in parallel)
@@ -122,7 +122,7 @@ def parse_margin(value) -> float | None:
     return margin if math.isfinite(margin) and abs(margin) <= 3.4e38 else math.nan
 
 
-def make_pair(row: dict, source: str, chat_format: chat.ChatFormat | None = None) -> Pair | readers.Skip:
+def make_pair(row: dict, source: str, chat_format: "chat.ChatFormat | None" = None) -> Pair | readers.Skip:
     """One row of a file's layout ("prompt" among its keys or not decides which) -> Pair, or Skip(reason).
 
     With a prompt column, whole texts (chosen and rejected both starting with the prompt) lose it. A row
@@ -157,11 +157,12 @@ def make_pair(row: dict, source: str, chat_format: chat.ChatFormat | None = None
     return Pair(prompt, chosen, rejected, margin, source)
 
 
-def conversation_pair(row: dict, source: str, chat_format: chat.ChatFormat | None) -> Pair | readers.Skip:
+def conversation_pair(row: dict, source: str, chat_format: "chat.ChatFormat | None") -> Pair | readers.Skip:
     """A row of message lists -> Pair of texts rendered with the chat template (chat.conversation_pair:
     the prompt is the messages chosen and rejected share, or the row's prompt), marked eos=False: TRL
     feeds the rendering as it is. No template is a UserError saying what to do."""
     if chat_format is None:
+        from support import chat  # here: jinja2 loads with the first conversation, not with data.py
         chat_format = chat.ChatFormat(None, why_none="no chat template was given")
     margin = parse_margin(row.get("margin"))
     if margin is not None and math.isnan(margin):
@@ -174,7 +175,7 @@ def conversation_pair(row: dict, source: str, chat_format: chat.ChatFormat | Non
 # Sources -> pairs
 
 def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None,
-               chat_format: chat.ChatFormat | None = None) -> Iterator[Pair]:
+               chat_format: "chat.ChatFormat | None" = None) -> Iterator[Pair]:
     """Stream the pairs of one source. The files are found now (errors show at once), read lazily.
     chat_format renders conversational rows (Tokenizer.chat_format)."""
     stats = stats if stats is not None else DataStats()
@@ -197,7 +198,7 @@ def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None
 
 
 def load_pairs(sources: str | list[str], split: str = "train", max_samples: int | None = None,
-               stats: DataStats | None = None, chat_format: chat.ChatFormat | None = None) -> list[Pair]:
+               stats: DataStats | None = None, chat_format: "chat.ChatFormat | None" = None) -> list[Pair]:
     """Pairs of one or several sources (a list, or "a,b"), interleaved round-robin so that
     max_samples takes from all of them; each Pair keeps its source. The first max_samples in file
     order, not a random sample: batch_order shuffles. A list is taken as given (a file name may hold a

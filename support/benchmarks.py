@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support import hub
+from support import hub, readers
 from support.errors import UserError
 from support.fileio import write_json_atomic, write_text_atomic
 
@@ -94,7 +94,7 @@ class Example:
 
 
 # ----------------------------------------------------------------------------------------------
-# Files -> examples (bounded as data.py bounds training data)
+# Files -> examples (bounded as support/readers.py bounds training data)
 
 
 def benchmark_files(name: str, source: str) -> list[str]:
@@ -146,14 +146,13 @@ def make_example(row: dict, layout: Layout) -> Example | str:
 
 def read_rows(path: str, columns: tuple, name: str):
     """Rows {column: value} of a parquet, jsonl(.gz) or json file, or a skip reason (str) per bad row: rows
-    over data.MAX_ROW_BYTES, unparsable lines, non-objects. A missing column is one line."""
-    import data  # the bounded readers and their limits
+    over readers.MAX_ROW_BYTES, unparsable lines, non-objects. A missing column is one line."""
     if path.endswith(".parquet"):
         yield from read_parquet_rows(path, columns, name)
         return
     first = True
     for obj in json_objects(path):
-        if isinstance(obj, data.Skip):
+        if isinstance(obj, readers.Skip):
             yield obj.reason
         elif not isinstance(obj, dict):
             yield "not an object"
@@ -165,19 +164,18 @@ def read_rows(path: str, columns: tuple, name: str):
 
 
 def json_objects(path: str):
-    """The values of a jsonl(.gz) file, line by line (data.json_lines: a line over MAX_ROW_BYTES is a Skip),
-    or of a .json list, parsed whole once its size is checked against data.MAX_JSON_LIST_BYTES."""
-    import data
+    """The values of a jsonl(.gz) file, line by line (readers.json_lines: a line over MAX_ROW_BYTES is a Skip),
+    or of a .json list, parsed whole once its size is checked against readers.MAX_JSON_LIST_BYTES."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            if not (path.endswith(".json") and f.read(4096).removeprefix(data.BOM).lstrip().startswith(b"[")):
+            if not (path.endswith(".json") and f.read(4096).removeprefix(readers.BOM).lstrip().startswith(b"[")):
                 f.seek(0)
-                yield from data.json_lines(f)
+                yield from readers.json_lines(f)
                 return
         size = os.path.getsize(path)
-        if size > data.MAX_JSON_LIST_BYTES:
+        if size > readers.MAX_JSON_LIST_BYTES:
             raise UserError(f"{path}: a JSON list is parsed whole and this one is {size >> 20} MiB (the limit is "
-                            f"{data.MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl)")
+                            f"{readers.MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl)")
         with open(path, "rb") as f:
             objects = json.load(f)
         yield from objects if isinstance(objects, list) else [objects]
@@ -195,14 +193,13 @@ def check_columns(found: list, columns: tuple, path: str, name: str):
 
 
 def read_parquet_rows(path: str, columns: tuple, name: str):
-    import data
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         check_columns(pf.schema_arrow.names, columns, path, name)
-        for batch in pf.iter_batches(batch_size=data.PARQUET_BATCH_ROWS, columns=list(columns), use_threads=False):
+        for batch in pf.iter_batches(batch_size=readers.PARQUET_BATCH_ROWS, columns=list(columns), use_threads=False):
             size = np.zeros(batch.num_rows, dtype=np.int64)
             for column in batch.columns:   # text bytes per row, list<string> columns (RewardBench 2) too
                 if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
@@ -212,7 +209,7 @@ def read_parquet_rows(path: str, columns: tuple, name: str):
                 elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                     size += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
             values = [batch.column(c).to_pylist() for c in columns]
-            for fits, row in zip(size <= data.MAX_ROW_BYTES, zip(*values)):
+            for fits, row in zip(size <= readers.MAX_ROW_BYTES, zip(*values)):
                 yield dict(zip(columns, row)) if fits else "row too large"
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable parquet file ({e}); re-download it") from None

@@ -271,7 +271,7 @@ def collate_shared(items: list[TokenizedPair], pad_id: int) -> Batch:
 
 def share_padded(seqs: list[list[int]], groups: list[list[int]], pad_id: int) -> tuple:
     """Sequences -> (input_ids (1, n) holding each group's shared prefix once, a Layout whose sequence layout
-    is the right-padded rows (N, T) of data.pad_rows)."""
+    is the right-padded rows (N, T) of support.tokenizer.pad_rows)."""
     padded_ids, attention_mask = pad_rows(seqs, pad_id)
     N, T = padded_ids.shape
     rows = torch.arange(N)[:, None].expand(N, T)

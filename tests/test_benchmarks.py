@@ -179,7 +179,7 @@ def test_rendering_is_the_transcript_or_the_chat_template(model_dir, tmp_path, c
     assert texts[0] in capsys.readouterr().out  # --show 1
     # a model with a chat template (test_chat's Qwen3 template and BPE tokenizer)
     chat_dir = make_model_dir(tmp_path / "chat")
-    from data import Tokenizer
+    from support.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(str(chat_dir))
     config = dataclasses.replace(CONFIGS["tiny"], vocab_size=512)
     torch.manual_seed(1)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import data
-from support import packing
+from support import packing, tokenizer
 import qwen3
 from support.errors import ArgumentParser, UserError, run_cli
 from support.lora import TARGETS, add_lora, check_options
@@ -488,7 +488,7 @@ def bench_best_of_n(args, device) -> dict:
         prompt = rng.integers(0, pad_id, args.prompt_length).tolist()
         seqs = [prompt + rng.integers(0, pad_id, int(args.response_length * rng.uniform(0.8, 1.2))).tolist()
                 for _ in range(n)]
-        full_ids, mask = data.pad_rows(seqs, pad_id)
+        full_ids, mask = tokenizer.pad_rows(seqs, pad_id)
         shared_ids, layout = packing.collate_responses(seqs, pad_id)
         ways = {"full texts": lambda: model(full_ids.to(device), mask.to(device)),
                 "prompt once": lambda: model(shared_ids.to(device), layout=layout.to(device))}

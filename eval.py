@@ -431,6 +431,8 @@ def parse_args(argv=None):
     if args.plots is not None:
         if Path(args.plots).exists() and not Path(args.plots).is_dir():
             raise UserError(f"--plots {args.plots} is a file; give a directory for the PNGs")
+        # now, not after scoring and the report: a path under a file, or unwritable, fails here
+        check_writable(Path(args.plots), f"the plots to --plots {args.plots}", "give a writable directory for the PNGs")
         try:
             import matplotlib  # noqa: F401
         except ImportError:

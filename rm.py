@@ -118,7 +118,8 @@ SAVED_SETTINGS = {"max_length": ("a whole number >= 2", lambda v: type(v) is int
                   "share_prompt": ("true or false", lambda v: type(v) is bool),
                   "dataset": ("a name or a list of names", names),
                   "eval_dataset": ("a name or a list of names", names),
-                  "reward_stats": ('{"mean", "std" > 0, "n"}', scoring.valid_stats)}
+                  "reward_stats": ('{"mean", "std" > 0, "n"}', scoring.valid_stats),
+                  "eval_fraction": ("a number between 0 and 1", lambda v: type(v) in (int, float) and 0 < v < 1)}
 
 
 def reward_model_config(raw_config: dict, where) -> dict | None:

@@ -26,6 +26,7 @@ import random
 import re
 import shlex
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -59,8 +60,10 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool):
     once the data and the model have loaded), so a run that fails on bad input writes nothing."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a directory")
-    if (out / LOCK).is_file() and str(out.resolve()) not in _held:  # opened, not created: writes nothing
-        os.close(lock_output_dir(out, os.open(out / LOCK, os.O_RDONLY)))
+    if str(out.resolve()) not in _held:  # opened if there, never created: writes nothing
+        fd = open_lock(out, create=False)
+        if fd is not None:
+            os.close(lock_output_dir(out, fd))
     ours = run_files(out)
     if "final_model" in ours and not resume and not overwrite:
         raise UserError(f"--output_dir {out} holds a finished run (final_model/ is there); pass "
@@ -98,6 +101,43 @@ LOCK = ".lock"
 _held: dict[str, int] = {}  # this process's locks (a second train() in one process reuses its own)
 
 
+def open_lock(out: Path, create: bool) -> int | None:
+    """A descriptor open for writing on out/.lock, or None if there is none and `create` is False. Only a
+    regular file is opened, never followed through a link (a .lock linking elsewhere would have that file
+    truncated) and never blocking (a FIFO); anything else, or a lock this user cannot open (another
+    user's), is refused in one line naming the lock."""
+    lock = out / LOCK
+    fix = f"remove it (if no train.py uses {out}) or choose another --output_dir"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0),
+                     0o644)
+    except (FileNotFoundError, NotADirectoryError):  # no lock (yet): the probe says if out can be made
+        if create:
+            raise
+        return None
+    except OSError as e:  # ELOOP: a symbolic link; EISDIR: a directory; EACCES: another user's lock; ENXIO: a socket
+        if os.path.lexists(lock) and not stat.S_ISREG(os.lstat(lock).st_mode):
+            raise UserError(f"--output_dir {out}: its lock file {lock} is {file_kind(os.lstat(lock).st_mode)}, "
+                            f"not the file train.py writes there; {fix}") from None
+        raise UserError(f"--output_dir {out}: cannot open its lock file {lock} ({e.strerror}): it may belong to "
+                        f"another user's run; {fix}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device opens without O_NOFOLLOW's refusal
+        kind = file_kind(os.fstat(fd).st_mode)
+        os.close(fd)
+        raise UserError(f"--output_dir {out}: its lock file {lock} is {kind}, not the file train.py writes there; "
+                        f"{fix}")
+    return fd
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, words in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
 def lock_output_dir(out: Path, fd: int) -> int:
     """flock `fd` (open on out/.lock) or refuse in one line naming the holder; returns `fd`."""
     try:
@@ -114,7 +154,7 @@ def take_output_dir(out: Path):
     """Lock `out` for this run (rank 0 only), and write our process id into the lock file for the message."""
     key = str(out.resolve())
     if key not in _held:
-        fd = lock_output_dir(out, os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644))
+        fd = lock_output_dir(out, open_lock(out, create=True))
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held[key] = fd
@@ -194,13 +234,13 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 def find_resume_checkpoint(resume: str, out: Path) -> Path:
     """--resume alone or --resume latest: the newest complete checkpoint in `out`; else the given one."""
+    if (out / "final_model").is_dir():  # its checkpoints may remain: resuming one would train it again
+        raise UserError(f"--resume: the run in {out} is complete (final_model/ is there), there is "
+                        "nothing to continue; pass --overwrite_output_dir to train it again, or "
+                        "choose another --output_dir")
     if resume == "latest":
         ckpts = checkpoint_dirs(out)
         if not ckpts:
-            if (out / "final_model").is_dir():
-                raise UserError(f"--resume: the run in {out} is complete (final_model/ is there), there is "
-                                "nothing to continue; pass --overwrite_output_dir to train it again, or "
-                                "choose another --output_dir")
             if run_files(out):  # a run that stopped before its first checkpoint: nothing to continue
                 raise UserError(f"--resume: {out} holds a run but no complete checkpoint to resume from "
                                 f"(it stopped before its first one); start it again with --overwrite_output_dir")
@@ -227,8 +267,9 @@ def set_rng_states(s: dict):
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and torch.cuda.is_available():  # a run moved to fewer GPUs: the ones it has
+        for i, state in enumerate(s["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
 
 
 # ---- the training state without pickle: tensors in safetensors, everything else in JSON ---------------
@@ -266,20 +307,32 @@ def flatten_state(obj, tensors: dict, path: str = "s", seen: dict | None = None)
     raise TypeError(f"cannot store {type(obj).__name__} at {path} without pickle")
 
 
-def unflatten_state(tree, tensors: dict):
+def unflatten_state(tree, tensors: dict, arrays: dict | None = None):
+    """The nest flatten_state stored. A tensor named twice is the same object; an array is converted once
+    and only to numpy's RNG key dtype, so no reference or dtype in the JSON can make it allocate more than
+    optimizer.safetensors holds."""
+    arrays = {} if arrays is None else arrays
     if isinstance(tree, list):
-        return [unflatten_state(v, tensors) for v in tree]
+        return [unflatten_state(v, tensors, arrays) for v in tree]
     if not isinstance(tree, dict):
         return tree
     if TENSOR in tree:
         return tensors[tree[TENSOR]]
     if ARRAY in tree:
-        return tensors[tree[ARRAY]].numpy().astype(np.dtype(tree["dtype"]))
+        if tree.get("dtype") != "uint32" or tensors[tree[ARRAY]].dtype != torch.int64:
+            raise HandEdited(f"array {tree[ARRAY]!r:.60} of dtype {tree.get('dtype')!r:.30}: only numpy's uint32 "
+                             "RNG key is stored as an array")
+        if tree[ARRAY] not in arrays:
+            key = tensors[tree[ARRAY]]
+            if key.numel() and not (0 <= key.min() and key.max() < 2**32):
+                raise HandEdited(f"array {tree[ARRAY]!r:.60} holds values outside uint32")
+            arrays[tree[ARRAY]] = key.numpy().astype(np.uint32)
+        return arrays[tree[ARRAY]]
     if TUPLE in tree:
-        return tuple(unflatten_state(v, tensors) for v in tree[TUPLE])
+        return tuple(unflatten_state(v, tensors, arrays) for v in tree[TUPLE])
     if INT_KEYS in tree:
-        return {int(k): unflatten_state(v, tensors) for k, v in tree[INT_KEYS].items()}
-    return {k: unflatten_state(v, tensors) for k, v in tree.items()}
+        return {int(k): unflatten_state(v, tensors, arrays) for k, v in tree[INT_KEYS].items()}
+    return {k: unflatten_state(v, tensors, arrays) for k, v in tree.items()}
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, scheduler, trainer_state: dict,
@@ -290,14 +343,23 @@ def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, schedule
     from safetensors.torch import save_file
     final = out / f"checkpoint_step_{step}"
     tensors = {}
-    tree = flatten_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states()},
-                         tensors)
+    tree = flatten_state({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                          "rng": rng_states()}, tensors)
+    lora = bool(getattr(model, "lora_config", None))  # LoRA: adapters and head only; the base is not copied
+    # Each part records its step (adapter_config.json, model/config.json's "reward_model", optimizer.json),
+    # so a part moved in from another checkpoint is refused on --resume (check_part_steps).
+    settings = "lora_config" if lora else "provenance"
+    kept = getattr(model, settings)
     with disk_errors(final):
         with atomic_dir(final) as tmp:
-            if getattr(model, "lora_config", None):  # LoRA: adapters and head only; the base is not copied
-                save_adapters(model, tmp / "adapters")
-            else:
-                model.save_pretrained(tmp / "model")
+            setattr(model, settings, {**kept, "checkpoint_step": step})
+            try:
+                if lora:
+                    save_adapters(model, tmp / "adapters")
+                else:
+                    model.save_pretrained(tmp / "model")
+            finally:
+                setattr(model, settings, kept)
             save_file(tensors, tmp / "optimizer.safetensors")
             write_json(tmp / "optimizer.json", tree)
             write_json(tmp / "trainer_state.json", trainer_state)
@@ -307,25 +369,83 @@ def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, schedule
 
 
 def read_trainer_state(path: Path) -> dict:
-    """A checkpoint's trainer_state.json, checked to hold what train.py writes there."""
+    """A checkpoint's trainer_state.json, checked to hold what train.py writes there, every field; and
+    each part of the checkpoint checked to belong to its step (check_part_steps)."""
+    file = path / "trainer_state.json"
     try:
-        state = json.loads(read_bounded(path / "trainer_state.json", 2**20))
-        if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and all(
-                isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "step_batch"))
-                and isinstance(state.get("best_accuracy"), (int, float))):
-            raise ValueError("not the fields train.py writes")
-    except Exception as e:  # empty, cut short, not JSON, too deep, other fields: never a traceback
-        raise unreadable(path / "trainer_state.json", e) from None
+        state = json.loads(read_bounded(file, 2**20))
+    except Exception as e:  # empty, cut short, not JSON, too deep: never a traceback
+        raise unreadable(file, e) from None
+    try:
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+            raise HandEdited("not the fields train.py writes")
+        for key, low in (("step", 0), ("step_batch", 0), ("total_steps", 1), ("world_size", 1)):
+            whole_number(state.get(key), key, low, 2**62)
+        accuracy = state.get("best_accuracy")
+        if type(accuracy) not in (int, float) or not -1 <= accuracy <= 1:  # NaN fails too
+            raise HandEdited(f"best_accuracy {accuracy!r:.40} is not a number from -1 to 1")
+        check_data_record(state.get("data"))
+    except HandEdited as e:
+        raise unreadable(file, e) from None
+    check_part_steps(path, state["step"])
     return state
+
+
+class HandEdited(ValueError):
+    """A checkpoint file that parses, but holds something train.py never writes there."""
+
+
+def whole_number(value, what: str, low: int, high: int) -> int:
+    """`value` as an int if it is a whole number from low to high (a float such as 3.0 counts), else HandEdited."""
+    if type(value) is float and value.is_integer() or type(value) is int:
+        if low <= value <= high:
+            return int(value)
+    raise HandEdited(f"{what} {value!r:.40} is not a whole number from {low} to {high}")
+
+
+def check_data_record(data):
+    """trainer_state.json's "data" (load_data's record of the training pairs read), or None (older runs)."""
+    if data is None:
+        return
+    if not (isinstance(data, dict) and data.keys() == {"train_pairs", "train_digest", "files"}
+            and type(data["train_pairs"]) is int and isinstance(data["train_digest"], str)
+            and isinstance(data["files"], dict)
+            and all(isinstance(v, list) and len(v) == 2 and all(type(x) in (int, float) for x in v)
+                    for v in data["files"].values())):
+        raise HandEdited(f"data {json.dumps(data)[:80]} is not the record of the training pairs train.py writes")
+
+
+def check_part_steps(path: Path, step: int):
+    """The model or the adapters of checkpoint `path` must record its step: a part moved in from another
+    checkpoint would resume silently with the wrong weights."""
+    lora = (path / "adapters").is_dir()
+    file = path / ("adapters/adapter_config.json" if lora else "model/config.json")
+    if not file.is_file():
+        raise unreadable(file, FileNotFoundError())
+    try:
+        config = json.loads(read_bounded(file, 2**20))
+        recorded = (config if lora else config.get("reward_model") or {}).get("checkpoint_step")
+    except Exception as e:
+        raise unreadable(file, e) from None
+    if type(recorded) is not int or recorded != step:
+        raise unreadable(file, HandEdited(
+            f"it belongs to step {recorded!r:.20}, not to this checkpoint's step {step}: moved in from another "
+            "checkpoint" if recorded is not None else "it records no checkpoint step"))
 
 
 def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_state):
     """Put the optimizer, scheduler and RNG states saved in `path` back, read without pickle. What is read
     is bounded first by what `optimizer` can hold: the JSON's size, and the number and bytes of the tensors
-    (from the safetensors header, before any data; Adam keeps two moments per parameter)."""
+    (from the safetensors header, before any data; Adam keeps two moments per parameter).
+    A checkpoint holds state, never settings: every hyperparameter and flag (betas, amsgrad, maximize, ...)
+    and the schedule come from `optimizer` and `scheduler` as this run built them. The files supply only
+    tensors of exactly the shapes and dtypes this optimizer holds, step counters that are whole numbers
+    within range, and RNG states of the exact form each generator uses. All of it is checked before
+    anything is loaded (and before the run writes anything); anything else is refused in one line."""
     from safetensors.torch import load_file
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_tensors, max_bytes = 8 * len(params) + 64, 8 * sum(p.numel() for p in params) + 2**14 * len(params) + 2**20
+    step = read_trainer_state(path)["step"]
     name = "optimizer.safetensors"
     try:
         with open(path / name, "rb") as f:
@@ -336,21 +456,149 @@ def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_stat
         tensors = load_file(path / name)
         name = "optimizer.json"
         saved = unflatten_state(json.loads(read_bounded(path / name, 2**20 + 2**12 * len(params))), tensors)
-        if not (isinstance(saved, dict) and saved.keys() == {"optimizer", "scheduler", "rng"}
-                and saved["scheduler"].keys() == scheduler.state_dict().keys()):
-            raise ValueError("not the fields train.py writes")
-        name = "optimizer.safetensors and optimizer.json"  # they hold another model's state, or are corrupt
-        load_optimizer_state(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_states(saved["rng"])
+        if not (isinstance(saved, dict) and saved.keys() == {"step", "optimizer", "scheduler", "rng"}):
+            raise HandEdited("not the fields train.py writes")
+        if type(saved["step"]) is not int or saved["step"] != step:
+            raise HandEdited(f"it belongs to step {saved['step']!r:.20}, not to this checkpoint's step {step}: "
+                             "moved in from another checkpoint")
+        optimizer_state = checked_optimizer_state(saved["optimizer"], optimizer, step)
+        scheduler_state = checked_scheduler_state(saved["scheduler"], scheduler, step)
+        rng = checked_rng_states(saved["rng"])
     except Exception as e:
         raise unreadable(path / name, e) from None
+    try:  # all checked above: what can still fail here is another model's state under FSDP
+        load_optimizer_state(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        set_rng_states(rng)
+    except Exception as e:
+        raise unreadable(path / "optimizer.safetensors and optimizer.json", e) from None
+
+
+# The optimizer's state, per parameter: what each kind holds. Second moments, bitsandbytes' block maxima
+# and update norms are never negative; no state is inf or NaN.
+NONNEGATIVE = {"exp_avg_sq", "max_exp_avg_sq", "state2", "absmax1", "absmax2", "unorm_vec"}
+
+
+def expected_state(optimizer, group: dict, gindex: int, pindex: int, p) -> dict:
+    """{name: (shape, dtype)} of the state `optimizer` keeps for parameter `p` (index pindex of group
+    gindex), and "step": the form of its counter, a 0-dim float32 tensor (torch AdamW) or int (bitsandbytes)."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+        return {"step": ((), torch.float32), **{k: (tuple(p.shape), p.dtype) for k in moments}}
+    if hasattr(optimizer, "get_config") and hasattr(optimizer, "name2qmap"):  # bitsandbytes AdamW8bit
+        config = optimizer.get_config(gindex, pindex, group)  # laid out as its init_state does
+        expected = {"step": int}
+        if config["optim_bits"] == 32 or p.numel() < config["min_8bit_size"]:
+            expected.update(state1=(tuple(p.shape), torch.float32), state2=(tuple(p.shape), torch.float32))
+        else:
+            blocks = (p.numel() + 255) // 256  # its block size is 256
+            expected.update(state1=(tuple(p.shape), torch.uint8), state2=(tuple(p.shape), torch.uint8),
+                            qmap1=((256,), torch.float32), qmap2=((256,), torch.float32),
+                            absmax1=((blocks,), torch.float32), absmax2=((blocks,), torch.float32))
+        if config["max_unorm"] > 0:
+            expected["unorm_vec"] = ((1,), torch.float32)
+        return expected
+    raise TypeError(f"no checkpoint layout for {type(optimizer).__name__}")
+
+
+def checked_optimizer_state(saved, optimizer, step: int) -> dict:
+    """The state dict to load into `optimizer`: the saved tensors and step counters, each checked against
+    what this optimizer holds for that parameter, and every setting of param_groups taken from `optimizer`."""
+    wrapped = getattr(optimizer, "_FSDP_WRAPPED_QUANT_STATE_KEY", None)  # bitsandbytes nests some tensors
+    if not (isinstance(saved, dict) and saved.keys() == {"state", "param_groups"}
+            and isinstance(saved["state"], dict) and isinstance(saved["param_groups"], list)
+            and len(saved["param_groups"]) == len(optimizer.param_groups)):
+        raise HandEdited("the optimizer state is not the fields train.py writes")
+    groups, state = [], {}
+    for gindex, (ours, theirs) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+        if not (isinstance(theirs, dict) and isinstance(theirs.get("params"), list)
+                and len(theirs["params"]) == len(ours["params"])):
+            raise HandEdited(f"param_groups[{gindex}] does not hold this model's trainable parameters")
+        groups.append({**{k: v for k, v in ours.items() if k != "params"}, "params": theirs["params"]})
+        for pindex, (key, p) in enumerate(zip(theirs["params"], ours["params"])):
+            if type(key) not in (int, str) or key in state or key not in saved["state"]:
+                raise HandEdited(f"param_groups[{gindex}] names parameter {key!r:.40} twice, or one without state")
+            entry = saved["state"][key]
+            if isinstance(entry, dict) and isinstance(entry.get(wrapped), dict):
+                entry = {**{k: v for k, v in entry.items() if k != wrapped}, **entry[wrapped]}
+            state[key] = checked_parameter_state(entry, expected_state(optimizer, ours, gindex, pindex, p),
+                                                 step, f"state[{key!r:.40}]")
+    if len(saved["state"]) != len(state):
+        raise HandEdited(f"{len(saved['state']) - len(state)} optimizer state entries belong to no parameter")
+    for entry in state.values():  # bitsandbytes' quantisation maps are its constants, not state
+        for k, name in (("qmap1", "dynamic"), ("qmap2", "udynamic")):
+            if k in entry:
+                if name not in optimizer.name2qmap:
+                    optimizer.fill_qmap()
+                entry[k] = optimizer.name2qmap[name]
+    return {"state": state, "param_groups": groups}
+
+
+def checked_parameter_state(entry, expected: dict, step: int, where: str) -> dict:
+    """One parameter's saved state, if it is exactly `expected` (expected_state) with counters up to `step`."""
+    if not (isinstance(entry, dict) and entry.keys() == expected.keys()):
+        raise HandEdited(f"{where} holds {sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__}"
+                         f"; this optimizer keeps {sorted(expected)}")
+    for k, form in expected.items():
+        v = entry[k]
+        if k == "step":
+            if form is not int and not (torch.is_tensor(v) and tuple(v.shape) == () and v.dtype == torch.float32):
+                raise HandEdited(f"{where}.step is not a float32 scalar tensor")
+            whole_number(v.item() if torch.is_tensor(v) else v, f"{where}.step", 0, step)
+            continue
+        shape, dtype = form
+        if not (torch.is_tensor(v) and tuple(v.shape) == shape and v.dtype == dtype):
+            got = f"{tuple(v.shape)} {v.dtype}" if torch.is_tensor(v) else type(v).__name__
+            raise HandEdited(f"{where}.{k} is {got}; this optimizer holds {shape} {dtype}")
+        if v.is_floating_point() and not (torch.isfinite(v).all() and (k not in NONNEGATIVE or (v >= 0).all())):
+            raise HandEdited(f"{where}.{k} holds values no optimizer step produces (inf, NaN or negative)")
+    return dict(entry)
+
+
+def checked_scheduler_state(saved, scheduler, step: int) -> dict:
+    """The scheduler state to load: its position, which is the checkpoint's step; everything else (the base
+    rates, the schedule) as this run built it."""
+    fresh = scheduler.state_dict()
+    if not (isinstance(saved, dict) and saved.keys() == fresh.keys()):
+        raise HandEdited("the scheduler state is not the fields train.py writes")
+    position = {"last_epoch": step, "_step_count": step + 1}  # LambdaLR counts its first step at creation
+    for key in position.keys() & fresh.keys():
+        if type(saved[key]) is not int or saved[key] != position[key]:
+            raise HandEdited(f"the scheduler's {key} is {saved[key]!r:.40}; at step {step} it is {position[key]}")
+    return {**fresh, **{k: v for k, v in position.items() if k in fresh}}
+
+
+def checked_rng_states(saved) -> dict:
+    """RNG states of exactly the form each generator uses: python's (3, 625 words, gauss), numpy's MT19937
+    key, torch's CPU ByteTensor of the size it has, and CUDA's (one ByteTensor per GPU, or None)."""
+    if not (isinstance(saved, dict) and saved.keys() == {"python", "numpy", "torch", "cuda"}):
+        raise HandEdited("the RNG states are not the fields train.py writes")
+    py = saved["python"]
+    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and isinstance(py[1], tuple) and len(py[1]) == 625
+            and all(type(x) is int and 0 <= x < 2**32 for x in py[1]) and py[1][-1] <= 624
+            and (py[2] is None or type(py[2]) is float)):
+        raise HandEdited("the python RNG state is not the form random.getstate() has")
+    key = saved["numpy"]
+    if not (isinstance(key, tuple) and len(key) == 5 and key[0] == "MT19937" and isinstance(key[1], np.ndarray)
+            and key[1].shape == (624,) and type(key[2]) is int and 0 <= key[2] <= 624 and type(key[3]) is int
+            and key[3] in (0, 1) and type(key[4]) is float):
+        raise HandEdited("the numpy RNG state is not the form np.random.get_state() has")
+    cpu = torch.get_rng_state()
+    if not (torch.is_tensor(saved["torch"]) and saved["torch"].dtype == cpu.dtype and saved["torch"].shape == cpu.shape):
+        raise HandEdited("the torch RNG state is not the form torch.get_rng_state() has")
+    cuda, size = saved["cuda"], tuple(torch.cuda.get_rng_state(0).shape) if torch.cuda.is_available() else (16,)
+    if cuda is not None and not (isinstance(cuda, list) and len(cuda) <= 1024 and all(
+            torch.is_tensor(s) and s.dtype == torch.uint8 and tuple(s.shape) == size for s in cuda)):
+        raise HandEdited("the CUDA RNG states are not the form torch.cuda.get_rng_state_all() has")
+    return saved
 
 
 def unreadable(file: Path, e: Exception) -> UserError:
-    """One line for a checkpoint file that is missing, corrupt or truncated."""
+    """One line for a checkpoint file that is missing, corrupt, truncated or hand-edited."""
+    first_line = (str(e).splitlines() or [""])[0]
     what = "is missing" if isinstance(e, FileNotFoundError) else \
-        f"is corrupt or truncated ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+        f"is corrupt or hand-edited ({first_line[:160]})" if isinstance(e, HandEdited) else \
+        f"is corrupt or truncated ({type(e).__name__}: {first_line[:120]})"
     return UserError(f"--resume: {file} {what}; resume from another checkpoint_step_N with --resume PATH, "
                      "or start again with --overwrite_output_dir")
 

@@ -68,19 +68,30 @@ def join_negative_values(argv: list[str]) -> list[str]:
 
 def check_writable(directory: Path, what: str, fix: str):
     """Probe with a real file that `directory` can be written (creating it if needed), then leave the disk
-    exactly as it was: a run that fails its checks must not leave an empty output directory behind."""
+    exactly as it was, whether the probe worked or not (a full disk fails the write after the file was
+    made): a run that fails its checks must not leave an empty output directory or a probe behind."""
     directory = Path(directory)
-    created = [d for d in [directory, *directory.parents] if not d.exists()]  # deepest first
+    created = [d for d in [directory, *directory.parents] if not os.path.lexists(d)]  # deepest first
+    probe = directory / f".write-test-{os.getpid()}"
+    made = False
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        made = True
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise UserError(f"cannot write {what} ({e.strerror}); {fix}") from None
     finally:
+        if made:
+            probe.unlink(missing_ok=True)
         for d in created:
             try:
                 d.rmdir()
+            except FileNotFoundError:  # a deeper directory whose making failed: its parents may still be ours
+                continue
             except OSError:
                 break

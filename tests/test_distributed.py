@@ -78,6 +78,7 @@ def test_only_rank_0_writes(runs):
 def test_resume_with_other_pairs_per_step_is_refused(runs, tmp_path):
     out = tmp_path / "ddp"
     shutil.copytree(runs / "ddp", out)
+    shutil.rmtree(out / "final_model")  # as if stopped after its checkpoint: a finished run is not resumed
     cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, "--output_dir", str(out), "--batch_size", "2",
            "--resume", "latest"]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)

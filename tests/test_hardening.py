@@ -222,6 +222,7 @@ def fx(tmp_path_factory):
     train.train(cli_config(*DONE, "--output_dir", f["done"]))
     f["done_copy"] = root / "done_copy"
     shutil.copytree(f["done"], f["done_copy"])
+    shutil.rmtree(f["done_copy"] / "final_model")  # as if stopped after its checkpoint: resumable
     return f
 
 

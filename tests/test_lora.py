@@ -292,6 +292,28 @@ def test_lora_resume_is_bitwise_exact(tmp_path, options):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_adapters_moved_in_from_another_step_are_refused(tmp_path):
+    """Each part of a checkpoint records its step: adapters/ of step 2 put into checkpoint_step_4 (a swap that
+    resumed silently with the wrong weights) is refused in one line, and the run directory is untouched."""
+    import shutil
+
+    from conftest import as_if_stopped_at
+    from train import train
+    kw = dict(max_steps=6, save_steps=2)
+    train(lora_cfg(tmp_path, "full", **kw))
+    out = as_if_stopped_at(tmp_path / "full", tmp_path / "run", "checkpoint_step_4")
+    shutil.rmtree(out / "checkpoint_step_4" / "adapters")
+    shutil.copytree(tmp_path / "full" / "checkpoint_step_2" / "adapters", out / "checkpoint_step_4" / "adapters")
+    before = {str(p): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+    with pytest.raises(UserError) as e:
+        train(lora_cfg(tmp_path, "run", resume="latest", **kw))
+    assert str(e.value) == (f"--resume: {out / 'checkpoint_step_4' / 'adapters' / 'adapter_config.json'} is corrupt "
+                            "or hand-edited (it belongs to step 2, not to this checkpoint's step 4: moved in from "
+                            "another checkpoint); resume from another checkpoint_step_N with --resume PATH, or start "
+                            "again with --overwrite_output_dir")
+    assert {str(p): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))} == before
+
+
 def save_base(path, seed):
     """A tiny reward model directory (the demo's shape and tokenizer) to train LoRA on."""
     import dataclasses
@@ -332,6 +354,8 @@ def test_lora_trains_only_adapters_and_head_and_saves_merged_and_adapters(tmp_pa
         apply_adapters(RewardModel.from_pretrained(str(base)), tmp_path / "run" / "final_adapters")
     kw = dict(model=str(base), from_scratch=False, lora_targets="q,v", save_steps=2)
     train(lora_cfg(tmp_path, "again", **kw))
+    import shutil
+    shutil.rmtree(tmp_path / "again" / "final_model")  # as if stopped after its checkpoint: not complete
     save_base(tmp_path / "base", seed=2)
     with pytest.raises(UserError, match="another base model") as e:
         train(lora_cfg(tmp_path, "again", resume="latest", **kw))
@@ -356,6 +380,8 @@ def test_lora_flag_errors_are_one_line(tmp_path, flags, message):
 def test_resume_without_the_lora_flags_is_refused(tmp_path):
     from train import train
     train(lora_cfg(tmp_path, "run", save_steps=2))
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "final_model")  # as if stopped after its checkpoint: not complete
     with pytest.raises(UserError, match=r"trained with other settings: lora_rank \(4 -> None\)"):
         train(tiny_cfg(tmp_path, "run", save_steps=2, resume="latest"))
     import subprocess

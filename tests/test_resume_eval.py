@@ -47,6 +47,7 @@ def stopped_run(tmp_path_factory):
     """A 4-step run with a checkpoint at step 2; refused resumes write nothing, so it is shared."""
     root = tmp_path_factory.mktemp("stopped")
     train.train(tiny_cfg(root, "run", save_steps=2))
+    shutil.rmtree(root / "run" / "final_model")  # as if stopped after its checkpoint: a finished run is complete
     return root
 
 

@@ -10,6 +10,7 @@
 - Options that cannot work (--device foo/meta/mps, --seed beyond 64 bits) and a finished run met again
   end in one line that says what to do, and write nothing.
 """
+import errno
 import json
 import os
 import pickle
@@ -22,7 +23,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, as_if_stopped_at
 
 import eval as eval_cli
 import train
@@ -54,9 +55,13 @@ def done(tmp_path_factory):
     return out
 
 
-def copy_run(done, tmp_path):
+def copy_run(done, tmp_path, finished=False):
+    """A copy of the finished run, or (by default) of the run as it was when it stopped after checkpoint 1."""
     out = tmp_path / "run"
-    shutil.copytree(done, out)
+    if finished:
+        shutil.copytree(done, out)
+    else:
+        as_if_stopped_at(done, out, "checkpoint_step_1")
     return out, out / "checkpoint_step_1"
 
 
@@ -204,14 +209,21 @@ def test_impossible_option_is_one_line_and_writes_nothing(tmp_path, capsys, case
 
 
 def test_finished_run_says_it_is_complete(done, tmp_path, capsys):
-    """Met again without --resume, or with --resume once its checkpoints are gone: it is complete, and the
+    """Met again without --resume, or with --resume (its checkpoints there or gone): it is complete, and the
     way out is --overwrite_output_dir or another directory (not --resume)."""
-    out, _ = copy_run(done, tmp_path)
+    out, _ = copy_run(done, tmp_path, finished=True)
     before = snapshot(out)
     code, err = cli(train.main, [*DONE, "--output_dir", out], capsys)
     assert_one_line(code, err, "holds a finished run (final_model/ is there)", "pass --overwrite_output_dir",
                     "or choose another --output_dir")
     assert "--resume" not in err
+    # --resume while its checkpoints remain (latest, or named, even asking for more steps) would train it
+    # again and replace final_model/: it is complete too, and nothing is touched (issue 21, section 5)
+    for resume in (["--resume"], ["--resume", out / "checkpoint_step_1"], ["--resume", "--max_steps", "3"]):
+        code, err = cli(train.main, [*DONE, "--output_dir", out, *resume], capsys)
+        assert_one_line(code, err, f"--resume: the run in {out} is complete (final_model/ is there), there is "
+                        "nothing to continue; pass --overwrite_output_dir")
+        assert snapshot(out) == before
     shutil.rmtree(out / "checkpoint_step_1")
     before = snapshot(out)
     code, err = cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys)
@@ -268,3 +280,268 @@ def test_second_run_in_a_held_directory_is_refused_and_a_killed_holder_leaves_it
     finally:
         resumed.kill()
         resumed.wait()
+
+
+# ---- a checkpoint holds state, not settings (issue 21, section 2) ----------------------------------
+
+
+def tree_bytes(path):
+    """Every file under `path` with its bytes (and every directory): what 'untouched' means, exactly."""
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def edit_optimizer_state(ckpt, edit):
+    """Apply edit(tree, tensors) to optimizer.json (the JSON tree) and optimizer.safetensors (its tensors)."""
+    from safetensors.torch import load_file, save_file
+    tree = json.loads((ckpt / "optimizer.json").read_text())
+    tensors = load_file(ckpt / "optimizer.safetensors")
+    edit(tree, tensors)
+    save_file(tensors, ckpt / "optimizer.safetensors")
+    (ckpt / "optimizer.json").write_text(json.dumps(tree))
+
+
+def first_param(tree):
+    return tree["optimizer"]["state"]["__int_keys__"]["0"]
+
+
+def set_group(key, value):
+    def edit(tree, tensors):
+        for group in tree["optimizer"]["param_groups"]:
+            group[key] = value
+    return edit
+
+
+def set_scheduler(key, value):
+    def edit(tree, tensors):
+        tree["scheduler"][key] = value
+    return edit
+
+
+def set_tensor(which, make):
+    """Replace the tensor that first_param(tree)[which] (or tree["rng"][which]) names by make(old)."""
+    def edit(tree, tensors):
+        ref = first_param(tree).get(which) or tree["rng"][which]
+        tensors[ref["__tensor__"]] = make(tensors[ref["__tensor__"]])
+    return edit
+
+
+# Settings a hand edit may put into optimizer.json: the run's own configuration decides them, so the
+# resumed run ends exactly as the uninterrupted one (today: a crash at the first resumed step, after
+# log.jsonl was cut back, or gradient ascent, or another learning rate).
+SETTINGS = {
+    "amsgrad true": set_group("amsgrad", True),
+    "betas of one value": set_group("betas", [0.5]),
+    "capturable true": set_group("capturable", True),
+    "maximize true (gradient ascent)": set_group("maximize", True),
+    "another lr, eps and weight decay": lambda tree, tensors: [set_group(k, v)(tree, tensors) for k, v in
+                                                               (("lr", 5.0), ("eps", 1.0), ("weight_decay", 9.0))],
+    "scheduler base_lrs and last rates": lambda tree, tensors: [set_scheduler(k, [7.0, 7.0])(tree, tensors)
+                                                                for k in ("base_lrs", "_last_lr")],
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_settings_edited_into_the_optimizer_state_are_ignored(done, tmp_path, capsys, case):
+    out, ckpt = copy_run(done, tmp_path)
+    edit_optimizer_state(ckpt, SETTINGS[case])
+    code, err = cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    from safetensors.torch import load_file
+    a, b = load_file(done / "final_model" / "model.safetensors"), load_file(out / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), case
+
+
+def nan_at_0(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+# Each: (file, edit, what the message says). The run directory must stay byte for byte as it was.
+HAND_EDITED = {
+    "a moment of the wrong shape": ("optimizer.json", set_tensor("exp_avg", lambda t: t.reshape(-1)[:-1].clone()),
+                                    "this optimizer holds"),
+    "a moment of the wrong dtype": ("optimizer.json", set_tensor("exp_avg", lambda t: t.double()),
+                                    "torch.float64; this optimizer holds"),
+    "a negative step": ("optimizer.json", set_tensor("step", lambda t: torch.tensor(-1.0)),
+                        "step -1.0 is not a whole number from 0 to 1"),
+    "a fractional step": ("optimizer.json", set_tensor("step", lambda t: torch.tensor(0.5)), "is not a whole number"),
+    "a step beyond the checkpoint's": ("optimizer.json", set_tensor("step", lambda t: torch.tensor(1e9)),
+                                       "is not a whole number from 0 to 1"),
+    "a step of another dtype": ("optimizer.json", set_tensor("step", lambda t: t.long()), "not a float32 scalar"),
+    "a NaN second moment": ("optimizer.json", set_tensor("exp_avg_sq", nan_at_0), "values no optimizer step produces"),
+    "a negative second moment": ("optimizer.json", set_tensor("exp_avg_sq", lambda t: -1 - t),
+                                 "values no optimizer step produces"),
+    "a state entry with another key": ("optimizer.json", lambda tree, tensors: first_param(tree).update(
+        max_exp_avg_sq=first_param(tree)["exp_avg"]), "this optimizer keeps ['exp_avg', 'exp_avg_sq', 'step']"),
+    "a parameter's state missing": ("optimizer.json", lambda tree, tensors: tree["optimizer"]["state"][
+        "__int_keys__"].pop("0"), "or one without state"),
+    "a non-numeric last_epoch": ("optimizer.json", set_scheduler("last_epoch", "x"), "the scheduler's last_epoch"),
+    "another last_epoch": ("optimizer.json", set_scheduler("last_epoch", 5), "at step 1 it is 1"),
+    "a torch RNG state of another size": ("optimizer.json", set_tensor("torch", lambda t: t[:100].clone()),
+                                          "the torch RNG state"),
+    "a python RNG state cut short": ("optimizer.json", lambda tree, tensors: tree["rng"]["python"]["__tuple__"][1][
+        "__tuple__"].pop(), "the python RNG state"),
+    "a numpy RNG key of another length": ("optimizer.json", lambda tree, tensors: tensors.update(
+        {tree["rng"]["numpy"]["__tuple__"][1]["__ndarray__"]: torch.zeros(10, dtype=torch.int64)}),
+        "the numpy RNG state"),
+    # today: 80 MB per reference, before anything is checked (a 13 KB file reached 2.6 GiB)
+    "an array given a dtype that multiplies its size": ("optimizer.json", lambda tree, tensors: tree["rng"]["numpy"][
+        "__tuple__"][1].update(dtype="(128,128)f8"), "only numpy's uint32 RNG key"),
+    "optimizer state of another step": ("optimizer.json", lambda tree, tensors: tree.update(step=7),
+                                        "belongs to step 7, not to this checkpoint's step 1"),
+}
+TRAINER_STATE_EDITS = {  # trainer_state.json's fields: (key, value, what the message says)
+    "best_accuracy NaN": ("best_accuracy", float("nan"), "best_accuracy nan is not a number from -1 to 1"),
+    "best_accuracy 7": ("best_accuracy", 7, "best_accuracy 7 is not a number from -1 to 1"),
+    "data a number": ("data", 5, "is not the record of the training pairs"),
+    "data files a list": ("data", {"train_pairs": 8, "train_digest": "x", "files": [1]}, "is not the record"),
+    "total_steps a string": ("total_steps", "4", "total_steps '4' is not a whole number"),
+    "step true": ("step", True, "step True is not a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", [*HAND_EDITED, *TRAINER_STATE_EDITS, "model of another step"])
+def test_hand_edited_checkpoint_is_one_line_and_the_run_directory_untouched(done, tmp_path, capsys, case):
+    """Every field is checked before anything changes on disk: one line, exit 2, and the run directory
+    byte for byte as it was (log.jsonl not cut back)."""
+    out, ckpt = copy_run(done, tmp_path)
+    (out / "log.jsonl").write_text((done / "log.jsonl").read_text())  # two steps logged: a cut would show
+    if case in HAND_EDITED:
+        file, edit, expected = HAND_EDITED[case]
+        edit_optimizer_state(ckpt, edit)
+    elif case in TRAINER_STATE_EDITS:
+        key, value, expected = TRAINER_STATE_EDITS[case]
+        file, state = "trainer_state.json", json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / file).write_text(json.dumps({**state, key: value}))
+    else:  # the weights of another step moved in (here: said to be)
+        file, expected = "model/config.json", "belongs to step 3, not to this checkpoint's step 1"
+        config = json.loads((ckpt / file).read_text())
+        config["reward_model"]["checkpoint_step"] = 3
+        (ckpt / file).write_text(json.dumps(config))
+    before = tree_bytes(out)
+    assert_one_line(*cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys),
+                    f"{ckpt / file} is corrupt or hand-edited", expected,
+                    "resume from another checkpoint_step_N with --resume PATH")
+    assert tree_bytes(out) == before
+
+
+# ---- the lock, a full disk, a finished run, eval.py's saved settings and plots (issue 21, sections 4, 5) ----
+
+
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output directory was checked")
+    monkeypatch.setattr(train, "build_model", refuse)
+
+
+@pytest.mark.parametrize("kind", ["link to a file outside", "dangling link", "directory", "FIFO"])
+def test_a_lock_that_is_not_a_regular_file_is_refused_naming_it_and_never_followed(tmp_path, capsys, monkeypatch,
+                                                                                 kind):
+    """train.py used to follow a .lock symlink, truncating (or creating) the file it points to outside the
+    output directory. Now: one line naming the lock, before the model and data load; nothing touched."""
+    out, outside = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    outside.write_text("not yours to truncate")
+    lock = out / ".lock"
+    if kind == "link to a file outside":
+        lock.symlink_to(outside)
+    elif kind == "dangling link":
+        lock.symlink_to(tmp_path / "created-outside")
+    elif kind == "directory":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    words = {"directory": "a directory", "FIFO": "a FIFO"}.get(kind, "a symbolic link")
+    no_model_load(monkeypatch)
+    before = tree_bytes(tmp_path)
+    for resume in ([], ["--resume"]):
+        assert_one_line(*cli(train.main, [*DONE, "--output_dir", out, *resume], capsys),
+                        f"--output_dir {out}: its lock file {lock} is {words}, not the file train.py writes there; "
+                        f"remove it (if no train.py uses {out}) or choose another --output_dir")
+        assert tree_bytes(tmp_path) == before
+    # the same when it appears between the checks and the claim: never opened through the link
+    from support import checkpoint
+    with pytest.raises(train.UserError, match="its lock file"):
+        checkpoint.take_output_dir(out)
+    assert tree_bytes(tmp_path) == before and not (tmp_path / "created-outside").exists()
+
+
+def test_another_users_lock_is_one_line(tmp_path, capsys, monkeypatch):
+    """A stale .lock this user may not open (another user's; simulated: the tests may run as root, whom
+    permissions do not stop) is one line naming it, not a traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("4242\n")
+    real_open = os.open
+
+    def open_as_another_user(path, flags, *args, **kwargs):
+        if str(path) == str(out / ".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    no_model_load(monkeypatch)
+    before = tree_bytes(out)
+    assert_one_line(*cli(train.main, [*DONE, "--output_dir", out], capsys),
+                    f"--output_dir {out}: cannot open its lock file {out / '.lock'} (Permission denied): it may "
+                    "belong to another user's run")
+    assert tree_bytes(out) == before
+
+
+def full_disk(monkeypatch, under):
+    """Every os.write to a file under `under` fails as on a full disk (after the file was created)."""
+    real_write = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(under)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_a_full_disk_leaves_no_probe_and_no_directory_behind(done, tmp_path, capsys, monkeypatch):
+    """The write probe of --output_dir (fresh, and --resume) and of eval.py --output: on a full disk the
+    probe and the directories made for it are removed again; one line, nothing of the run left."""
+    stopped, _ = copy_run(done, tmp_path)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    full_disk(monkeypatch, tmp_path)
+    before = tree_bytes(tmp_path)
+    assert_one_line(*cli(train.main, [*DONE, "--output_dir", disk / "new" / "deep"], capsys),
+                    f"cannot write to --output_dir {disk / 'new' / 'deep'} (No space left on device)")
+    assert_one_line(*cli(train.main, [*DONE, "--output_dir", stopped, "--resume"], capsys),
+                    f"cannot write to --output_dir {stopped} (No space left on device)")
+    assert_one_line(*cli(eval_cli.main, [done / "final_model", "--dataset", "demo", "--max_samples", "4",
+                                         "--output", disk / "new" / "deep" / "report.json"], capsys),
+                    "(No space left on device); choose another --output")
+    assert tree_bytes(tmp_path) == before
+
+
+def test_eval_plots_under_a_file_fails_before_scoring(done, tmp_path, capsys):
+    """--plots FILE/x used to fail after scoring, with the report already written: now checked up front."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    report = tmp_path / "report.json"
+    assert_one_line(*cli(eval_cli.main, [done / "final_model", "--dataset", "demo", "--output", report,
+                                         "--plots", a_file / "x"], capsys),
+                    f"cannot write the plots to --plots {a_file / 'x'} (Not a directory)")
+    assert not report.exists() and a_file.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("eval_fraction", "0.05", "has eval_fraction '0.05', which must be a number between 0 and 1"),
+    ("eval_fraction", 5, "has eval_fraction 5, which must be a number between 0 and 1"),
+    ("eval_fraction", True, "has eval_fraction True, which must be a number between 0 and 1"),
+    ("share_prompt", "yes", "has share_prompt 'yes', which must be true or false"),
+    ("dataset", 5, "has dataset 5, which must be a name or a list of names"),
+    ("max_length", 1.5, "has max_length 1.5, which must be a whole number >= 2"),
+])
+def test_a_saved_setting_of_the_wrong_type_is_one_line_in_eval(done, tmp_path, capsys, key, value, expected):
+    model = tmp_path / "model"
+    shutil.copytree(done / "final_model", model)
+    config = json.loads((model / "config.json").read_text())
+    config["reward_model"][key] = value
+    (model / "config.json").write_text(json.dumps(config))
+    assert_one_line(*cli(eval_cli.main, [model, "--max_samples", "4", "--output", tmp_path / "r.json"], capsys),
+                    f"{model}: its \"reward_model\" entry {expected}")
+    assert not (tmp_path / "r.json").exists()

@@ -158,3 +158,104 @@ def test_eval_dataset_and_no_evaluation(tmp_path):
     result = train(tiny_cfg(tmp_path, "noeval", dataset=[str(tmp_path / "train.jsonl")], eval_split="none"))
     assert "eval_accuracy" not in result and (tmp_path / "noeval" / "final_model" / "model.safetensors").exists()
     assert not (tmp_path / "noeval" / "evaluation_report.json").exists()
+
+
+# ---- tests that catch planted one-line bugs (issue 21, section 7) ----------------------------------
+
+
+def recording_steps(monkeypatch):
+    """Record, at every AdamW step (before it updates anything), each trainable parameter and its gradient."""
+    steps, real = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        params = [p for group in self.param_groups for p in group["params"]]
+        steps.append(([p.detach().clone() for p in params], [p.grad.detach().clone() for p in params]))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return steps
+
+
+def test_clip_grad_norm_clips_and_returns_the_norm_before_clipping():
+    import train as train_module
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    grads = [torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) - 2 for p in model.parameters()]
+    before = torch.cat([g.flatten() for g in grads]).norm().item()  # by hand: the global 2-norm
+    assert before > 1
+    for max_norm in (0.5, 0.0, 2 * before):  # clipped; 0 = off; a bound above the norm changes nothing
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        returned = train_module.clip_grad_norm(model, max_norm)
+        assert abs(float(returned) - before) < 1e-4 * before
+        after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+        if max_norm == 0.5:
+            assert after <= 0.5 * (1 + 1e-5) and abs(after - 0.5) < 1e-4
+            assert all(torch.allclose(p.grad, g * (0.5 / before), rtol=1e-5) for p, g in zip(model.parameters(), grads))
+        else:
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_the_training_loop_steps_with_clipped_gradients_and_logs_the_norm_before(tmp_path, monkeypatch):
+    """At every optimizer step of a run the gradient norm is at most --max_grad_norm; log.jsonl's grad_norm
+    is the norm before clipping (above the bound here, so clipping happened)."""
+    steps = recording_steps(monkeypatch)
+    result = train(tiny_cfg(tmp_path, "clip", max_grad_norm=0.05, max_steps=3, logging_steps=1))
+    logged = [h["grad_norm"] for h in result["history"] if "grad_norm" in h]
+    assert len(steps) == len(logged) == 3
+    for (_, grads), norm in zip(steps, logged):
+        stepped = torch.cat([g.flatten() for g in grads]).norm().item()
+        assert norm > 0.05 and stepped <= 0.05 * (1 + 1e-5) and abs(stepped - 0.05) < 1e-4, (norm, stepped)
+
+
+def test_accumulation_with_a_short_last_micro_batch_equals_one_big_batch(tmp_path, monkeypatch):
+    """46 pairs, 12 per step as 3 micro-batches of 4: the last step's micro-batches hold 4, 4 and 2 pairs.
+    Its gradient must be that of the mean loss over its 10 pairs, computed here by hand in one batch."""
+    import torch.nn.functional as F
+
+    import train as train_module
+    from support.packing import choose_collate
+    steps = recording_steps(monkeypatch)
+    cfg = tiny_cfg(tmp_path, "accum", max_train_samples=46, batch_size=4, gradient_accumulation_steps=3,
+                   max_steps=4, max_grad_norm=0.0, learning_rate=1e-3)
+    train(cfg)
+    model = train_module.build_model(cfg)
+    items = train_module.load_data(cfg, model.tokenizer)[0]
+    batches = train_module.StepBatches(items, 12, cfg.seed)
+    assert [len(idx) for idx, _ in batches.micro_batches(3, 4, 0, 1)] == [4, 4, 2]
+    (idx, _), = batches.micro_batches(3, 12, 0, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]  # make_optimizer's order
+    before, grads = steps[3]
+    with torch.no_grad():
+        for p, v in zip(params, before):
+            p.copy_(v)
+    batch = choose_collate(False, False)([items[j] for j in idx], model.tokenizer.pad_id)
+    assert batch.margin is None or not batch.margin.any()
+    chosen, rejected = model(batch.input_ids, batch.attention_mask, batch.layout).chunk(2)
+    (-F.logsigmoid(chosen - rejected).mean()).backward()  # the mean over all 10 pairs, one batch
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_resume_of_a_run_that_draws_random_numbers_is_exact(tmp_path, monkeypatch):
+    """A run whose steps draw from torch's, numpy's and python's generators (here: noise on the loss) resumes
+    exactly only if the checkpoint restores each generator's state."""
+    import random
+
+    import numpy as np
+
+    import train as train_module
+    real = train_module.pairwise_loss
+
+    def noisy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["loss"] = out["loss"] * (1 + 0.5 * torch.rand(()) + 0.5 * np.random.rand() + 0.5 * random.random())
+        return out
+    monkeypatch.setattr(train_module, "pairwise_loss", noisy)
+    kw = dict(max_steps=6, save_steps=3, learning_rate=1e-2)
+    train(tiny_cfg(tmp_path, "full", **kw))
+    out = as_if_stopped_at(tmp_path / "full", tmp_path / "resumed")
+    for seed in (1, 2, 3):  # whatever the generators hold before the resume must not matter
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    train(tiny_cfg(tmp_path, "resumed", resume="latest", **kw))
+    a, b = final_weights(tmp_path / "full"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -539,12 +539,16 @@ def checked_parameter_state(entry, expected: dict, step: int, where: str) -> dic
     if not (isinstance(entry, dict) and entry.keys() == expected.keys()):
         raise HandEdited(f"{where} holds {sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__}"
                          f"; this optimizer keeps {sorted(expected)}")
+    entry = dict(entry)
     for k, form in expected.items():
         v = entry[k]
         if k == "step":
-            if form is not int and not (torch.is_tensor(v) and tuple(v.shape) == () and v.dtype == torch.float32):
+            if form is int:
+                entry[k] = whole_number(v, f"{where}.step", 0, step)
+                continue
+            if not (torch.is_tensor(v) and tuple(v.shape) == () and v.dtype == torch.float32):
                 raise HandEdited(f"{where}.step is not a float32 scalar tensor")
-            whole_number(v.item() if torch.is_tensor(v) else v, f"{where}.step", 0, step)
+            whole_number(v.item(), f"{where}.step", 0, step)
             continue
         shape, dtype = form
         if not (torch.is_tensor(v) and tuple(v.shape) == shape and v.dtype == dtype):
@@ -552,7 +556,7 @@ def checked_parameter_state(entry, expected: dict, step: int, where: str) -> dic
             raise HandEdited(f"{where}.{k} is {got}; this optimizer holds {shape} {dtype}")
         if v.is_floating_point() and not (torch.isfinite(v).all() and (k not in NONNEGATIVE or (v >= 0).all())):
             raise HandEdited(f"{where}.{k} holds values no optimizer step produces (inf, NaN or negative)")
-    return dict(entry)
+    return entry
 
 
 def checked_scheduler_state(saved, scheduler, step: int) -> dict:

@@ -545,3 +545,48 @@ def test_a_saved_setting_of_the_wrong_type_is_one_line_in_eval(done, tmp_path, c
     assert_one_line(*cli(eval_cli.main, [model, "--max_samples", "4", "--output", tmp_path / "r.json"], capsys),
                     f"{model}: its \"reward_model\" entry {expected}")
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.fixture(scope="module")
+def done_8bit(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("sec8") / "done"
+    train.train(train.parse_args([*DONE, "--8bit_optim", "--output_dir", str(out)])[0])
+    return out
+
+
+def quantised_entry(tree):
+    """The state of the first parameter that AdamW8bit keeps in 8 bits (its tensors nested under a key)."""
+    entries = tree["optimizer"]["state"]["__int_keys__"].values()
+    return next(e for e in entries if "__bnb_optimizer_quant_state__" in e)
+
+
+def set_quantised(which, make):
+    def edit(tree, tensors):
+        name = quantised_entry(tree)["__bnb_optimizer_quant_state__"][which]["__tensor__"]
+        tensors[name] = make(tensors[name])
+    return edit
+
+
+@pytest.mark.parametrize("case, edit, expected", [
+    ("betas edited", set_group("betas", [0.5, 0.5]), None),
+    ("an 8-bit state as float32", set_quantised("state1", lambda t: t.float()), "torch.uint8"),
+    ("a block maximum NaN", set_quantised("absmax1", nan_at_0), "values no optimizer step produces"),
+    ("a block maximum of another length", set_quantised("absmax2", lambda t: t[:-1].clone()), "absmax2 is"),
+    ("a negative step", lambda tree, tensors: quantised_entry(tree).update(step=-1), "step -1 is not a whole number"),
+])
+def test_8bit_optimizer_state_holds_state_not_settings(done_8bit, tmp_path, capsys, case, edit, expected):
+    """bitsandbytes AdamW8bit's state is checked as AdamW's: settings ignored, its own layout required."""
+    out, ckpt = copy_run(done_8bit, tmp_path)
+    edit_optimizer_state(ckpt, edit)
+    before = tree_bytes(out)
+    code, err = cli(train.main, [*DONE, "--8bit_optim", "--output_dir", out, "--resume"], capsys)
+    if expected is None:
+        assert code == 0, err[-3000:]
+        from safetensors.torch import load_file
+        a = load_file(done_8bit / "final_model" / "model.safetensors")
+        b = load_file(out / "final_model" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert_one_line(code, err, f"{ckpt / 'optimizer.json'} is corrupt or hand-edited", expected)
+        assert tree_bytes(out) == before

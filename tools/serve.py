@@ -189,12 +189,17 @@ def parse_query(body: bytes, max_texts: int) -> list:
     for i, item in enumerate(query):
         if isinstance(item, str):
             problem = None if item.isascii() or is_utf8(item) else "a string with unpaired surrogates"
+        elif isinstance(item, list):
+            problem = None if chat.is_conversation(item) else "a list that is not a conversation"
         else:
-            problem = None if chat.is_conversation(item) else f"a {type(item).__name__} that is not a conversation"
+            problem = JSON_TYPES.get(type(item), "not a text")
         if problem:
             raise Refusal(400, f"query[{i}] is {problem}; each item must be a text (a string) or a conversation "
-                               "(a list of {\"role\", \"content\"} messages)")
+                               "(a list of {\"role\": ..., \"content\": ...} messages)")
     return query
+
+
+JSON_TYPES = {dict: "a JSON object", int: "a number", float: "a number", bool: "true or false", type(None): "null"}
 
 
 def is_utf8(text: str) -> bool:
@@ -214,6 +219,7 @@ class Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # so that the answer to a garbled request line has a status line
     server_version = "qwen3-rm-serve"
     timeout = IDLE_TIMEOUT_S
+    disable_nagle_algorithm = True  # TCP_NODELAY: else a small answer waits ~40 ms for the client's delayed ACK
 
     def do_GET(self):
         self.dispatch("GET")
@@ -266,6 +272,7 @@ class Handler(BaseHTTPRequestHandler):
                 server.in_flight -= 1
 
     def refuse(self, e: Refusal):
+        self.log_message("%s -> %d: %s", self.requestline[:200], e.status, str(e)[:300])
         try:
             self.discard_body(e.status)
             self.send_json(e.status, {"error": str(e)}, headers=e.headers, close=True)
@@ -327,14 +334,14 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's own refusals (an unknown method: 501, a malformed request line, headers too long)
         as JSON too."""
         self.close_connection = True
+        self.log_message("%s -> %d: %s", self.requestline[:200], code, message)
         try:
             self.send_json(code, {"error": message or str(code)}, close=True)
         except (ConnectionError, TimeoutError):
             pass
 
     def log_request(self, code="-", size="-"):
-        if isinstance(code, int) and code >= 400:  # refusals only: a busy server would drown its log
-            self.log_message("%s -> %s", self.requestline[:200], code)
+        pass  # answers are not logged (a busy server would drown its log); refusals are, by refuse()
 
     def log_message(self, format, *args):
         if not self.server.quiet:

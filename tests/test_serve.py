@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ MAX_LENGTH = 48          # the saved training max_length: the server's default t
 MAX_BODY_MB = 0.0625     # 64 KiB: small, so that 413 is cheap to test
 MAX_TEXTS = 16
 TIMEOUT = 30
+STATS = {"mean": 0.75, "std": 2.5, "n": 100}   # saved with the model: --normalize answers (r - 0.75) / 2.5
 
 
 def conversation(i):
@@ -53,15 +55,16 @@ def model_dir(tmp_path_factory, demo_tok):
     model.init_head(0)
     with torch.no_grad():
         model.head.fc2.weight.mul_(300)
-    model.tokenizer, model.provenance = demo_tok, {"max_length": MAX_LENGTH}
+    model.tokenizer, model.provenance = demo_tok, {"max_length": MAX_LENGTH, "reward_stats": STATS}
     return model.save_pretrained(tmp_path_factory.mktemp("serve") / "rm")
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    """score(item) for every item the tests send, as RewardModel.score gives it."""
+    """score(item) for every item the tests send, as RewardModel.score gives it (and normalised)."""
     model = RewardModel.from_pretrained(str(model_dir))
-    return model, dict(zip(map(key, ITEMS), model.score(ITEMS, max_length=MAX_LENGTH)))
+    normalized = dict(zip(map(key, ITEMS), model.score(ITEMS, max_length=MAX_LENGTH, normalize=True)))
+    return model, dict(zip(map(key, ITEMS), model.score(ITEMS, max_length=MAX_LENGTH))), normalized
 
 
 def key(item):
@@ -140,7 +143,7 @@ def assert_healthy(port, expected):
 
 
 def test_rewards_are_score_in_order_with_openrlhf_body(server, reference):
-    model, expected = reference
+    model, expected, _ = reference
     status, answer = request(server, body={"query": ITEMS[:MAX_TEXTS], "prompts": ["p"] * MAX_TEXTS,
                                            "labels": [None] * MAX_TEXTS})
     assert status == 200
@@ -155,7 +158,7 @@ def test_rewards_are_score_in_order_with_openrlhf_body(server, reference):
 
 
 def test_32_concurrent_clients_all_correct_and_batched(server, reference):
-    _, expected = reference
+    _, expected, _ = reference
     before = request(server, "GET", "/health")[1]
 
     def client(c):
@@ -224,6 +227,13 @@ def test_bad_request_gets_its_status_and_the_server_stays_up(server, reference, 
     assert_healthy(server, reference[1])
 
 
+def test_expect_100_continue_over_the_limit_is_refused_before_the_body_is_sent(server, reference):
+    with socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT) as s:
+        s.sendall(post_bytes(b"", length=BIG, extra="Expect: 100-continue\r\n"))
+        assert s.recv(100).startswith(b"HTTP/1.1 413 ")  # not "100 Continue"
+    assert_healthy(server, reference[1])
+
+
 def test_clients_that_disconnect_mid_request_cost_nothing(server, reference):
     body = json.dumps({"query": ITEMS[:4]}).encode()
     with socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT) as s:  # half a body, then gone
@@ -237,10 +247,11 @@ def test_clients_that_disconnect_mid_request_cost_nothing(server, reference):
         assert_healthy(server, reference[1])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_answers_requests_in_flight_and_exits_0(model_dir, reference, tmp_path, sig):
-    """A request whose body is still on its way when the signal comes is answered, right; then exit 0."""
-    proc, port = start_server(model_dir, tmp_path / "server.log")
+@pytest.mark.parametrize("sig,normalize", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_signal_answers_requests_in_flight_and_exits_0(model_dir, reference, tmp_path, sig, normalize):
+    """A request whose body is still on its way when the signal comes is answered, right; then exit 0.
+    (The Ctrl-C server runs with --normalize: its answers are score(normalize=True).)"""
+    proc, port = start_server(model_dir, tmp_path / "server.log", *["--normalize"] * normalize)
     try:
         items = ITEMS[:5]
         body = json.dumps({"query": items}).encode()
@@ -256,7 +267,7 @@ def test_signal_answers_requests_in_flight_and_exits_0(model_dir, reference, tmp
             response = http.client.HTTPResponse(s)
             response.begin()
             assert response.status == 200
-            assert_rewards(json.loads(response.read()), items, reference[1])
+            assert_rewards(json.loads(response.read()), items, reference[2 if normalize else 1])
         assert proc.wait(timeout=10) == 0
         log = (tmp_path / "server.log").read_text()
         assert "serve: stopped" in log and "Traceback" not in log, log
@@ -340,9 +351,17 @@ def test_loopback_hosts():
 
 
 def test_startup_mistakes_are_one_line(hf_tiny, model_dir, tmp_path):
-    """A plain language model (a random head) is refused as eval.py refuses it; a port in use in one line."""
+    """A plain language model (a random head) is refused as eval.py refuses it, --normalize without saved
+    statistics too; a port in use is one line."""
     with pytest.raises(UserError, match="is not a reward model"):
         serve.main([str(hf_tiny[0]), "--port", "0"])
+    no_stats = tmp_path / "no-stats"
+    shutil.copytree(model_dir, no_stats)
+    config = json.loads((no_stats / "config.json").read_text())
+    del config["reward_model"]["reward_stats"]
+    (no_stats / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="^--normalize needs the reward mean and std in .*save_reward_stats"):
+        serve.main([str(no_stats), "--port", "0", "--normalize"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

@@ -11,7 +11,8 @@
   openrlhf.cli.serve_rm answers and its client reads. GET /health says whether it is up.
 - A text is scored by RewardModel.score, exactly as eval.py and training see it: the same ids, the eos
   appended to a text (a conversation rendered with the model's chat template gets nothing), and a text
-  longer than --max_length tokens keeps its END (the response). CHECKPOINT is anything eval.py accepts.
+  longer than --max_length tokens keeps its END (the response); --normalize answers score(normalize=True),
+  (r - mean) / std with the saved statistics. CHECKPOINT is anything eval.py accepts, any head.
 - Batching: handler threads (ThreadingHTTPServer) read and check each request; ONE scoring thread
   (Batcher) runs the model. It takes every request waiting, and while more are being read it waits for
   them up to --max_wait_ms, until it holds --batch_size texts: clients that ask together are scored in
@@ -219,6 +220,7 @@ class Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # so that the answer to a garbled request line has a status line
     server_version = "qwen3-rm-serve"
     timeout = IDLE_TIMEOUT_S
+    body_read = False               # set per request: whether its body has been read (refuse() reads a small one)
     disable_nagle_algorithm = True  # TCP_NODELAY: else a small answer waits ~40 ms for the client's delayed ACK
 
     def do_GET(self):
@@ -270,6 +272,16 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with server.lock:
                 server.in_flight -= 1
+
+    def handle_expect_100(self):
+        """A client that asks before sending its body (curl does above 1 MiB) hears of a 413 before sending it."""
+        if self.command == "POST" and urlsplit(self.path).path == "/get_reward":
+            try:
+                content_length(self.headers, self.server.max_body)
+            except Refusal as e:
+                self.refuse(e)
+                return False
+        return super().handle_expect_100()
 
     def refuse(self, e: Refusal):
         self.log_message("%s -> %d: %s", self.requestline[:200], e.status, str(e)[:300])
@@ -415,9 +427,13 @@ def load_model(args):
                                         dtype=torch.bfloat16 if args.bf16 else torch.float32)
     if args.chat_template:
         model.tokenizer.chat_format(args.chat_template)  # a PATH replaces the model's template
+    if args.normalize and model.reward_stats is None:
+        raise UserError(f"--normalize needs the reward mean and std in {model_dir}/config.json and it has none; "
+                        f"save them with python eval.py {args.checkpoint} --save_reward_stats, or drop --normalize")
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
     info = {"model": str(model_dir), "head": model.head_type, "pooling": model.pooling, "max_length": max_length,
-            "batch_size": args.batch_size, "device": args.device}
+            "batch_size": args.batch_size, "device": args.device,
+            "normalize": model.reward_stats if args.normalize else None}
     return model, max_length, info
 
 
@@ -457,6 +473,8 @@ def parse_args(argv=None):
                    "being read when it is not full (default: 5)")
     p.add_argument("--max_length", type=positive_int, default=None, help="tokens per text: a longer one keeps its "
                    "last max_length tokens, as training does (default: the training max_length, else 1024)")
+    p.add_argument("--normalize", action="store_true", help="answer (reward - mean) / std with the statistics "
+                   "saved in config.json (eval.py --save_reward_stats), as score(normalize=True)")
     p.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY_MB,
                    help=f"larger request bodies are refused with 413, unread (default: {DEFAULT_MAX_BODY_MB})")
     p.add_argument("--max_texts", type=positive_int, default=DEFAULT_MAX_TEXTS,
@@ -488,7 +506,8 @@ def main(argv=None):
     args = parse_args(argv)
     loaded = {}
     server = make_server(lambda texts: loaded["model"].score(texts, batch_size=args.batch_size,
-                                                             max_length=loaded["max_length"]), {}, args)
+                                                             max_length=loaded["max_length"],
+                                                             normalize=args.normalize), {}, args)
     try:  # bound first: a port in use is refused in a second, not after loading the weights
         loaded["model"], loaded["max_length"], info = load_model(args)
     except BaseException:

@@ -15,7 +15,8 @@ STALE = {  # what a reader would type from an old page, and where it went
     re.compile(r"(?<![\w/.-])bench\.py"): "tools/bench.py (python -m tools.bench)",
     re.compile(r"from (lora|checkpoint|packing|distributed|hub|chat|demo|fileio|errors) import"): "from support.X import",
 }
-README_ORDER = ["Two commands", "Read the code", "Train a real reward model", "Evaluate", "Export", "Performance"]
+README_ORDER = ["Two commands", "Read the code", "Train a real reward model", "Evaluate", "Export", "Use it in RL",
+                "Performance"]
 
 
 def anchors(path) -> set[str]:

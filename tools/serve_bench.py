@@ -1,7 +1,7 @@
 """Throughput of the reward server (tools/serve.py) under concurrent clients: does batching pay?
 
     python -m tools.serve_bench                                 # the demo model's shape, random weights, CPU
-    python -m tools.serve_bench --config small --texts 256      # bench.py's CPU shape: 8 layers, hidden 512
+    python -m tools.serve_bench --config small --texts 256      # tools/bench.py's CPU shape: 8 layers, hidden 512
     python -m tools.serve_bench out/rm/final_model --device cuda --texts 2048 --clients 1 8 32 128
 
 - The same texts (demo test transcripts, ~40 tokens each) are scored in each row. The baseline is ONE
@@ -16,7 +16,7 @@
   request, and whether every reward equals the baseline's (to 1e-4).
 - The clients run in this process and share the machine with the servers: on a small CPU they take a
   share of it, so the CPU rows understate the server. The servers run with OMP_WAIT_POLICY=PASSIVE.
-- --config small: bench.py's CPU shape (8 layers, hidden 512; 25M parameters with the demo vocabulary).
+- --config small: tools/bench.py's CPU shape (8 layers, hidden 512; 25M parameters with the demo vocabulary).
 """
 import json
 import http.client

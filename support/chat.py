@@ -14,7 +14,15 @@ template and appends NO eos, so we do the same, and a test checks that the ids m
   transformers.
 - The split into prompt and response text: see `conversation_pair`.
 """
+import atexit
 import json
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -24,11 +32,18 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from support import hub
 from support.errors import UserError
 from support.fileio import read_bounded
 
 MAX_FILE_BYTES = 8 << 20  # a chat template is a few KB, a tokenizer_config.json rarely over 1 MB
 ROLES = ("system", "user", "assistant", "tool")
+ROOT = Path(__file__).resolve().parent.parent  # the renderer process imports this module from there
+RENDER_SECONDS = 5.0          # one rendering: real templates take milliseconds
+RENDER_MEMORY = 512 << 20     # what the renderer process may allocate beyond its start (a 16 MiB row, copied)
+MAX_RENDER_CHARS = 64 << 20   # the text of one rendering: a 16 MiB row and the template's own text around it
+MAX_NESTING = 32              # messages -> message -> tool_calls -> call -> arguments -> ... (a real one: < 10)
+FAIL_LIMIT = 5                # a template that fails on each of the first FAIL_LIMIT conversations is refused
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -41,6 +56,13 @@ def _read_bounded(path: Path) -> str:
     except ValueError as e:
         raise UserError(f"{path}: {e} ({MAX_FILE_BYTES >> 20} MB at most for a chat template or "
                         "tokenizer_config.json); check the file") from None
+
+
+def read_tokenizer_config(model_dir) -> dict:
+    """MODEL_DIR/tokenizer_config.json ({} when there is none), read as every small JSON file is
+    (hub.read_json: bounded, a JSON object, nesting that Python's parser refuses is one line)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    return hub.read_json(path, "the tokenizer's settings") if path.exists() or path.is_symlink() else {}
 
 
 def load_chat_template(model_dir, override=None, tokenizer_config: dict | None = None) -> str | None:
@@ -56,18 +78,14 @@ def load_chat_template(model_dir, override=None, tokenizer_config: dict | None =
     if jinja_file.is_file():  # where recent transformers save the template, and look first
         return _read_bounded(jinja_file)
     if tokenizer_config is None:
-        if not config_file.is_file():
-            return None
-        try:
-            tokenizer_config = json.loads(_read_bounded(config_file))
-        except ValueError as e:
-            raise UserError(f"{config_file}: not a JSON object ({e}); re-download it") from None
-    if not isinstance(tokenizer_config, dict):
-        raise UserError(f"{config_file}: not a JSON object; re-download it")
+        tokenizer_config = read_tokenizer_config(model_dir)
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates (e.g. "default", "tool_use", "rag")
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise UserError(f"{config_file}: chat_template is a list whose entries are not all "
+                            '{"name": string, "template": string}; re-download it or pass --chat_template PATH')
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
     return template if isinstance(template, str) and template.strip() else None
 
 
@@ -86,8 +104,32 @@ class TemplateRefused(UserError):
     """The template called raise_exception: it refuses this conversation (e.g. roles that don't alternate)."""
 
 
+class TemplateFailed(UserError):
+    """The template failed on this conversation: an error (`{{ 1/0 }}`, a recursive macro) or over a limit
+    (time, memory, text). `reason`: the short skip reason a data row is counted under."""
+
+    def __init__(self, detail: str, reason: str):
+        super().__init__(f"the chat template failed ({detail}); fix it or pass --chat_template PATH")
+        self.detail, self.reason = detail, reason
+
+
+# -----------------------------------------------------------------------------
+# The renderer process: the template runs there, under a memory and a time limit
+
+class _Refused(Exception):
+    pass
+
+
+class _OverTime(BaseException):  # not an Exception: nothing in jinja2 may swallow it
+    pass
+
+
 def _raise_exception(message):
-    raise TemplateRefused(f"the chat template refused the conversation: {message}")
+    raise _Refused(str(message))
+
+
+def _over_time(signum, frame):
+    raise _OverTime()
 
 
 class _Generation(jinja2.ext.Extension):
@@ -111,8 +153,6 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 @lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
-    if tuple(int(x) for x in jinja2.__version__.split(".")[:3] if x.isdigit()) < (3, 1, 6):
-        raise UserError(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install -U 'jinja2>=3.1.6'")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -121,12 +161,141 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def _render_reply(request: dict) -> dict:
+    """In the renderer process: a request's renderings -> {"texts"}, or what went wrong with the first one
+    that fails. Text is taken as the template makes it (a generator) and refused past max_chars, so an
+    output loop never fills memory; all of the request's renderings share `seconds`."""
+    global _template
+    _template = request.get("template", _template)  # sent when it changes
+    seconds, max_chars, texts = request["seconds"], request["max_chars"], []
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        for variables in request["renders"]:
+            pieces, size = [], 0
+            for piece in _compile(_template).generate(**variables):
+                size += len(piece)
+                if size > max_chars:
+                    return {"limit": f"over {max_chars:,} characters of text", "reason": "chat template output too long"}
+                pieces.append(piece)
+            texts.append("".join(pieces))
+        return {"texts": texts}
+    except _OverTime:
+        return {"limit": f"over {seconds:g} s", "reason": "chat template over its time limit"}
+    except MemoryError:
+        return {"limit": f"over its {_memory >> 20} MiB of memory", "reason": "chat template over its memory limit"}
+    except _Refused as e:
+        return {"refused": str(e)[:500]}
+    except jinja2.TemplateSyntaxError as e:
+        return {"syntax": f"line {e.lineno}: {e.message}"}
+    except jinja2.exceptions.SecurityError as e:
+        return {"unsafe": str(e)[:500]}
+    except Exception as e:  # RecursionError, ZeroDivisionError, OverflowError, UndefinedError, ...
+        return {"error": type(e).__name__, "message": str(e)[:500]}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+_template, _memory = "", 0  # the renderer process's template and memory limit
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+
+
+def _loads(line: bytes):
+    return json.loads(line.decode("utf-8", "surrogatepass"))
+
+
+def serve(memory: int):
+    """The renderer process's loop: a JSON request per line on stdin, a JSON reply per line on stdout.
+    Its address space may grow by `memory` bytes beyond what it holds at the start."""
+    global _memory
+    _memory = memory
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it quietly, together with the run
+    signal.signal(signal.SIGALRM, _over_time)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with open("/proc/self/statm") as f:
+        limit = int(f.read().split()[0]) * resource.getpagesize() + memory
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    for line in sys.stdin.buffer:
+        try:
+            reply = _render_reply(_loads(line))
+        except _OverTime:  # the alarm rang just as the rendering ended
+            reply = {"limit": "over its time limit", "reason": "chat template over its time limit"}
+        sys.stdout.buffer.write(_dumps(reply))
+        sys.stdout.buffer.flush()
+
+
+class _Renderer:
+    """The run's side: one renderer process, started on first use, and again after a limit ended it
+    (or in a forked child). One that does not answer in time (a long step the alarm can't interrupt) or
+    dies (out of memory in a place that can't recover) is killed: the rendering failed."""
+
+    def __init__(self):
+        self.proc, self.pid, self.template, self.lock = None, None, None, threading.Lock()
+
+    def ask(self, template: str, renders: list[dict]) -> dict:
+        request = {"renders": renders, "seconds": RENDER_SECONDS, "max_chars": MAX_RENDER_CHARS}
+        with self.lock:
+            if self.proc is None or self.pid != os.getpid():
+                code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from support import chat; chat.serve({RENDER_MEMORY})"
+                self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                self.pid, self.template = os.getpid(), None
+            if template != self.template:
+                request["template"] = self.template = template
+            try:
+                self.proc.stdin.write(_dumps(request))
+                self.proc.stdin.flush()
+                ready, _, _ = select.select([self.proc.stdout], [], [], RENDER_SECONDS + 5)
+                line = self.proc.stdout.readline() if ready else b""
+            except BrokenPipeError:
+                line = b""
+            except BaseException:  # Ctrl-C while it renders: it may be halfway through a reply
+                self.stop()
+                raise
+            if not line.endswith(b"\n"):
+                self.stop()
+                return {"limit": "over its time or memory limit", "reason": "chat template over its time or memory limit"}
+            return _loads(line)
+
+    def stop(self):
+        if self.proc is not None and self.pid == os.getpid():
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+_renderer = _Renderer()
+atexit.register(_renderer.stop)
+
+
+def _check_jinja():
+    if tuple(int(x) for x in jinja2.__version__.split(".")[:3] if x.isdigit()) < (3, 1, 6):
+        raise UserError(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install -U 'jinja2>=3.1.6'")
+
+
+def too_deep(value) -> bool:
+    """Nested over MAX_NESTING lists and dicts deep: never walked recursively (a 600-deep extra field of a
+    message was a RecursionError), a row holding one is skipped as unparsable."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else None
+        if items is not None:
+            if depth >= MAX_NESTING:
+                return True
+            stack.extend((item, depth + 1) for item in items)
+    return False
+
+
 def _plain(value):
-    """Only JSON types reach the template: other objects may carry methods the sandbox doesn't know about."""
+    """Only JSON types reach the template: other objects may carry methods the sandbox doesn't know about.
+    Checked with too_deep first."""
     if value is None or type(value) in (str, int, float, bool):
         return value
     if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {k if isinstance(k, str) else str(_plain(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     for base in (bool, int, float, str):  # subclasses (numpy scalars, enums) back to the base type
@@ -146,21 +315,34 @@ def _prepare(message: dict) -> dict:
 def render_chat(template: str, messages: list, add_generation_prompt: bool = False, **variables) -> str:
     """`messages` rendered with the chat template, as `apply_chat_template(..., tokenize=False)` does.
     `variables`: the special tokens (special_token_variables), enable_thinking, tools, ..."""
+    return _render(template, [(messages, add_generation_prompt)], variables)[0]
+
+
+def _render(template: str, conversations: list[tuple[list, bool]], variables: dict) -> list[str]:
+    """(messages, add_generation_prompt) pairs rendered, in one request to the renderer process and
+    within its limits (RENDER_SECONDS for them all, RENDER_MEMORY, MAX_RENDER_CHARS each). Raises
+    TemplateRefused (raise_exception), TemplateFailed (an error or a limit, on these conversations), or
+    UserError (invalid Jinja, a sandbox escape: the template is unusable whatever the conversation)."""
+    _check_jinja()
+    if too_deep([c[0] for c in conversations]) or too_deep(variables):
+        raise UserError(f"a message or variable for the chat template is nested over {MAX_NESTING} deep; "
+                        "flatten it")
     variables = {"tools": None, "documents": None, **{k: _plain(v) for k, v in variables.items()}}
-    try:
-        return _compile(template).render(messages=[_prepare(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt, **variables)
-    except UserError:
-        raise
-    except jinja2.TemplateSyntaxError as e:
-        raise UserError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message}); "
-                        "fix it or pass --chat_template PATH") from None
-    except jinja2.exceptions.SecurityError as e:
-        raise UserError(f"the chat template tried something unsafe, refused by the sandbox ({e}); "
-                        "don't use this template") from None
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-        raise UserError(f"the chat template failed ({type(e).__name__}: {e}); fix it or pass "
-                        "--chat_template PATH") from None
+    reply = _renderer.ask(template, [{**variables, "messages": [_prepare(m) for m in messages],
+                                      "add_generation_prompt": generation} for messages, generation in conversations])
+    if "texts" in reply:
+        return reply["texts"]
+    if "refused" in reply:
+        raise TemplateRefused(f"the chat template refused the conversation: {reply['refused']}")
+    if "syntax" in reply:
+        raise UserError(f"the chat template is not valid Jinja ({reply['syntax']}); "
+                        "fix it or pass --chat_template PATH")
+    if "unsafe" in reply:
+        raise UserError(f"the chat template tried something unsafe, refused by the sandbox ({reply['unsafe']}); "
+                        "don't use this template")
+    if "limit" in reply:
+        raise TemplateFailed(reply["limit"], reply["reason"])
+    raise TemplateFailed(f"{reply['error']}: {reply['message']}", f"chat template error ({reply['error']})")
 
 
 def is_conversation(value) -> bool:
@@ -194,6 +376,8 @@ def conversation_pair(prompt, chosen, rejected, template: str, **variables) -> t
       one user message.
     - prompt+chosen and prompt+rejected are rendered whole, as TRL does (no eos appended), and
       prompt_text + chosen_text and prompt_text + rejected_text are exactly those renderings.
+    - A template that fails on the conversation (an error, or over a limit: see render_chat) skips it,
+      with the reason (e.g. "chat template error (ZeroDivisionError)", "chat template over its time limit").
     - prompt_text is the longest common prefix of the two renderings AND of the prompt messages rendered
       alone (with the generation prompt "<|im_start|>assistant\\n" when both responses start with an
       assistant message). That is the prompt's whole rendering for well-behaved templates, and can
@@ -201,6 +385,16 @@ def conversation_pair(prompt, chosen, rejected, template: str, **variables) -> t
       response follows it, the split falls earlier, and the response text starts with that bit of
       the prompt's rendering. The split only decides what truncation may cut, not the ids.
     """
+    try:
+        return _pair(prompt, chosen, rejected, template, **variables)
+    except TemplateFailed as e:  # an error or a limit on this conversation: the row is skipped
+        return e.reason
+
+
+def _pair(prompt, chosen, rejected, template: str, **variables) -> tuple[str, str, str] | str:
+    """conversation_pair, raising TemplateFailed (ChatFormat.pair counts them)."""
+    if too_deep([prompt, chosen, rejected]):
+        return "nested too deeply"
     if isinstance(prompt, str):
         holds_prompt = is_conversation(chosen) and is_conversation(rejected) and \
             chosen[0].get("role") != "assistant" and rejected[0].get("role") != "assistant"
@@ -216,16 +410,15 @@ def conversation_pair(prompt, chosen, rejected, template: str, **variables) -> t
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     if chosen == rejected:
         return "chosen == rejected"
+    generation = chosen[0]["role"] == rejected[0]["role"] == "assistant"
     try:
-        full_c = render_chat(template, prompt + chosen, **variables)
-        full_r = render_chat(template, prompt + rejected, **variables)
-        generation = chosen[0]["role"] == rejected[0]["role"] == "assistant"
-        head = render_chat(template, prompt, add_generation_prompt=generation, **variables) if prompt else ""
+        full_c, full_r, *head = _render(template, [(prompt + chosen, False), (prompt + rejected, False)]
+                                        + ([(prompt, generation)] if prompt else []), variables)
     except TemplateRefused:
         return "refused by the chat template"
     if full_c == full_r:
         return "chosen == rejected"  # they differ only in fields the template leaves out
-    cut = _common_prefix(head, full_c, full_r)
+    cut = _common_prefix(*head, full_c, full_r)
     if cut == len(full_c) or cut == len(full_r):
         return "empty response"
     return full_c[:cut], full_c[cut:], full_r[cut:]
@@ -238,6 +431,8 @@ class ChatFormat:
     template: str | None
     variables: dict = field(default_factory=dict)
     why_none: str = "no chat template was given"
+    rendered: int = 0  # conversations rendered without the template failing, and those it failed on
+    failed: int = 0
 
     def _template(self, where: str) -> str:
         if self.template is None:
@@ -246,10 +441,24 @@ class ChatFormat:
         return self.template
 
     def pair(self, prompt, chosen, rejected, where: str = "data") -> tuple[str, str, str] | str:
-        """conversation_pair with this template: (prompt_text, chosen_text, rejected_text) or a skip reason."""
-        return conversation_pair(prompt, chosen, rejected, self._template(where), **self.variables)
+        """conversation_pair with this template: (prompt_text, chosen_text, rejected_text) or a skip reason.
+        A template that fails on each of the first FAIL_LIMIT conversations is refused (UserError), so a
+        broken one is one line, not a run that skips every row at a time limit each."""
+        template = self._template(where)
+        try:
+            out = _pair(prompt, chosen, rejected, template, **self.variables)
+        except TemplateFailed as e:
+            self.failed += 1
+            if self.rendered == 0 and self.failed >= FAIL_LIMIT:
+                raise UserError(f"{where}: the chat template failed on each of the first {FAIL_LIMIT} "
+                                f"conversations ({e.detail}); fix it or pass --chat_template PATH") from None
+            return e.reason
+        self.rendered += 1
+        return out
 
     def render(self, messages, where: str = "score") -> str:
         if (reason := _problem(messages)) is not None:
             raise UserError(f"{where}: {reason}; give a text or a list of {{role, content}} messages")
+        if too_deep(messages):
+            raise UserError(f"{where}: a message is nested over {MAX_NESTING} deep; flatten it")
         return render_chat(self._template(where), list(messages), **self.variables)

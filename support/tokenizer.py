@@ -55,8 +55,7 @@ class Tokenizer:
             raise UserError(f"{file}: can't read it ({e}); re-download it") from None
         except Exception as e:  # the Rust side raises plain Exception on bad JSON
             raise UserError(f"{file}: not a valid tokenizer.json ({e}); re-download it") from None
-        config_file = Path(path) / "tokenizer_config.json"
-        config = hub.read_json(config_file, "") if config_file.exists() else {}  # bounded like every JSON file
+        config = chat.read_tokenizer_config(path)  # bounded like every JSON file
         named = chat.special_token_variables(config)
 
         def token(key, defaults):

@@ -4,9 +4,17 @@ The tokenizer is a small byte-level BPE trained here with Qwen3's special tokens
 directory that transformers loads; the template is the one in Qwen/Qwen3-0.6B's tokenizer_config.json.
 """
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+import data
+from conftest import ROOT
 from support import chat
 from support.errors import UserError
 
@@ -229,7 +237,7 @@ def test_load_chat_template_refuses_bad_files(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     (d / "tokenizer_config.json").write_text("{not json")
-    with pytest.raises(UserError, match="not a JSON object"):
+    with pytest.raises(UserError, match=r"tokenizer_config.json is not valid JSON \(Expecting property name"):
         chat.load_chat_template(d)
     (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
     with pytest.raises(UserError, match="not UTF-8"):
@@ -355,3 +363,152 @@ def test_a_refusing_template_skips_the_row():
     template = "{% if messages[-1].content == 'bad' %}{{ raise_exception('no') }}{% endif %}{{ messages | length }}"
     assert chat.conversation_pair([U1], [A1], [{"role": "assistant", "content": "bad"}], template) \
         == "refused by the chat template"
+
+
+
+# -----------------------------------------------------------------------------
+# Templates that never finish or fill memory, and templates that fail on a conversation
+
+# Each renders until memory runs out (a MemoryError traceback) or hangs in a sandbox that limits only
+# what a template may touch: the renderer process's limits stop them (here with a 1 s time limit).
+BOMBS = {
+    "a 3 GB string": ("{{ 'x' * 3000000000 }}", "chat template over its memory limit"),
+    "a 1 GB format width": ("{{ '%999999999d'|format(1) }}", "chat template over its memory limit"),
+    "an output loop": ("{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].content * 100 }}"
+                       "{% endfor %}{% endfor %}", "chat template output too long"),
+    "lipsum(10**9)": ("{{ lipsum(10**9) }}", "chat template over its"),  # time or memory, whichever first
+    "nested range loops, no output": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                      "{% endfor %}", "chat template over its time limit"),
+    "a loop over a 1 MB string in a loop": ("{% set s = 'x' * 1000000 %}{% for a in s %}{% for b in s %}{% endfor %}"
+                                            "{% endfor %}", "chat template over its time limit"),
+}
+ERRORS = {
+    "range(10**9)": ("{% for i in range(10**9) %}{% endfor %}", "OverflowError"),  # the sandbox's own refusal
+    "a recursive macro": ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "RecursionError"),
+    "1/0": ("{{ 1/0 }}", "ZeroDivisionError"),
+    "replace(count=10**30)": ("{{ 'ab'|replace('a', 'b', 10**30) }}", "OverflowError"),
+    "a missing field": ("{{ messages[0].nope.deeper }}", "UndefinedError"),
+}
+
+
+@pytest.fixture
+def fast_limits(monkeypatch):
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 1.0)
+    monkeypatch.setattr(chat, "MAX_RENDER_CHARS", 1 << 20)
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_a_template_that_never_ends_or_fills_memory_skips_the_row(name, fast_limits):
+    template, reason = BOMBS[name]
+    before, start = peak_rss_mib(), time.monotonic()
+    assert chat.conversation_pair([U1], [A1], [A2_BAD], template).startswith(reason)
+    with pytest.raises(UserError, match=r"^the chat template failed \(over .*\); fix it or pass --chat_template PATH$"):
+        chat.render_chat(template, [U1])  # score(): one line
+    assert time.monotonic() - start < 2 * (1.0 + 5) and peak_rss_mib() - before < 100
+    assert chat.render_chat("{{ messages[0].content }}", [U1]) == U1["content"]  # and the next one renders
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_a_template_error_skips_the_row_with_its_reason(name):
+    template, error = ERRORS[name]
+    assert chat.conversation_pair([U1], [A1], [A2_BAD], template) == f"chat template error ({error})"
+    with pytest.raises(UserError, match=rf"^the chat template failed \({error}: .*\); fix it or pass "
+                                        r"--chat_template PATH$") as e:
+        chat.render_chat(template, [U1])
+    assert "\n" not in str(e.value)
+
+
+def test_a_template_that_fails_on_every_row_is_refused_in_one_line(fast_limits):
+    fails = chat.ChatFormat("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    for _ in range(chat.FAIL_LIMIT - 1):
+        assert fails.pair([U1], [A1], [A2_BAD], "f.jsonl") == "chat template over its time limit"
+    with pytest.raises(UserError) as e:
+        fails.pair([U1], [A1], [A2_BAD], "f.jsonl")
+    assert str(e.value) == (f"f.jsonl: the chat template failed on each of the first {chat.FAIL_LIMIT} conversations "
+                            "(over 1 s); fix it or pass --chat_template PATH")
+    # a template that fails on some rows only: those are skipped, however many, and the rest render
+    some = chat.ChatFormat("{% if messages[-1].content == 'bad' %}{{ 1/0 }}{% endif %}"
+                           "{% for m in messages %}{{ m.content }}|{% endfor %}")
+    bad = [{"role": "assistant", "content": "bad"}]
+    expected = (U1["content"] + "|", A1["content"] + "|", A2_BAD["content"] + "|")
+    assert some.pair([U1], [A1], [A2_BAD]) == expected
+    for _ in range(2 * chat.FAIL_LIMIT):
+        assert some.pair([U1], bad, [A2_BAD]) == "chat template error (ZeroDivisionError)"
+    assert some.pair([U1], [A1], [A2_BAD]) == expected
+
+
+def test_template_failures_are_counted_when_reading_data(tmp_path):
+    rows = [{"prompt": [U1], "chosen": [{"role": "assistant", "content": c}], "rejected": [A2_BAD]}
+            for c in ("bad", "fine", "bad", "good")]
+    path = tmp_path / "conv.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = "{% if messages[-1].content == 'bad' %}{{ 1/0 }}{% endif %}{% for m in messages %}{{ m.content }}|{% endfor %}"
+    stats = data.DataStats()
+    pairs = data.load_pairs(str(path), stats=stats, chat_format=chat.ChatFormat(template))
+    assert [p.chosen for p in pairs] == ["fine|", "good|"]
+    assert stats.skipped == {"chat template error (ZeroDivisionError)": 2} and stats.read == 4
+
+
+def run_data_cli(path, template_file, **kwargs):
+    return subprocess.Popen([sys.executable, "data.py", str(path), "--chat_template", str(template_file)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_cli_refuses_a_template_that_fails_on_every_row_in_one_line(tmp_path):
+    rows = [{"prompt": [U1], "chosen": [A1], "rejected": [A2_BAD]}] * 10
+    path = tmp_path / "conv.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bomb.jinja").write_text(BOMBS["a 3 GB string"][0])
+    run = run_data_cli(path, tmp_path / "bomb.jinja")
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 2 and err == (f"error: {path}: the chat template failed on each of the first "
+                                           f"{chat.FAIL_LIMIT} conversations (over its {chat.RENDER_MEMORY >> 20} "
+                                           "MiB of memory); fix it or pass --chat_template PATH\n"), err
+
+
+def test_ctrl_c_stops_a_rendering_at_once_and_leaves_no_process(tmp_path):
+    path = tmp_path / "conv.jsonl"
+    path.write_text(json.dumps({"prompt": [U1], "chosen": [A1], "rejected": [A2_BAD]}) + "\n")
+    (tmp_path / "hang.jinja").write_text(BOMBS["nested range loops, no output"][0])
+    run = run_data_cli(path, tmp_path / "hang.jinja", start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(session_pids(run.pid)) < 2 and time.monotonic() < deadline:  # until the renderer process runs
+        time.sleep(0.1)
+    time.sleep(0.5)
+    start = time.monotonic()
+    os.kill(run.pid, signal.SIGINT)  # the run alone: the renderer process must be ended by the run
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == 130 and err == "interrupted (Ctrl-C)\n" and time.monotonic() - start < chat.RENDER_SECONDS
+    assert session_pids(run.pid) == []  # the renderer process is gone too
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id; a zombie has ended
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_a_message_nested_600_deep_is_an_unparsable_row(tmp_path):
+    deep = "x"
+    for _ in range(600):
+        deep = [deep]
+    rows = [{"chosen": [U1, {**A1, "extra": deep}], "rejected": [U1, A2_BAD]}, {"chosen": [U1, A1], "rejected": [U1, A2_BAD]}]
+    path = tmp_path / "deep.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(json.dumps(rows[0])) < 2500
+    stats = data.DataStats()
+    assert len(data.load_pairs(str(path), stats=stats, chat_format=chat.ChatFormat(QWEN3_TEMPLATE))) == 1
+    assert stats.skipped == {"nested too deeply": 1}
+    with pytest.raises(UserError, match=r"^score: a message is nested over 32 deep; flatten it$"):
+        chat.ChatFormat(QWEN3_TEMPLATE).render(rows[0]["chosen"])

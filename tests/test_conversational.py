@@ -7,6 +7,7 @@ The tokenizer is test_chat's byte-level BPE with Qwen3's special tokens and Qwen
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -300,3 +301,43 @@ def test_8bit_optim_on_cpu_prints_no_kernels_notice():
     code = "import train; train.validate(train.TrainConfig(optim_8bit=True, device='cpu'))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "kernels" not in run.stderr + run.stdout, run.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer_config.json: read as every small JSON file is, one line when it is wrong
+
+BAD_TOKENIZER_CONFIGS = {
+    "nested 100k deep": ('{"a": ' * 100_000 + "1" + "}" * 100_000, r" is not valid JSON \(nested too deeply\); "),
+    "a named template with a non-string name": (
+        json.dumps({**CONFIG, "chat_template": [{"name": ["default"], "template": QWEN3_TEMPLATE}]}),
+        r": chat_template is a list whose entries are not all \{\"name\": string, \"template\": string\}; "),
+    "1 GiB": (None, r" is over 16 MiB, far more than a config ever holds; "),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TOKENIZER_CONFIGS))
+def test_a_bad_tokenizer_config_is_one_line_everywhere(name, chat_dir, conversational_files, tmp_path):
+    text, message = BAD_TOKENIZER_CONFIGS[name]
+    model_dir = tmp_path / "base"
+    tiny_rm(data.Tokenizer.from_dir(chat_dir)).save_pretrained(model_dir)
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)  # the template comes from tokenizer_config.json
+    config = model_dir / "tokenizer_config.json"
+    if text is None:
+        with open(config, "r+b") as f:
+            f.truncate(1 << 30)  # sparse: nothing is written, and it must not be read either
+    else:
+        config.write_text(text)
+    jsonl, _ = conversational_files
+    calls = [lambda: RewardModel.from_pretrained(model_dir),
+             lambda: train.main(["--model", str(model_dir), "--dataset", str(jsonl), "--eval_split", "none",
+                                 "--output_dir", str(tmp_path / "out"), "--device", "cpu"]),
+             lambda: eval_cli.main([str(model_dir), "--dataset", str(jsonl), "--output", str(tmp_path / "r.json")])]
+    for call in calls:
+        with pytest.raises(UserError, match="^" + re.escape(str(config)) + message) as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.json").exists()
+    if name == "nested 100k deep":  # and on the command line: exit 2, one line
+        run = subprocess.run([sys.executable, "eval.py", str(model_dir), "--dataset", str(jsonl)], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {config} is not valid JSON"), run.stderr

@@ -16,7 +16,6 @@ directory, checkpoints, resume, stopping on a signal), distributed.py (torchrun,
 """
 import argparse
 import dataclasses
-import logging
 import math
 import os
 import signal
@@ -310,16 +309,7 @@ def validate(cfg: TrainConfig):
         raise UserError(f"--bf16 needs a GPU with bfloat16 support ({torch.cuda.get_device_name()} has none); "
                         "drop --bf16")
     if cfg.optim_8bit or cfg.model_8bit:
-        # bitsandbytes logs a warning at import on CPU about an optional `kernels` package we never use
-        bnb_cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-        level = bnb_cpu_log.level
-        bnb_cpu_log.setLevel(logging.ERROR)
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("--8bit_optim/--8bit_model need bitsandbytes: pip install bitsandbytes") from None
-        finally:
-            bnb_cpu_log.setLevel(level)
+        hub.import_bitsandbytes()  # quietly, and without the Hub
     if cfg.use_wandb:
         try:
             import wandb  # noqa: F401

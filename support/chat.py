@@ -8,6 +8,15 @@ template and appends NO eos, so we do the same, and a test checks that the ids m
   ImmutableSandboxedEnvironment (no attribute starting with "_", no list.append, ...), with the same
   helpers transformers gives it (`raise_exception`, a `tojson` that keeps non-ASCII text, `strftime_now`,
   `{% break %}`, `{% generation %}`), so a template renders here exactly as in transformers.
+- The sandbox limits what a template may touch, not how much work it does or how much text it makes
+  (`{{ 'x' * 3000000000 }}`, nested `range` loops, `lipsum(10**9)`, a macro that builds its text in a
+  buffer). So templates run in a separate renderer process (`_Renderer`, started on first use), which
+  may allocate RENDER_MEMORY and take RENDER_SECONDS per row, and whose text stops at MAX_RENDER_CHARS;
+  past a limit it is stopped (killed if need be) and a fresh one takes the next row. Ctrl-C ends both.
+- A template that fails on a conversation (over a limit, or an error such as `{{ 1/0 }}`, a recursive
+  macro, `range(10**9)`) skips that row with the reason, counted like every skipped row; one that fails on
+  each of the first FAIL_LIMIT conversations is refused in one line. Invalid Jinja and sandbox escapes
+  are refused at once. A conversation nested over MAX_NESTING deep is a skipped row, never walked.
 - What the template sees is rebuilt from plain JSON types, keys whose value is None are dropped (a
   parquet struct column fills missing fields with None; templates test for absent keys), and a message's
   reasoning is passed under all of the names templates read (`reasoning_content`, `thinking`), as in
@@ -17,7 +26,6 @@ template and appends NO eos, so we do the same, and a test checks that the ids m
 import atexit
 import json
 import os
-import resource
 import select
 import signal
 import subprocess
@@ -36,14 +44,14 @@ from support import hub
 from support.errors import UserError
 from support.fileio import read_bounded
 
-MAX_FILE_BYTES = 8 << 20  # a chat template is a few KB, a tokenizer_config.json rarely over 1 MB
+MAX_FILE_BYTES = 8 << 20  # a chat template is a few KB (tokenizer_config.json: hub.read_json's bound)
 ROLES = ("system", "user", "assistant", "tool")
 ROOT = Path(__file__).resolve().parent.parent  # the renderer process imports this module from there
 RENDER_SECONDS = 5.0          # one rendering: real templates take milliseconds
 RENDER_MEMORY = 512 << 20     # what the renderer process may allocate beyond its start (a 16 MiB row, copied)
-MAX_RENDER_CHARS = 64 << 20   # the text of one rendering: a 16 MiB row and the template's own text around it
+MAX_RENDER_CHARS = 32 << 20   # the text of one rendering: a 16 MiB row and the template's own text around it
 MAX_NESTING = 32              # messages -> message -> tool_calls -> call -> arguments -> ... (a real one: < 10)
-FAIL_LIMIT = 5                # a template that fails on each of the first FAIL_LIMIT conversations is refused
+FAIL_LIMIT = 3                # a template that fails on each of the first FAIL_LIMIT conversations is refused
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -54,8 +62,8 @@ def _read_bounded(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e}); check the file") from None
     except ValueError as e:
-        raise UserError(f"{path}: {e} ({MAX_FILE_BYTES >> 20} MB at most for a chat template or "
-                        "tokenizer_config.json); check the file") from None
+        raise UserError(f"{path}: {e} ({MAX_FILE_BYTES >> 20} MB at most for a chat template); "
+                        "check the file") from None
 
 
 def read_tokenizer_config(model_dir) -> dict:
@@ -175,7 +183,8 @@ def _render_reply(request: dict) -> dict:
             for piece in _compile(_template).generate(**variables):
                 size += len(piece)
                 if size > max_chars:
-                    return {"limit": f"over {max_chars:,} characters of text", "reason": "chat template output too long"}
+                    return {"limit": f"over {max_chars:,} characters of text",
+                            "reason": "chat template output too long"}
                 pieces.append(piece)
             texts.append("".join(pieces))
         return {"texts": texts}
@@ -209,6 +218,7 @@ def _loads(line: bytes):
 def serve(memory: int):
     """The renderer process's loop: a JSON request per line on stdin, a JSON reply per line on stdout.
     Its address space may grow by `memory` bytes beyond what it holds at the start."""
+    import resource  # here: the renderer process only (Linux, macOS)
     global _memory
     _memory = memory
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it quietly, together with the run
@@ -238,7 +248,8 @@ class _Renderer:
         request = {"renders": renders, "seconds": RENDER_SECONDS, "max_chars": MAX_RENDER_CHARS}
         with self.lock:
             if self.proc is None or self.pid != os.getpid():
-                code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from support import chat; chat.serve({RENDER_MEMORY})"
+                code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                        f"from support import chat; chat.serve({RENDER_MEMORY})")
                 self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                 self.pid, self.template = os.getpid(), None
@@ -256,7 +267,8 @@ class _Renderer:
                 raise
             if not line.endswith(b"\n"):
                 self.stop()
-                return {"limit": "over its time or memory limit", "reason": "chat template over its time or memory limit"}
+                return {"limit": "over its time or memory limit",
+                        "reason": "chat template over its time or memory limit"}
             return _loads(line)
 
     def stop(self):

@@ -392,3 +392,25 @@ def _cached_snapshots(repo: str, cache: str) -> list[str]:
         others = [os.path.join(snapshots, d) for d in os.listdir(snapshots)]
         found += [s for s in sorted(others, key=os.path.getmtime, reverse=True) if os.path.isdir(s) and s not in found]
     return found
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported without reaching the Hub. On a CPU with AVX512-BF16 its import fetches an
+    optional 4-bit kernel with the `kernels` package: a network call, then notices that depend on the
+    network and the cache (offline: "Skipping publisher trust check for 'kernels-community/...'"). We use
+    no 4-bit kernel, so the import sees no `kernels` package, and its warning about that is silenced."""
+    import logging
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level, hide = log.level, "kernels" not in sys.modules
+    log.setLevel(logging.ERROR)
+    if hide:
+        sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("--8bit_optim/--8bit_model need bitsandbytes: pip install bitsandbytes") from None
+    finally:
+        log.setLevel(level)
+        if hide:
+            del sys.modules["kernels"]
+    return bitsandbytes

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from support import hub
 from support.errors import UserError
 from support.fileio import read_bounded
 

@@ -1,5 +1,8 @@
 """Shared test fixtures: tiny random Qwen3 checkpoints written by transformers (our ground truth)."""
+import os
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,22 @@ def as_if_stopped_at(run_dir, copy_dir, checkpoint="checkpoint_step_3"):
         if p.name not in (checkpoint, "train_config.json"):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     return copy_dir
+
+
+@contextmanager
+def small_tmpfs(path, size="5m"):
+    """A tmpfs of `size` mounted at `path` for a test (a real full disk). Opt-in: only with RM_TEST_MOUNT=1,
+    which CI (.ci/run) sets, so running the suite as root on one's own machine never mounts anything;
+    skipped where mounting is not allowed."""
+    if os.environ.get("RM_TEST_MOUNT") != "1":
+        pytest.skip("mounts a tmpfs: set RM_TEST_MOUNT=1 to run it (CI does)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -447,7 +447,8 @@ def test_template_failures_are_counted_when_reading_data(tmp_path):
             for c in ("bad", "fine", "bad", "good")]
     path = tmp_path / "conv.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    template = "{% if messages[-1].content == 'bad' %}{{ 1/0 }}{% endif %}{% for m in messages %}{{ m.content }}|{% endfor %}"
+    template = ("{% if messages[-1].content == 'bad' %}{{ 1/0 }}{% endif %}"
+                "{% for m in messages %}{{ m.content }}|{% endfor %}")
     stats = data.DataStats()
     pairs = data.load_pairs(str(path), stats=stats, chat_format=chat.ChatFormat(template))
     assert [p.chosen for p in pairs] == ["fine|", "good|"]
@@ -455,8 +456,8 @@ def test_template_failures_are_counted_when_reading_data(tmp_path):
 
 
 def run_data_cli(path, template_file, **kwargs):
-    return subprocess.Popen([sys.executable, "data.py", str(path), "--chat_template", str(template_file)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "tools.inspect_data", str(path), "--chat_template", str(template_file)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def test_cli_refuses_a_template_that_fails_on_every_row_in_one_line(tmp_path):
@@ -503,7 +504,8 @@ def test_a_message_nested_600_deep_is_an_unparsable_row(tmp_path):
     deep = "x"
     for _ in range(600):
         deep = [deep]
-    rows = [{"chosen": [U1, {**A1, "extra": deep}], "rejected": [U1, A2_BAD]}, {"chosen": [U1, A1], "rejected": [U1, A2_BAD]}]
+    rows = [{"chosen": [U1, {**A1, "extra": deep}], "rejected": [U1, A2_BAD]},
+            {"chosen": [U1, A1], "rejected": [U1, A2_BAD]}]
     path = tmp_path / "deep.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(json.dumps(rows[0])) < 2500

@@ -7,6 +7,7 @@ The tokenizer is test_chat's byte-level BPE with Qwen3's special tokens and Qwen
 import dataclasses
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -297,9 +298,15 @@ def test_eval_table_keeps_the_source_apart_from_the_number():
     assert "hh_test.parquet 1.000" in line
 
 
-def test_8bit_optim_on_cpu_prints_no_kernels_notice():
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_8bit_optim_on_cpu_prints_no_kernels_notice(hub, tmp_path):
+    """bitsandbytes' import on CPU fetched a kernel from the Hub, with notices that depend on the network
+    and the cache: each is fixed here (an empty cache; offline, or a Hub that refuses connections)."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1" if hub == "offline" else "0",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # port 9 (discard): refused at once, never the real Hub
+    env.pop("HF_HUB_CACHE", None)
     code = "import train; train.validate(train.TrainConfig(optim_8bit=True, device='cpu'))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     assert run.returncode == 0 and "kernels" not in run.stderr + run.stdout, run.stderr
 
 
@@ -340,4 +347,5 @@ def test_a_bad_tokenizer_config_is_one_line_everywhere(name, chat_dir, conversat
     if name == "nested 100k deep":  # and on the command line: exit 2, one line
         run = subprocess.run([sys.executable, "eval.py", str(model_dir), "--dataset", str(jsonl)], cwd=ROOT,
                              capture_output=True, text=True)
-        assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {config} is not valid JSON"), run.stderr
+        assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+        assert run.stderr.startswith(f"error: {config} is not valid JSON (nested too deeply)"), run.stderr

@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, save_hf_model
+from conftest import ROOT, save_hf_model, small_tmpfs
 
 import train
 from support.checkpoint import checkpoint_dirs
@@ -817,14 +817,9 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
 
 def test_really_full_disk(tmp_path):
-    """The same on a real full filesystem (a small tmpfs; skipped where mounting is not allowed): torch.save
+    """The same on a real full filesystem (a small tmpfs: opt-in, see conftest.small_tmpfs): torch.save
     and safetensors report a full disk in their own ways, and both end in the same one line."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "5m") as mnt:
         out = mnt / "run"
         with pytest.raises(UserError, match=r"^no space left on device while writing .*; free space or choose "
                                             r"another --output_dir$"):
@@ -832,8 +827,6 @@ def test_really_full_disk(tmp_path):
                                    "--output_dir", out))
         ckpts = checkpoint_dirs(out)
         assert len(ckpts) >= 1 and check_loadable(ckpts[-1]) == len(ckpts) and hidden(out) == []
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_corrupt_and_too_long_rows_are_skipped_counted_and_training_goes_on(tmp_path, capsys):

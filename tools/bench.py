@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import data
-from support import packing, tokenizer
+from support import hub, packing, tokenizer
 import qwen3
 from support.errors import ArgumentParser, UserError, run_cli
 from support.lora import TARGETS, add_lora, check_options
@@ -562,10 +562,7 @@ def bench(args) -> dict:
     if args.config not in qwen3.CONFIGS:
         raise UserError(f"unknown --config {args.config!r}; choose one of {sorted(qwen3.CONFIGS)}")
     if args.optim_8bit or args.model_8bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("--8bit_optim/--8bit_model need bitsandbytes: pip install bitsandbytes") from None
+        hub.import_bitsandbytes()  # quietly, and without the Hub
     if args.compare_hf and (args.lora_rank or args.model_8bit):
         raise UserError("--compare-hf runs transformers without adapters or int8 weights; drop it with "
                         "--lora_rank/--8bit_model")

@@ -326,7 +326,7 @@ BAD_TOKENIZER_CONFIGS = {
 def test_a_bad_tokenizer_config_is_one_line_everywhere(name, chat_dir, conversational_files, tmp_path):
     text, message = BAD_TOKENIZER_CONFIGS[name]
     model_dir = tmp_path / "base"
-    tiny_rm(data.Tokenizer.from_dir(chat_dir)).save_pretrained(model_dir)
+    tiny_rm(Tokenizer.from_dir(chat_dir)).save_pretrained(model_dir)
     (model_dir / "chat_template.jinja").unlink(missing_ok=True)  # the template comes from tokenizer_config.json
     config = model_dir / "tokenizer_config.json"
     if text is None:

@@ -20,7 +20,6 @@ import dataclasses
 import errno
 import fcntl
 import json
-import math
 import os
 import random
 import re
@@ -89,8 +88,8 @@ def claim_output_dir(out: Path, replace_previous_run: bool, resume_step: int | N
             if LEFTOVERS.match(p.name):
                 remove(p)
         if resume_step is not None and (out / "log.jsonl").is_file():
-            kept = [json.dumps(r) + "\n" for r in read_log(out)
-                    if isinstance(r, dict) and r.get("step", math.inf) <= resume_step]
+            kept = [json.dumps(r) + "\n" for r in read_log(out)  # a record without a numeric step goes too
+                    if isinstance(r, dict) and type(r.get("step")) in (int, float) and r["step"] <= resume_step]
             write_text_atomic(out / "log.jsonl", "".join(kept))
 
 

@@ -590,3 +590,15 @@ def test_8bit_optimizer_state_holds_state_not_settings(done_8bit, tmp_path, caps
     else:
         assert_one_line(code, err, f"{ckpt / 'optimizer.json'} is corrupt or hand-edited", expected)
         assert tree_bytes(out) == before
+
+
+def test_a_hand_edited_log_line_is_dropped_when_the_log_is_cut_back(done, tmp_path, capsys):
+    """log.jsonl is cut back to the checkpoint's step on --resume; a record whose step is not a number (hand
+    edited) goes with the steps after it, instead of a traceback halfway through claiming the directory."""
+    out, _ = copy_run(done, tmp_path)
+    lines = (done / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text("\n".join([lines[0], '{"step": "x", "loss": 1}', '{"loss": 2}', *lines[1:]]) + "\n")
+    code, err = cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [json.loads(line)["step"] for line in lines]

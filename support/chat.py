@@ -443,7 +443,7 @@ class ChatFormat:
     template: str | None
     variables: dict = field(default_factory=dict)
     why_none: str = "no chat template was given"
-    rendered: int = 0  # conversations rendered without the template failing, and those it failed on
+    rendered: int = 0  # conversations the template did not fail on, and those it failed on
     failed: int = 0
 
     def _template(self, where: str) -> str:

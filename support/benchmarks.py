@@ -379,6 +379,10 @@ def run(args, model_dir: Path, trained: dict, output: Path) -> dict:
     if not args.dataset or len(args.dataset) != 1:
         raise UserError(f"--benchmark {args.benchmark} needs --dataset with the benchmark's file, directory or "
                         f"Hub id (e.g. {'allenai/reward-bench' if args.benchmark == 'rewardbench' else 'PATH'})")
+    ignored = [flag for flag, on in (("--save_reward_stats", args.save_reward_stats), ("--plots", args.plots),
+                                      ("--split", args.split)) if on]
+    if ignored:
+        raise UserError(f"{', '.join(ignored)} apply to preference pairs, not to --benchmark; drop them")
     model = RewardModel.from_pretrained(str(model_dir), device=args.device)
     if model.tokenizer is None:
         raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
@@ -386,7 +390,7 @@ def run(args, model_dir: Path, trained: dict, output: Path) -> dict:
     chat = args.chat_template != "none" and model.tokenizer.chat_template is not None
     skipped = {}
     examples = read_examples(args.benchmark, args.dataset[0], skipped)[:args.max_samples]
-    for example in examples[:getattr(args, "show", 0) or 0]:
+    for example in examples[:max(args.show, 0)]:
         print(show_example(example, chat, model.tokenizer))
     max_length = args.max_length or trained.get("max_length") or 1024
     rewards = score_examples(model, examples, chat, max_length, args.bf16, args.progress)

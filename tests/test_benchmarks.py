@@ -149,6 +149,8 @@ def test_hostile_and_wrong_files_are_one_line(model_dir, tmp_path, monkeypatch):
         run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", no_subset)
     with pytest.raises(UserError, match="needs --dataset"):
         run(model_dir, tmp_path, "--benchmark", "rewardbench")
+    with pytest.raises(UserError, match="--save_reward_stats apply to preference pairs"):
+        run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", no_subset, "--save_reward_stats")
     # bad rows are skipped and counted, never scored
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n[1]\n"
@@ -201,3 +203,17 @@ def test_rendering_is_the_transcript_or_the_chat_template(model_dir, tmp_path, c
     assert report["benchmark"]["rendering"] == "hh-rlhf transcript"
     line = json.loads((tmp_path / "out" / "benchmark_rewards.jsonl").read_text())
     assert line["chosen"] + line["rejected"] == pytest.approx(chat_model.score(texts, max_length=1024), abs=1e-5)
+
+
+def test_rewardbench2_parquet_rows_are_measured_with_their_lists(model_dir, tmp_path, monkeypatch):
+    """A parquet row's list<string> responses count toward the row cap (skipped as too large, never scored)."""
+    import data
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+    monkeypatch.setattr(data, "MAX_ROW_BYTES", 2000)
+    rows = [{"id": str(i), "prompt": "p", "chosen": ["r=2"], "rejected": ["r=1", "r=0", "r=1" + " " * big],
+             "num_correct": 1, "num_incorrect": 3, "total_completions": 4, "models": ["m"] * 4,
+             "subset": "Math", "additional_metadata": "{}"} for i, big in enumerate((0, 5000, 0))]
+    path = tmp_path / "test-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    bench = run(model_dir, tmp_path, "--benchmark", "rewardbench2", "--dataset", path)["benchmark"]
+    assert bench["skipped"] == {"row too large": 1} and bench["subsets"] == {"Math": {"score": 1.0, "n": 2}}

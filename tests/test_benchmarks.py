@@ -207,9 +207,9 @@ def test_rendering_is_the_transcript_or_the_chat_template(model_dir, tmp_path, c
 
 def test_rewardbench2_parquet_rows_are_measured_with_their_lists(model_dir, tmp_path, monkeypatch):
     """A parquet row's list<string> responses count toward the row cap (skipped as too large, never scored)."""
-    import data
+    from support import readers
     monkeypatch.setattr(RewardModel, "score_responses", planted)
-    monkeypatch.setattr(data, "MAX_ROW_BYTES", 2000)
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 2000)
     rows = [{"id": str(i), "prompt": "p", "chosen": ["r=2"], "rejected": ["r=1", "r=0", "r=1" + " " * big],
              "num_correct": 1, "num_incorrect": 3, "total_completions": 4, "models": ["m"] * 4,
              "subset": "Math", "additional_metadata": "{}"} for i, big in enumerate((0, 5000, 0))]

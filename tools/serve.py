@@ -303,9 +303,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_and_score(self) -> list:
         server, batcher = self.server, self.server.batcher
-        if server.stopping:
-            raise Refusal(503, "the server is shutting down; send the request to another server")
-        batcher.arrive()
+        batcher.arrive()  # (while stopping too: a request that got here is in flight, and answered)
         try:
             length = content_length(self.headers, server.max_body)
             body = self.rfile.read(length)

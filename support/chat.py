@@ -224,9 +224,12 @@ def serve(memory: int):
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it quietly, together with the run
     signal.signal(signal.SIGALRM, _over_time)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    with open("/proc/self/statm") as f:
-        limit = int(f.read().split()[0]) * resource.getpagesize() + memory
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:  # Linux; where the address space can't be limited (macOS), the time and text limits still hold
+        with open("/proc/self/statm") as f:
+            limit = int(f.read().split()[0]) * resource.getpagesize() + memory
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (OSError, ValueError):
+        pass
     for line in sys.stdin.buffer:
         try:
             reply = _render_reply(_loads(line))

@@ -157,6 +157,18 @@ def test_rewards_are_score_in_order_with_openrlhf_body(server, reference):
     assert request(server, body={"query": []}) == (200, {"rewards": [], "scores": []})
 
 
+def test_openrlhf_client_as_it_posts(server, reference):
+    """What OpenRLHF's remote-RM client does: requests.post(url, json={"query", "prompts", "labels"}),
+    raise_for_status, then the "rewards" key (its agent path reads "scores" too)."""
+    requests = pytest.importorskip("requests")
+    items = TEXTS[:3]
+    response = requests.post(f"http://127.0.0.1:{server}/get_reward", timeout=180,
+                             json={"query": items, "prompts": ["\n\nHuman: hi"] * 3, "labels": [""] * 3},
+                             headers={"Content-Type": "application/json"})
+    response.raise_for_status()
+    assert_rewards(response.json(), items, reference[1])
+
+
 def test_32_concurrent_clients_all_correct_and_batched(server, reference):
     _, expected, _ = reference
     before = request(server, "GET", "/health")[1]
@@ -351,9 +363,11 @@ def test_a_lone_client_is_not_kept_waiting():
         server.stop(5)
 
 
-def test_loopback_hosts():
-    assert all(map(serve.is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
-    assert not any(map(serve.is_loopback, ["0.0.0.0", "::", "192.168.1.2", "example.com"]))
+def test_only_loopback_hosts_go_without_a_warning():
+    assert not any(map(serve.exposure_warning, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
+    for host in ["0.0.0.0", "::", "192.168.1.2", "example.com"]:
+        assert serve.exposure_warning(host).startswith(f"warning: listening on {host}, beyond this machine, with "
+                                                       "no authentication")
 
 
 def test_startup_mistakes_are_one_line(hf_tiny, model_dir, tmp_path):

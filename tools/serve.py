@@ -411,6 +411,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str) -> str | None:
+    if is_loopback(host):
+        return None
+    return (f"warning: listening on {host}, beyond this machine, with no authentication: anyone who can reach "
+            "the port can use the model; bind to 127.0.0.1 or put it behind a proxy that checks clients")
+
+
 def load_model(args):
     """(model, max_length, what /health reports) for CHECKPOINT, found and checked as eval.py does."""
     import torch
@@ -526,10 +533,8 @@ def main(argv=None):
     server.start()
     print(f"serving {info['model']} ({info['head']} head, max_length {info['max_length']}, batch_size {args.batch_size}, "
           f"{args.device}) on http://{host}:{port}/get_reward", flush=True)
-    if not is_loopback(args.host):
-        print(f"warning: listening on {args.host}, beyond this machine, with no authentication: anyone who can "
-              "reach the port can use the model; bind to 127.0.0.1 or put it behind a proxy that checks clients",
-              file=sys.stderr, flush=True)
+    if warning := exposure_warning(args.host):
+        print(warning, file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
     print(f"serve: stopping; answering the {server.in_flight} request(s) in flight", flush=True)

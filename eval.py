@@ -288,9 +288,9 @@ def trained_settings(model_dir: Path) -> dict:
     """What config.json records of the reward model's training (dataset, max_length, share_prompt, ...).
     A plain language model is refused: it would load with a freshly initialised random head, and its
     scores would mean nothing."""
-    from rm import reward_model_config
+    from support import export
     raw = read_json(model_dir / "config.json", "a model directory must hold config.json")
-    settings = reward_model_config(raw, model_dir)
+    settings = export.reward_model_config(raw, model_dir)
     if settings is None:
         raise UserError(f"{model_dir} is not a reward model (architectures {raw.get('architectures')}, no "
                         f"\"reward_model\" entry in config.json): its reward head would be random; train one "

@@ -15,29 +15,19 @@
   shared prompts pass a `layout` (packing.py) that changes only how attention is confined.
 - Under autocast (--bf16) the residual stream is carried in bf16; in fp32 we match transformers to 1e-5.
 """
-import re
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from support import hub, weights
 from support.errors import UserError
-from support.hub import read_json, resolve_model_dir
 
 
 # ----------------------------------------------------------------------------------------------
 # Config
-
-
-# Upper bounds far above any released Qwen3 (the 32B model: 64 layers, hidden 5120, intermediate 25600):
-# enough to refuse a config that would build modules for minutes before the weights could disagree.
-LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
-          "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
-          "max_position_embeddings": 1 << 24}
 
 
 @dataclass
@@ -55,47 +45,13 @@ class Qwen3Config:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
-        """Every field of the right type and size, before any module is built from it (a hand-edited or
-        hostile config.json must not make us allocate for minutes before it is refused)."""
-        for name, top in LIMITS.items():
-            value = getattr(self, name)
-            if type(value) is not int or not 0 < value <= top:  # type(), not isinstance: True is not a size
-                raise UserError(f"{name} must be a whole number from 1 to {top:,} (got {value!r})")
-        for name in ("rope_theta", "rms_norm_eps"):
-            value = getattr(self, name)
-            if type(value) not in (int, float) or not 0 < value < float("inf"):
-                raise UserError(f"{name} must be a positive number (got {value!r})")
-        if type(self.tie_word_embeddings) is not bool:
-            raise UserError(f"tie_word_embeddings must be true or false (got {self.tie_word_embeddings!r})")
-        if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise UserError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
-        if self.head_dim % 2:
-            raise UserError(f"head_dim must be even (got {self.head_dim}): rotary embeddings turn pairs of features")
+        # Every field of the right type and size before any module is built from it (weights.LIMITS).
+        weights.check_config(self)
 
     @classmethod
     def from_hf_dict(cls, d: dict, where: str = "config") -> "Qwen3Config":
         """Read the fields that matter from a Hugging Face Qwen3 `config.json` dict, checked."""
-        model_type = d.get("model_type")
-        if model_type != "qwen3":
-            raise UserError(f"{where} is not a Qwen3 config (model_type={model_type!r}); "
-                            f"point --model at a Qwen3 checkpoint such as Qwen/Qwen3-0.6B")
-        if d.get("attention_bias"):
-            raise UserError(f"{where} sets attention_bias=true, which Qwen3 checkpoints never do; "
-                            "this implementation has no attention biases")
-        # transformers < 5 and the released configs say rope_theta / rope_scaling; transformers 5 writes
-        # rope_parameters = {"rope_type", "rope_theta"}. Accept both, and only plain (unscaled) RoPE.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UserError(f"{where} uses rope scaling {rope}, which is not supported; "
-                            "use a checkpoint without rope scaling")
-        d = {**d, "rope_theta": d.get("rope_theta") or rope.get("rope_theta")}
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
-        hidden, heads = (kwargs.get(k, getattr(cls, k)) for k in ("hidden_size", "num_attention_heads"))
-        if "head_dim" not in kwargs and type(hidden) is int and type(heads) is int and heads > 0:
-            kwargs["head_dim"] = hidden // heads  # older configs leave it out: then it is hidden / heads
+        kwargs = weights.config_fields(cls, d, where)  # refuses other models, biases, scaled RoPE
         try:
             return cls(**kwargs)
         except UserError as e:
@@ -109,19 +65,20 @@ class Qwen3Config:
 
     @classmethod
     def from_name(cls, name: str) -> "Qwen3Config":
-        if name not in CONFIGS:
-            raise UserError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}")
-        return CONFIGS[name]
+        if name not in SHAPES:
+            raise UserError(f"unknown model config {name!r}; choose one of {sorted(SHAPES)}")
+        return SHAPES[name]
 
 
-# The released models' architectures, available without any download (from their config.json files).
-CONFIGS = {
+# Named shapes: the released models' architectures, available without any download (from their
+# config.json files), and tiny ones for tests, the demo and benchmarks.
+SHAPES = {
     "0.6b": Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28),
     "1.7b": Qwen3Config(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28),
     # Tiny shapes for tests, the demo and CPU benchmarks.
     "tiny": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048),
-    # ~33M parameters (25M outside the embeddings): big enough for CPU benchmarks to mean something (bench.py).
+    # ~33M parameters (25M outside the embeddings): big enough for CPU benchmarks to mean something (tools/bench.py).
     "small": Qwen3Config(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096),
 }
@@ -302,9 +259,9 @@ class Qwen3(nn.Module):
 
         lm_head=True also loads an untied `lm_head.weight` (a tied model reuses the embeddings anyway).
         """
-        model_dir = resolve_model_dir(name_or_path)
-        config = read_config(model_dir)
-        header = read_header(model_dir, config)  # weights that disagree with config.json: refused, nothing built
+        model_dir = hub.resolve_model_dir(name_or_path)
+        config = Qwen3Config.from_hf_dict(weights.read_config(model_dir), where=str(model_dir / "config.json"))
+        header = weights.read_header(model_dir, config)  # weights that disagree with config.json: refused, nothing built
         with torch.device("meta"):  # no memory for random weights we would overwrite anyway
             model = cls(config)
             if lm_head and not config.tie_word_embeddings and "lm_head.weight" in header:
@@ -313,8 +270,8 @@ class Qwen3(nn.Module):
         def our_name(key):  # checkpoint key -> module name; an unexpected key keeps its own (and is named)
             if key == "lm_head.weight":
                 return key if model.lm_head is not None else None
-            return key[len("model."):] if key.startswith("model.") else key
-        load_weights(model, model_dir, dtype, our_name, header=header)
+            return key.removeprefix("model.")
+        weights.load_weights(model, model_dir, dtype, our_name, header=header)
         return model.to(device)
 
 
@@ -331,109 +288,3 @@ def left_padding_mask(attention_mask):
     key_is_real = attention_mask.bool()[:, None, None, :]                     # (B, 1, 1, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     return (causal & key_is_real) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint files: reading them, checking every tensor (hub.py finds them).
-
-def read_config(model_dir: Path) -> Qwen3Config:
-    d = read_json(model_dir / "config.json", "a checkpoint directory must hold the model's config.json")
-    return Qwen3Config.from_hf_dict(d, where=str(model_dir / "config.json"))
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():  # sharded: the index maps every tensor to its shard, a file in this directory
-        weight_map = read_json(index, "").get("weight_map")
-        names = set(weight_map.values()) if isinstance(weight_map, dict) and weight_map else {None}
-        if not all(isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors") for n in names):
-            raise UserError(f"{index} has no valid weight_map (tensor name -> shard file in this directory); "
-                            "re-download the checkpoint")
-        files = [model_dir / f for f in sorted(names)]
-        missing = [str(f.name) for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are missing; "
-                            "re-download the checkpoint")
-        return files
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise UserError(f"{model_dir} holds no model.safetensors (nor an index of shards); "
-                    "point at a directory with safetensors weights")
-
-
-@contextmanager
-def opened(file: Path):
-    """safe_open, with a header or data that cannot be read (a truncated download, usually) as one line."""
-    from safetensors import safe_open
-    try:
-        with safe_open(file, framework="pt") as f:
-            yield f
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{file} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        "delete it and download the checkpoint again") from None
-
-
-def read_header(model_dir: Path, config: Qwen3Config) -> dict:
-    """{checkpoint key: (file, shape)} from the safetensors headers alone: no tensor data is read. Weights
-    whose layer count or embeddings disagree with config.json are refused here, before a model is built."""
-    header = {}
-    for file in safetensors_files(model_dir):
-        with opened(file) as f:
-            for key in f.keys():
-                if key in header:
-                    raise UserError(f"{model_dir}: tensor {key} is in two shards ({header[key][0].name}, "
-                                    f"{file.name}); re-download the checkpoint")
-                header[key] = (file, tuple(f.get_slice(key).get_shape()))
-    layers = 1 + max((int(m[1]) for key in header if (m := re.match(r"model\.layers\.(\d+)\.", key))), default=-1)
-    embed = header.get("model.embed_tokens.weight", (None, None))[1]
-    if layers != config.num_hidden_layers or embed not in (None, (config.vocab_size, config.hidden_size)):
-        raise UserError(f"{model_dir} does not match its config.json: the weights hold {layers} layers and embeddings "
-                        f"of shape {embed}, config.json says {config.num_hidden_layers} layers and "
-                        f"({config.vocab_size}, {config.hidden_size}); restore its config.json or re-download it")
-    return header
-
-
-def load_weights(model: nn.Module, model_dir: Path, dtype, our_name=lambda key: key, keep=frozenset(),
-                 header: dict | None = None):
-    """Fill `model` (built on the meta device) from the checkpoint in `model_dir`.
-
-    our_name maps a checkpoint key to the model's name for it (None: not wanted, e.g. an unused LM head);
-    `keep` names tensors the model already holds (a fresh reward head). Every name and shape is checked
-    against the model from the header first, so a checkpoint that does not fit is refused before any data
-    is read; then the tensors are read one at a time, each cast straight to `dtype` (one copy, never two):
-    loading holds the model's own tensors plus one in flight.
-    """
-    header = header if header is not None else read_header(model_dir, model.config)
-    keys = {our_name(key): key for key in header if our_name(key) is not None}
-    check_fits(model, {name: header[key][1] for name, key in keys.items()}, keep, where=str(model_dir))
-    state = {name: t for name, t in model.state_dict().items() if name in keep}
-    for file in sorted({file for file, _ in header.values()}):
-        with opened(file) as f:
-            for name, key in keys.items():
-                if header[key][0] == file:
-                    t = f.get_tensor(key)
-                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                        state[name] = t.to(dtype)
-                    else:  # a fresh, 64-byte aligned copy: safetensors' buffers can be misaligned, and
-                        state[name] = t.clone()  # CPU kernels then round differently than for the saved model
-    model.load_state_dict(state, strict=True, assign=True)  # assign: the meta parameters are replaced, not copied
-
-
-def check_fits(model: nn.Module, shapes: dict, keep, where: str):
-    """Refuse, in one line naming every missing, unexpected or mis-shaped tensor, a checkpoint (its
-    {name: shape}) that does not fit `model` (apart from the tensors in `keep`)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in keep}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in expected if k in shapes and shapes[k] != expected[k]]
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
-        if keys:
-            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            problems.append(f"{len(keys)} {label} tensor(s): {shown}")
-    if problems:
-        raise UserError(f"checkpoint {where} does not fit this model: {'; '.join(problems)}; "
-                        "is it a Qwen3 checkpoint of the size its config.json says?")

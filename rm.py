@@ -11,29 +11,22 @@ r_rejected), so `pairwise_loss` minimises -log sigmoid(r_chosen - r_rejected - m
 
 - Heads: `mlp` (default; hidden -> hidden/2 -> 1, GELU, mean pooling) or `linear` (a bias-free `score`
   layer with last-token pooling: transformers' Qwen3ForSequenceClassification, so it loads there as is).
-  Any other combination is saved with model_type REWARD_MODEL_TYPE, which transformers refuses to load,
-  rather than loading as a classifier with a random `score` layer.
+  Any other combination is saved with a model_type that transformers refuses to load, rather than
+  loading as a classifier with a random `score` layer (support/export.py: the format on disk).
 - Pooling follows the attention mask (or a packing.Layout's sequence ids), never a search for the pad
   token: pad and eos can be the same token. The head runs on the pooled vectors only.
 """
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.tokenizer import Tokenizer
+from support import export, scoring
 from support.errors import UserError
-from support.fileio import atomic_dir, write_json
-from support.hub import read_json, resolve_model_dir
-from support import packing, scoring
-from support.lora import merged_state_dict
-from qwen3 import Qwen3, Qwen3Config, load_weights, read_header
+from qwen3 import Qwen3, Qwen3Config
 
-HEADS = ("mlp", "linear")
-POOLINGS = ("mean", "last")
-REWARD_MODEL_TYPE = "qwen3_reward_model"  # a model_type transformers does not know: it refuses the directory
+HEADS, POOLINGS = export.HEADS, export.POOLINGS  # ("mlp", "linear"), ("mean", "last"): names config.json keeps
 
 
 def pool(hidden, sequence_ids, num_sequences: int, how: str):
@@ -93,62 +86,10 @@ def padded_sequence_ids(input_ids, attention_mask=None):
     return rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
 
 
-def disk_name(name: str) -> str:
-    """Module name -> checkpoint key: the head is saved as `reward_head.*` (mlp) or `score.weight`
-    (linear, as transformers' Qwen3ForSequenceClassification names it)."""
-    if name == "head.weight":
-        return "score.weight"
-    return "reward_head." + name[len("head."):] if name.startswith("head.") else name
-
-
-def module_name(key: str) -> str:
-    """Checkpoint key -> module name (the inverse of disk_name)."""
-    if key == "score.weight":
-        return "head.weight"
-    return "head." + key[len("reward_head."):] if key.startswith("reward_head.") else key
-
-
-def names(value) -> bool:
-    return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-# What a saved "reward_model" entry records of the training that eval.py reads back: the check each value
-# must pass (None is always fine: not recorded).
-SAVED_SETTINGS = {"max_length": ("a whole number >= 2", lambda v: type(v) is int and v >= 2),
-                  "share_prompt": ("true or false", lambda v: type(v) is bool),
-                  "dataset": ("a name or a list of names", names),
-                  "eval_dataset": ("a name or a list of names", names),
-                  "reward_stats": ('{"mean", "std" > 0, "n"}', scoring.valid_stats),
-                  "eval_fraction": ("a number between 0 and 1", lambda v: type(v) in (int, float) and 0 < v < 1)}
-
-
-def reward_model_config(raw_config: dict, where) -> dict | None:
-    """What a config.json says about the reward model in its directory: our {"head", "pooling", provenance...}
-    entry, {"head": "linear", "pooling": "last"} for a transformers Qwen3ForSequenceClassification, or None
-    for a plain language model (whose reward head would have to be freshly initialised)."""
-    saved = raw_config.get("reward_model")
-    architectures = raw_config.get("architectures") or []
-    if saved is None and isinstance(architectures, list) and "Qwen3ForSequenceClassification" in architectures:
-        id2label = raw_config.get("id2label") or {"0": ""}
-        num_labels = len(id2label) if isinstance(id2label, dict) else None
-        if num_labels != 1:
-            raise UserError(f"{where} is a sequence classifier with {num_labels} labels; a reward "
-                            "model has exactly one output")
-        return {"head": "linear", "pooling": "last"}
-    if saved is None:
-        return None
-    if not isinstance(saved, dict) or saved.get("head") not in HEADS or saved.get("pooling") not in POOLINGS:
-        raise UserError(f"{where}: its \"reward_model\" entry {saved!r:.200} needs a head in {HEADS} and a pooling "
-                        f"in {POOLINGS}; re-save the model with train.py")
-    for key, (what, ok) in SAVED_SETTINGS.items():
-        if saved.get(key) is not None and not ok(saved[key]):
-            raise UserError(f"{where}: its \"reward_model\" entry has {key} {saved[key]!r:.100}, which must be "
-                            f"{what}; correct it in config.json or re-save the model with train.py")
-    return saved
-
-
 class RewardModel(nn.Module):
     # Module names follow the transformers layout: `model.*` for the backbone, then one `head`.
+    config_class = Qwen3Config  # what from_pretrained builds from config.json
+
     def __init__(self, config: Qwen3Config, head: str = "mlp", pooling: str = "mean"):
         super().__init__()
         if head not in HEADS:
@@ -243,48 +184,16 @@ class RewardModel(nn.Module):
         """Replace every backbone linear layer with a frozen int8 bitsandbytes Linear8bitLt (LLM.int8():
         outlier features above `threshold` stay in 16-bit). Only the head and the norms keep training;
         the embeddings are frozen too."""
-        quantize_linears_8bit(self.model, threshold)
+        export.quantize_linears_8bit(self.model, threshold)
         self.model.embed_tokens.requires_grad_(False)
         return self
 
     # ---- save / load -------------------------------------------------------------------------
 
-    def hf_config(self) -> dict:
-        cfg = self.config.to_hf_dict()
-        tok = self.tokenizer
-        if (self.head_type, self.pooling) == ("linear", "last"):
-            # transformers' Qwen3ForSequenceClassification reads these; it pools the last token that is
-            # not pad_token_id, which is our last token: we never append an eos equal to pad (eos_suffix).
-            cfg.update(architectures=["Qwen3ForSequenceClassification"], id2label={"0": "LABEL_0"},
-                       label2id={"LABEL_0": 0})
-        else:  # transformers has no such head: refuse to load there, rather than load a random `score` layer
-            cfg.update(model_type=REWARD_MODEL_TYPE, architectures=["Qwen3RewardModel"])
-        cfg.update(pad_token_id=tok.pad_id if tok else None, eos_token_id=tok.eos_id if tok else None,
-                   bos_token_id=tok.bos_id if tok else None,
-                   torch_dtype=str(self.model.norm.weight.dtype).replace("torch.", ""),
-                   reward_model={"head": self.head_type, "pooling": self.pooling, **self.provenance},
-                   **scoring.config_keys(self.reward_stats))  # OpenRLHF's names for them
-        return cfg
-
-    def export_state_dict(self) -> dict:
-        """The state dict in plain tensors under the checkpoint key names, loadable without this code:
-        int8 layers are dequantised back to ordinary weights (with the small int8 rounding baked in) and
-        LoRA adapters merged into the weights they adapt, W + (alpha/r) B A (lora.merged_state_dict)."""
-        merged = merged_state_dict(self, dtype=self.model.norm.weight.dtype)
-        return {disk_name(n): t.detach().contiguous() for n, t in merged.items()}
-
     def save_pretrained(self, out_dir, extra_files: dict | None = None):
-        """Write model.safetensors, config.json and the tokenizer files into a temporary sibling directory
-        that is renamed into place only when complete (fileio.atomic_dir)."""
-        from safetensors.torch import save_file
-        with atomic_dir(out_dir) as tmp:
-            save_file(self.export_state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
-            for name, write in (extra_files or {}).items():
-                write(tmp / name)
-            write_json(tmp / "config.json", self.hf_config())  # last: marks the directory complete
-        return Path(out_dir)
+        """model.safetensors, config.json and the tokenizer files, written whole or not at all; transformers
+        loads the linear head with last-token pooling as a Qwen3ForSequenceClassification (support/export.py)."""
+        return export.save(self, out_dir, extra_files)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, head: str | None = None, pooling: str | None = None,
@@ -294,49 +203,4 @@ class RewardModel(nn.Module):
         - a transformers Qwen3ForSequenceClassification (published Qwen3 reward models): head linear, pooling last;
         - a plain Qwen3 causal LM (e.g. Qwen/Qwen3-0.6B): the backbone, plus a freshly initialised head.
         """
-        model_dir = resolve_model_dir(name_or_path)
-        raw = read_json(model_dir / "config.json", "a checkpoint directory must hold the model's config.json")
-        saved = reward_model_config(raw, model_dir)
-        backbone = {**raw, "model_type": "qwen3"} if saved and raw.get("model_type") == REWARD_MODEL_TYPE else raw
-        config = Qwen3Config.from_hf_dict(backbone, where=str(model_dir / "config.json"))
-        if saved is not None:
-            for what, asked in (("head", head), ("pooling", pooling)):
-                if asked is not None and asked != saved[what]:
-                    raise UserError(f"{model_dir} was saved with {what} {saved[what]!r}; it cannot be loaded "
-                                    f"with {what} {asked!r} (drop the option)")
-            head, pooling = saved["head"], saved["pooling"]
-        header = read_header(model_dir, config)  # weights that disagree with config.json: refused, nothing built
-        with torch.device("meta"):
-            model = cls(config, head=head or "mlp", pooling=pooling or "mean")
-        fresh = set()
-        if saved is None:  # a plain language model: a fresh head
-            model.head.to_empty(device="cpu")
-            model.init_head(seed)
-            fresh = {name for name in model.state_dict() if name.startswith("head.")}
-        # a reward model never uses the LM head
-        load_weights(model, model_dir, dtype, lambda key: None if key == "lm_head.weight" else module_name(key),
-                     keep=fresh, header=header)
-        model.to(dtype=dtype)
-        if saved is not None:
-            model.provenance = {k: v for k, v in saved.items() if k not in ("head", "pooling")}
-        if (model_dir / "tokenizer.json").is_file():
-            model.tokenizer = Tokenizer.from_dir(model_dir)
-            if model.tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embeddings
-                raise UserError(f"{model_dir}/tokenizer.json has {model.tokenizer.vocab_size} tokens but the model's "
-                                f"vocab_size is {config.vocab_size}: the tokenizer belongs to another model; "
-                                "copy the base model's tokenizer files there")
-        return model.to(device)
-
-
-def quantize_linears_8bit(module: nn.Module, threshold: float = 6.0) -> nn.Module:
-    """Every nn.Linear inside `module` becomes a frozen int8 bitsandbytes Linear8bitLt (LLM.int8(): outlier
-    features above `threshold` stay in 16-bit)."""
-    import bitsandbytes as bnb
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
-                                        has_fp16_weights=False, threshold=threshold)
-                q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-                setattr(parent, name, q.to(child.weight.device))  # .to() quantises the CPU weights to int8
-    return module
+        return export.load(cls, name_or_path, head, pooling, dtype, device, seed)

@@ -42,15 +42,15 @@ from support.fileio import write_json_atomic
 from support.lora import (add_lora, base_fingerprint, check_base, check_options, load_adapter_state_dict, read_adapters,
                   save_adapters)
 from support.packing import choose_collate
-from qwen3 import CONFIGS as MODEL_CONFIGS
-from qwen3 import load_weights
-from rm import HEADS, POOLINGS, RewardModel, module_name, pairwise_loss
+from qwen3 import SHAPES as MODEL_SHAPES
+from rm import HEADS, POOLINGS, RewardModel, pairwise_loss
+from support import export, weights
 
 
 @dataclass
 class TrainConfig:
     # model
-    model: str = "Qwen/Qwen3-0.6B"           # Hub id or local directory; with from_scratch, a qwen3.CONFIGS name
+    model: str = "Qwen/Qwen3-0.6B"           # Hub id or local directory; with from_scratch, a qwen3.SHAPES name
     from_scratch: bool = False               # random init (the demo): no download at all
     head: str | None = None                  # mlp (default) | linear; None = whatever the checkpoint has
     pooling: str | None = None               # mean (default) | last
@@ -277,8 +277,8 @@ def validate(cfg: TrainConfig):
         raise UserError(f"--head must be one of {HEADS} (got {cfg.head!r})")
     if cfg.pooling not in (None, *POOLINGS):
         raise UserError(f"--pooling must be one of {POOLINGS} (got {cfg.pooling!r})")
-    if cfg.from_scratch and cfg.model not in MODEL_CONFIGS:
-        raise UserError(f"--from_scratch needs --model to name one of {sorted(MODEL_CONFIGS)}")
+    if cfg.from_scratch and cfg.model not in MODEL_SHAPES:
+        raise UserError(f"--from_scratch needs --model to name one of {sorted(MODEL_SHAPES)}")
     if cfg.model_8bit and cfg.fsdp:
         raise UserError("--8bit_model cannot be combined with --fsdp (int8 weights cannot be sharded); drop one")
     if cfg.lora_rank is None:
@@ -360,11 +360,11 @@ def check_output_dir_apart(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig) -> RewardModel:
-    """From scratch (the demo: a qwen3.CONFIGS shape, the demo tokenizer's vocabulary), or a checkpoint."""
+    """From scratch (the demo: a qwen3.SHAPES shape, the demo tokenizer's vocabulary), or a checkpoint."""
     if cfg.from_scratch:
         from support.demo import demo_tokenizer
         tokenizer = demo_tokenizer()
-        config = dataclasses.replace(MODEL_CONFIGS[cfg.model], vocab_size=tokenizer.vocab_size)
+        config = dataclasses.replace(MODEL_SHAPES[cfg.model], vocab_size=tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
         model = RewardModel(config, head=cfg.head or "mlp", pooling=cfg.pooling or "mean")
         model.model.init_weights(seed=cfg.seed)
@@ -531,7 +531,7 @@ def resume_weights(model: RewardModel, cfg: TrainConfig, path: Path, fingerprint
         config, adapters = read_adapters(path / "adapters")
         check_base(config, fingerprint, path)
         return adapters
-    load_weights(model, path / "model", torch.float32, module_name)
+    weights.load_weights(model, path / "model", torch.float32, export.module_name)
     return None
 
 
@@ -756,7 +756,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--model", "--model_name", dest="model", default=UNSET,
                    help="Hub repo id or local checkpoint directory")
     p.add_argument("--from_scratch", action="store_true", default=UNSET,
-                   help="random init of a qwen3.CONFIGS shape (tiny, 0.6b, 1.7b) with the demo's tokenizer: "
+                   help="random init of a qwen3.SHAPES shape (tiny, 0.6b, 1.7b) with the demo's tokenizer: "
                         "for the demo and tests")
     p.add_argument("--head", default=UNSET, choices=HEADS, help="reward head (default: the checkpoint's, else mlp)")
     p.add_argument("--pooling", default=UNSET, choices=POOLINGS, help="pooling (default: the checkpoint's, else mean)")

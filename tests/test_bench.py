@@ -40,7 +40,7 @@ def test_realistic_lengths_and_flops():
     assert 16 <= min(chosen) and max(chosen) <= 512 and 130 < np.median(chosen) < 210
     assert all(it.chosen_ids[:it.prompt_len] == it.rejected_ids[:it.prompt_len] for it in items)
     assert all(max(it.chosen_ids + it.rejected_ids) < 999 for it in items)  # the last id is the pad
-    cfg = qwen3.CONFIGS["tiny"]
+    cfg = qwen3.SHAPES["tiny"]
     assert bench.step_flops(cfg, 1000, [4, 2]) == 6 * 1000 * 6 + 6 * 2 * 4 * 32 * (16 + 4)
 
 

@@ -14,7 +14,7 @@ import torch
 import eval as eval_cli
 from support import benchmarks
 from support.errors import UserError
-from qwen3 import CONFIGS
+from qwen3 import SHAPES
 from rm import RewardModel
 from test_chat import make_model_dir
 
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory, demo_tok):
     """A tiny saved reward model with the demo tokenizer (no chat template)."""
     d = tmp_path_factory.mktemp("bench") / "model"
     torch.manual_seed(0)
-    model = RewardModel(CONFIGS["tiny"])
+    model = RewardModel(SHAPES["tiny"])
     model.model.init_weights(seed=0)
     model.init_head(0)
     model.tokenizer = demo_tok
@@ -183,7 +183,7 @@ def test_rendering_is_the_transcript_or_the_chat_template(model_dir, tmp_path, c
     chat_dir = make_model_dir(tmp_path / "chat")
     from support.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(str(chat_dir))
-    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=512)
+    config = dataclasses.replace(SHAPES["tiny"], vocab_size=512)
     torch.manual_seed(1)
     chat_model = RewardModel(config)
     chat_model.model.init_weights(seed=1)

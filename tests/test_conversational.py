@@ -23,8 +23,9 @@ import train
 from conftest import ROOT
 from support.errors import UserError
 from support.tokenizer import Tokenizer
-from qwen3 import CONFIGS
-from rm import REWARD_MODEL_TYPE, RewardModel
+from qwen3 import SHAPES
+from rm import RewardModel
+from support.export import REWARD_MODEL_TYPE
 from test_chat import A1, A2, A2_BAD, CONFIG, QWEN3_TEMPLATE, SYSTEM, U1, U2, hf_ids, make_model_dir
 
 transformers = pytest.importorskip("transformers")
@@ -45,7 +46,7 @@ def hf_text_ids(hf_tok, text):
 
 
 def tiny_rm(tok, head="mlp", pooling="mean", seed=0):
-    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=tok.vocab_size)
+    config = dataclasses.replace(SHAPES["tiny"], vocab_size=tok.vocab_size)
     torch.manual_seed(seed)
     model = RewardModel(config, head=head, pooling=pooling)
     model.model.init_weights(seed=seed)

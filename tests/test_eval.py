@@ -14,7 +14,8 @@ from data import DataStats, Pair, load_pairs, tokenize_pairs
 from support.errors import UserError, run_cli
 from eval import average_ranks, evaluate, main, pearson, report_from_rewards, spearman, wilson_interval
 from support.hub import find_model_dir
-from rm import RewardModel, reward_model_config
+from rm import RewardModel
+from support.export import reward_model_config
 from test_rm import tiny_rm
 
 # Five pairs with known rewards, lengths and sources. Margins 1, -0.5, 0 (a tie: wrong), 2, 0.0625.
@@ -182,7 +183,7 @@ def test_evaluate_with_stub_model_matches_hand_numbers(demo_tok):
 
 def test_find_model_dir_layouts(tmp_path):
     """A model dir, a train.py checkpoint (model/ inside), a train.py output dir (final_model/ inside);
-    hub.find_model_dir finds it, rm.reward_model_config tells a reward model from a plain LM."""
+    hub.find_model_dir finds it, export.reward_model_config tells a reward model from a plain LM."""
     rm_cfg = {"architectures": ["Qwen3RewardModel"], "reward_model": {"head": "mlp", "pooling": "mean"}}
     for sub in ("plain", "checkpoint_step_5/model", "out/final_model"):
         (tmp_path / sub).mkdir(parents=True)

@@ -78,9 +78,9 @@ def save_reward_model(path, vocab_delta=0):
     """A tiny reward model in our format, with the demo tokenizer (what train.py writes)."""
     import dataclasses
     from support.demo import demo_tokenizer
-    from qwen3 import CONFIGS
+    from qwen3 import SHAPES
     tok = demo_tokenizer()
-    model = RewardModel(dataclasses.replace(CONFIGS["tiny"], vocab_size=tok.vocab_size + vocab_delta))
+    model = RewardModel(dataclasses.replace(SHAPES["tiny"], vocab_size=tok.vocab_size + vocab_delta))
     model.model.init_weights(seed=0)
     model.init_head(0)
     model.tokenizer = tok

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from support.errors import UserError
 from support.lora import LoRALinear, adapter_state_dict, add_lora, load_adapter_state_dict, merged_state_dict
-from qwen3 import CONFIGS, Qwen3
+from qwen3 import SHAPES, Qwen3
 
-CFG = CONFIGS["tiny"]
+CFG = SHAPES["tiny"]
 
 
 def tiny_backbone(seed=0):
@@ -33,7 +33,7 @@ def randomize_B(model, seed=2, std=0.05):
 def quantize_backbone_8bit(backbone, threshold=6.0):
     """As RewardModel.quantize_8bit does: every block linear becomes a frozen int8 Linear8bitLt."""
     pytest.importorskip("bitsandbytes")
-    from rm import quantize_linears_8bit
+    from support.export import quantize_linears_8bit
     return quantize_linears_8bit(backbone, threshold)
 
 
@@ -227,11 +227,7 @@ def test_reward_model_merged_state_dict_loads_into_plain_reward_model():
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_reward_model_merged_save_loads_in_ours_and_transformers(tmp_path, demo_tok, int8):
-    import inspect
-
     from rm import RewardModel
-    if "merged_state_dict" not in inspect.getsource(RewardModel.export_state_dict):
-        pytest.skip("rm.RewardModel.export_state_dict does not merge LoRA adapters yet")
     from transformers import AutoModelForSequenceClassification
     model = tiny_reward_model("linear", "last")
     if int8:

@@ -6,7 +6,7 @@ import torch
 
 from data import TokenizedPair, collate
 from support.packing import choose_collate, choose_impl, collate_packed, collate_shared
-from qwen3 import CONFIGS
+from qwen3 import SHAPES
 from rm import RewardModel, pairwise_loss
 
 PAD = 3
@@ -147,7 +147,7 @@ def test_choose_collate():
                                                      ("padded rows", True)])
 def test_packed_equals_padded_fp32(head, pooling, impl, max_tokens, share_prompt):
     torch.manual_seed(0)
-    model = RewardModel(CONFIGS["tiny"], head=head, pooling=pooling)
+    model = RewardModel(SHAPES["tiny"], head=head, pooling=pooling)
     model.model.init_weights(seed=0)
     model.init_head(0).train()
     items = random_pairs(5) + edge_pairs()
@@ -166,7 +166,7 @@ def test_packed_equals_padded_fp32(head, pooling, impl, max_tokens, share_prompt
 
 def test_packed_with_gradient_checkpointing_and_auto_choice():
     torch.manual_seed(0)
-    model = RewardModel(CONFIGS["tiny"])
+    model = RewardModel(SHAPES["tiny"])
     model.model.init_weights(seed=1)
     model.init_head(1).train()
     items = random_pairs(3, seed=1)
@@ -183,7 +183,7 @@ def test_packed_with_gradient_checkpointing_and_auto_choice():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs CUDA")
 def test_varlen_matches_padded_bf16_cuda():
     torch.manual_seed(0)
-    model = RewardModel(CONFIGS["tiny"]).cuda()
+    model = RewardModel(SHAPES["tiny"]).cuda()
     model.model.init_weights(seed=0)
     model.init_head(0).train()
     items = random_pairs(6)

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, make_hf_cache, save_hf_model
 from support.errors import UserError
 from support.packing import Layout
-from qwen3 import CONFIGS, Qwen3, Qwen3Config
+from qwen3 import SHAPES, Qwen3, Qwen3Config
 
 
 def hf_hidden(hf_model, input_ids, attention_mask=None):
@@ -134,16 +134,16 @@ def test_weights_load_in_requested_dtype_without_meta_leftovers(hf_tiny):
 
 
 def test_named_configs_match_released_models():
-    c = CONFIGS["0.6b"]
+    c = SHAPES["0.6b"]
     assert (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads) == (1024, 128, 16, 8)
     with torch.device("meta"):
         assert 0.59e9 < Qwen3(c).num_params(non_embedding=False) < 0.61e9
-        assert 1.7e9 < Qwen3(CONFIGS["1.7b"]).num_params(non_embedding=False) < 1.75e9
+        assert 1.7e9 < Qwen3(SHAPES["1.7b"]).num_params(non_embedding=False) < 1.75e9
 
 
 def test_config_roundtrip_and_not_qwen3(tmp_path):
-    cfg = Qwen3Config.from_hf_dict({**CONFIGS["tiny"].to_hf_dict()})
-    assert cfg == CONFIGS["tiny"]
+    cfg = Qwen3Config.from_hf_dict({**SHAPES["tiny"].to_hf_dict()})
+    assert cfg == SHAPES["tiny"]
     with pytest.raises(UserError, match="not a Qwen3 config"):
         Qwen3Config.from_hf_dict({"model_type": "llama", "hidden_size": 8})
 
@@ -239,14 +239,14 @@ def edit_config(path, **changes):
     ("rope_scaling", "linear", "uses rope scaling linear, which is not supported"),
 ])
 def test_config_values_are_checked_before_anything_is_built(field, value, message):
-    d = {**CONFIGS["tiny"].to_hf_dict(), "rope_parameters": None, field: value}
+    d = {**SHAPES["tiny"].to_hf_dict(), "rope_parameters": None, field: value}
     with pytest.raises(UserError) as e:
         Qwen3Config.from_hf_dict(d, where="DIR/config.json")
     assert message in str(e.value) and str(e.value).startswith("DIR/config.json")
 
 
 def test_head_dim_left_out_is_hidden_over_heads_and_checked():
-    d = {**CONFIGS["tiny"].to_hf_dict()}
+    d = {**SHAPES["tiny"].to_hf_dict()}
     del d["head_dim"]
     assert Qwen3Config.from_hf_dict(d).head_dim == 64 // 4
     with pytest.raises(UserError, match=r"num_attention_heads must be a whole number from 1 to 1,024 \(got 0\)"):
@@ -300,9 +300,9 @@ def test_unexpected_large_tensor_is_refused_before_any_data_is_read(tmp_path):
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:  # a valid file, with that tensor
         assert f.get_slice("model.extra.weight").get_shape() == [64, 1 << 20]
     script = (
-        "import torch; from support.errors import UserError; from qwen3 import CONFIGS, Qwen3; from rm import RewardModel\n"
+        "import torch; from support.errors import UserError; from qwen3 import SHAPES, Qwen3; from rm import RewardModel\n"
         "with torch.device('meta'):  # torch's first meta-device module costs ~75 MiB once (lazy imports)\n"
-        "    Qwen3(CONFIGS['tiny'])\n"
+        "    Qwen3(SHAPES['tiny'])\n"
         "def peak_mib():\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024\n"
         "for load in (Qwen3.from_pretrained, RewardModel.from_pretrained):\n"

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 
 from conftest import save_hf_model
 from support.errors import UserError
-from qwen3 import CONFIGS, Qwen3
-from rm import RewardModel, pairwise_loss, pool, reward_model_config
+from qwen3 import SHAPES, Qwen3
+from rm import RewardModel, pairwise_loss, pool
+from support.export import reward_model_config
 
 
 def tiny_rm(head="mlp", pooling="mean", seed=0):
     torch.manual_seed(seed)
-    m = RewardModel(CONFIGS["tiny"], head=head, pooling=pooling)
+    m = RewardModel(SHAPES["tiny"], head=head, pooling=pooling)
     m.model.init_weights(seed=seed)
     return m.init_head(seed).eval()
 

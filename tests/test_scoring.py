@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 from support import packing, scoring
 from support.errors import UserError
-from qwen3 import CONFIGS
+from qwen3 import SHAPES
 from rm import RewardModel
 from test_chat import A1, SYSTEM, U1, make_model_dir
 
@@ -32,7 +32,7 @@ def bpe_tok(tmp_path_factory):
 
 
 def tiny_rm(tok, head="mlp", pooling="mean", seed=0):
-    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=max(tok.vocab_size, 512))
+    config = dataclasses.replace(SHAPES["tiny"], vocab_size=max(tok.vocab_size, 512))
     torch.manual_seed(seed)
     model = RewardModel(config, head=head, pooling=pooling)
     model.model.init_weights(seed=seed)
@@ -205,10 +205,10 @@ def test_score_memory_is_bounded_for_a_5mb_text(tmp_path):
 import resource, sys, torch, dataclasses
 sys.path.insert(0, {str(ROOT)!r})
 from support.tokenizer import Tokenizer
-from qwen3 import CONFIGS
+from qwen3 import SHAPES
 from rm import RewardModel
 tok = Tokenizer.from_dir({str(tmp_path / 'tok')!r})
-model = RewardModel(dataclasses.replace(CONFIGS['tiny'], vocab_size=512)).eval()
+model = RewardModel(dataclasses.replace(SHAPES['tiny'], vocab_size=512)).eval()
 model.tokenizer = tok
 text = "The capital of France is Paris. " * (5 << 20 >> 5)
 model.score(["warm up"], max_length=64)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from qwen3 import CONFIGS
+from qwen3 import SHAPES
 from rm import RewardModel
 from support.demo import demo_rows
 from support.errors import UserError
@@ -48,7 +48,7 @@ ITEMS = TEXTS + [conversation(i) for i in range(4)] + [LONG]
 def model_dir(tmp_path_factory, demo_tok):
     """A tiny demo-tokenizer reward model with a chat template, rewards of order 1 (not 0.01), saved."""
     demo_tok.chat_template = TEMPLATE
-    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=demo_tok.vocab_size)
+    config = dataclasses.replace(SHAPES["tiny"], vocab_size=demo_tok.vocab_size)
     torch.manual_seed(0)
     model = RewardModel(config, head="mlp", pooling="last")
     model.model.init_weights(seed=0)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import data
-from support import hub, packing, tokenizer
+from support import export, hub, packing, tokenizer
 import qwen3
 from support.errors import ArgumentParser, UserError, run_cli
 from support.lora import TARGETS, add_lora, check_options
@@ -295,7 +295,7 @@ def prepare_hf(args, device, batches_items, pad_id) -> dict:
     with torch.device(device):
         hf = transformers.Qwen3ForSequenceClassification(hf_config)
     ours = build_ours(args, device)
-    missing, unexpected = hf.load_state_dict(ours.export_state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(export.export_state_dict(ours), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
     del ours
@@ -344,9 +344,9 @@ def run_sides(args, device, batches_items, pad_id, prepares: list) -> list:
     # Run each side once on the tiny config first: lazy imports and one-off allocations (transformers
     # imports much of itself on first use) must not count as a side's memory.
     tiny = argparse.Namespace(**{**vars(args), "config": "tiny", "compile": False})
-    tiny_items = [make_pairs(2, 16, "uniform", qwen3.CONFIGS["tiny"].vocab_size, np.random.default_rng(0))]
+    tiny_items = [make_pairs(2, 16, "uniform", qwen3.SHAPES["tiny"].vocab_size, np.random.default_rng(0))]
     for prepare in prepares:
-        side = prepare(tiny, device, tiny_items, qwen3.CONFIGS["tiny"].vocab_size - 1)
+        side = prepare(tiny, device, tiny_items, qwen3.SHAPES["tiny"].vocab_size - 1)
         side["step"](side["batches"][0])
         side["cleanup"]()
     sides, memory = [], []
@@ -513,7 +513,7 @@ def bench_best_of_n(args, device) -> dict:
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m tools.bench", description="Benchmark a reward-model training step (see the module "
                        "docstring).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="small", help=f"model config, one of {sorted(qwen3.CONFIGS)}")
+    p.add_argument("--config", default="small", help=f"model config, one of {sorted(qwen3.SHAPES)}")
     p.add_argument("--pairs", type=int, default=None, help="pairs per step (default: 8 on CUDA, 4 on CPU)")
     p.add_argument("--max_length", type=int, default=None,
                    help="tokens per sequence (default: 512 on CUDA, 256 on CPU)")
@@ -559,8 +559,8 @@ def bench(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if args.config not in qwen3.CONFIGS:
-        raise UserError(f"unknown --config {args.config!r}; choose one of {sorted(qwen3.CONFIGS)}")
+    if args.config not in qwen3.SHAPES:
+        raise UserError(f"unknown --config {args.config!r}; choose one of {sorted(qwen3.SHAPES)}")
     if args.optim_8bit or args.model_8bit:
         hub.import_bitsandbytes()  # quietly, and without the Hub
     if args.compare_hf and (args.lora_rank or args.model_8bit):

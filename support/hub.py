@@ -2,7 +2,9 @@
 
 - A model is a local directory, or a Hub repo id fetched with huggingface_hub into its usual cache
   (only config, tokenizer and safetensors files); with HF_HUB_OFFLINE=1 only the cache is read.
-  eval.py's CHECKPOINT may also be a train.py checkpoint or output directory (find_model_dir).
+  A local directory may also be a train.py checkpoint or output directory (local_model_dir): eval.py's
+  CHECKPOINT and train.py's --model alike. An org/name that is no local directory is looked up on the Hub,
+  and a failure says first that there is no such local directory.
 - A dataset (dataset_files) is a local file, glob (taken as given) or directory, or a Hub dataset id.
   A directory or repo is split-aware when its file names carry split words as the Hub's patterns do
   (train.jsonl, hh_train.parquet, train_v2.jsonl, test-00000-of-00001.parquet, train/0000.parquet,
@@ -41,12 +43,25 @@ def looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not os.path.isabs(name)
 
 
+def local_model_dir(path: Path) -> Path | None:
+    """Where a model's config.json is in a local directory: the directory itself, a train.py checkpoint's
+    model/, or a train.py output directory's final_model/ (eval.py's CHECKPOINT and train.py --model alike).
+    None when none of them holds one."""
+    for candidate in (path, path / "model", path / "final_model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    if (path / "adapters").is_dir():  # train.py --lora_rank: a checkpoint holds adapters, not a model
+        raise UserError(f"{path} is a LoRA checkpoint: it holds the adapters only, not a model; use the "
+                        "run's final_model/ or best_model_step_N/ (saved merged)")
+    return None
+
+
 def resolve_model_dir(name_or_path: str) -> Path:
-    """A local directory as is; a Hub repo id through huggingface_hub (the local cache first, and
-    only the config, tokenizer and safetensors files; HF_HUB_OFFLINE=1 never touches the network)."""
+    """A local directory (local_model_dir); else a Hub repo id through huggingface_hub (the local cache
+    first, and only the config, tokenizer and safetensors files; HF_HUB_OFFLINE=1 never touches the network)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return local_model_dir(path) or path  # without config.json: reading it says what is missing
     if path.exists():
         raise UserError(f"{name_or_path} is a file; pass the checkpoint DIRECTORY that holds config.json")
     if not looks_like_repo_id(name_or_path):
@@ -54,18 +69,20 @@ def resolve_model_dir(name_or_path: str) -> Path:
                         "or a Hub repo id such as Qwen/Qwen3-0.6B")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    # org/name is a local path or a Hub id: say first that no such directory is here, then why the Hub failed
+    no_dir = f"there is no local directory {name_or_path}"
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=WEIGHT_FILES))
     except RepositoryNotFoundError:
-        raise UserError(f"{name_or_path} is neither a local directory nor a model on the Hugging Face Hub; "
-                        "check the spelling (and HF_TOKEN for private repos)") from None
+        raise UserError(f"{no_dir}, nor a model {name_or_path} on the Hugging Face Hub; check the path or the "
+                        "spelling (and HF_TOKEN for private repos)") from None
     except LocalEntryNotFoundError:
-        raise UserError(f"model {name_or_path} is not in the local Hugging Face cache and the Hub cannot be "
-                        "reached (HF_HUB_OFFLINE=1 or no network); download it once with network access, "
-                        "or pass a local directory") from None
+        raise UserError(f"{no_dir}; as a Hub model id, it is not in the local Hugging Face cache and the Hub cannot "
+                        "be reached (HF_HUB_OFFLINE=1 or no network): check the path, or download it once with "
+                        "network access") from None
     except Exception as e:  # network errors and the like: still one line
-        raise UserError(f"could not fetch {name_or_path} from the Hugging Face Hub ({type(e).__name__}: {e}); "
-                        "check the network or pass a local directory") from None
+        raise UserError(f"{no_dir}; as a Hub model id, fetching it failed ({type(e).__name__}: {e}): check the "
+                        "path, or the network") from None
 
 
 MAX_JSON_BYTES = 16 << 20  # config.json, an index of shards: kilobytes in every real checkpoint
@@ -101,14 +118,11 @@ def find_model_dir(ckpt: str) -> tuple[Path, Path]:
     """
     path = Path(ckpt).expanduser()
     if path.is_dir():
-        for candidate in (path, path / "model", path / "final_model"):
-            if (candidate / "config.json").is_file():
-                return candidate, path
-        if (path / "adapters").is_dir():  # train.py --lora_rank: a checkpoint holds adapters, not a model
-            raise UserError(f"{ckpt} is a LoRA checkpoint: it holds the adapters only, not a model; evaluate the "
-                            "run's final_model/ or best_model_step_N/ (saved merged)")
-        raise UserError(f"{ckpt} holds no model: expected config.json in it, in {ckpt}/model/ (a train.py "
-                        f"checkpoint) or in {ckpt}/final_model/ (a train.py output directory)")
+        found = local_model_dir(path)
+        if found is None:
+            raise UserError(f"{ckpt} holds no model: expected config.json in it, in {ckpt}/model/ (a train.py "
+                            f"checkpoint) or in {ckpt}/final_model/ (a train.py output directory)")
+        return found, path
     if path.exists():
         raise UserError(f"{ckpt} is a file; pass the checkpoint DIRECTORY (the one holding config.json)")
     if not looks_like_repo_id(ckpt):

@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, save_hf_model, small_tmpfs
+from conftest import ROOT, as_if_stopped_at, save_hf_model, small_tmpfs
 
 import train
 from support.checkpoint import checkpoint_dirs
@@ -168,7 +168,10 @@ def fx(tmp_path_factory):
                        "rm_not_object": edit_config(reward_model="mlp"),
                        "rm_max_length": edit_reward_model(max_length="long"),
                        "rm_head_list": edit_reward_model(head=["mlp"]), "rm_pooling_int": edit_reward_model(pooling=3),
-                       "unexpected_tensor": edit_tensors(lambda s: s.update({"model.extra.weight": torch.ones(4)}))
+                       "unexpected_tensor": edit_tensors(lambda s: s.update({"model.extra.weight": torch.ones(4)})),
+                       # the right shape, but integers or bools: not weights
+                       "int_tensor": edit_tensors(lambda s: s.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)})),
+                       "bool_tensor": edit_tensors(lambda s: s.update({"reward_head.fc2.weight": s["reward_head.fc2.weight"] > 0})),
                        }.items():
         f[name] = variant(good, root / name, edit)
     f["no_tokenizer"] = variant(good, root / "no_tokenizer", lambda d: (d / "tokenizer.json").unlink())
@@ -223,6 +226,10 @@ def fx(tmp_path_factory):
     f["done_copy"] = root / "done_copy"
     shutil.copytree(f["done"], f["done_copy"])
     shutil.rmtree(f["done_copy"] / "final_model")  # as if stopped after its checkpoint: resumable
+    # stopped after its first checkpoint, whose weights were then edited to an integer dtype
+    f["int_resume"] = as_if_stopped_at(f["done"], root / "int_resume", "checkpoint_step_1")
+    edit_tensors(lambda s: s.update({"model.layers.0.mlp.up_proj.weight": s["model.layers.0.mlp.up_proj.weight"].to(
+        torch.int32)}))(f["int_resume"] / "checkpoint_step_1" / "model")
     return f
 
 
@@ -233,7 +240,8 @@ CASES = [
     ("model path does not exist", "train", lambda fx, o: ["--model", str(fx["root"] / "nope"), *ON_MODEL],
      ["does not exist", "pass an existing directory or a Hub repo id"]),
     ("Hub id, offline, not cached", "train", lambda fx, o: ["--model", "Qwen/Qwen3-0.6B", *ON_MODEL],
-     ["not in the local Hugging Face cache", "download it once with network access"]),
+     ["there is no local directory Qwen/Qwen3-0.6B; as a Hub model id, it is not in the local Hugging Face cache",
+      "download it once with network access"]),
     ("directory without config.json", "train", lambda fx, o: ["--model", str(fx["empty_dir"]), *ON_MODEL],
      ["config.json is missing", "must hold the model's config.json"]),
     ("config.json not valid JSON", "train", lambda fx, o: ["--model", str(fx["bad_config_json"]), *ON_MODEL],
@@ -340,6 +348,8 @@ CASES = [
      ["no usable pairs in", "it is empty (0 rows read)", "check the data and the path"]),
     ("eval: checkpoint does not exist", "eval", lambda fx, o: [str(fx["root"] / "nope"), "--dataset", "demo"],
      ["does not exist", "pass a directory written by train.py"]),
+    ("eval: two-part relative path that does not exist", "eval", lambda fx, o: ["no-such-run/rm06", "--dataset", "demo"],
+     ["there is no local directory no-such-run/rm06; as a Hub model id", "check the path"]),
     ("eval: directory without a model", "eval", lambda fx, o: [str(fx["empty_dir"]), "--dataset", "demo"],
      ["holds no model: expected config.json"]),
     ("eval: corrupt safetensors", "eval", lambda fx, o: [str(fx["corrupt_st"]), "--dataset", "demo"],
@@ -405,6 +415,14 @@ INPROCESS_CASES = [
      ["'pooling': 3", "and a pooling in ('mean', 'last')", "re-save the model with train.py"]),
     ("reward_model.max_length not a number", "train", lambda fx, o: ["--model", str(fx["rm_max_length"]), *ON_MODEL],
      ["has max_length 'long', which must be a whole number >= 2"]),
+    ("weights of an integer dtype", "train", lambda fx, o: ["--model", str(fx["int_tensor"]), *ON_MODEL],
+     ["tensor model.norm.weight holds I64 values, not weights (F32, F16 or BF16)", "re-download or re-save it"]),
+    ("eval: weights of a bool dtype", "eval", lambda fx, o: [str(fx["bool_tensor"]), "--dataset", "demo"],
+     ["tensor reward_head.fc2.weight holds BOOL values, not weights", "re-download or re-save it"]),
+    ("--resume: weights of an integer dtype", "train",
+     lambda fx, o: [*DONE, "--output_dir", str(fx["int_resume"]), "--resume"],
+     ["checkpoint_step_1/model/model.safetensors: tensor model.layers.0.mlp.up_proj.weight holds I32 values",
+      "re-download or re-save it"]),
     ("eval: config.json num_key_value_heads 0", "eval", lambda fx, o: [str(fx["kv_heads_0"]), "--dataset", "demo"],
      ["num_key_value_heads must be a whole number from 1 to 1,024 (got 0)"]),
 ]
@@ -428,7 +446,7 @@ assert not set(IDS) & {c[0] for c in INPROCESS_CASES}
 
 
 def watched(fx):
-    return [fx["done"], fx["done_copy"], fx["half_run"], fx["good_model"], fx["a_file"]]
+    return [fx["done"], fx["done_copy"], fx["half_run"], fx["good_model"], fx["a_file"], fx["int_resume"]]
 
 
 @pytest.fixture(scope="module")
@@ -500,6 +518,19 @@ def test_bad_input_in_process(fx, case, tmp_path, capsys, monkeypatch):
     for text in expected:
         assert text in stderr, f"{text!r} not in {stderr!r}"
     assert not out.exists() and not report.exists() and [snapshot(p) for p in watched(fx)] == before
+
+
+def test_model_may_be_a_finished_run_as_in_eval(fx, tmp_path):
+    """train.py --model OUTPUT_DIR (a finished run) starts from its final_model/, as eval.py OUTPUT_DIR
+    evaluates it; a checkpoint_step_N/ gives its model/. Both load exactly those weights."""
+    from support import hub
+    assert hub.resolve_model_dir(str(fx["done"])) == fx["done"] / "final_model"
+    assert hub.resolve_model_dir(str(fx["done"] / "checkpoint_step_1")) == fx["done"] / "checkpoint_step_1" / "model"
+    before = snapshot(fx["done"])
+    run, final = RewardModel.from_pretrained(str(fx["done"])), RewardModel.from_pretrained(str(fx["done"] / "final_model"))
+    assert all(torch.equal(a, b) for a, b in zip(run.state_dict().values(), final.state_dict().values()))
+    train.train(cli_config("--model", fx["done"], *ON_MODEL, "--output_dir", tmp_path / "again"))
+    assert (tmp_path / "again" / "final_model" / "config.json").is_file() and snapshot(fx["done"]) == before
 
 
 @pytest.mark.parametrize("flag,value", [("--learning_rate", "-1e-5"), ("--learning_rate", "-inf"),

@@ -53,6 +53,23 @@ def test_init_equals_base_model_exactly():
         assert not torch.allclose(lora(ids), base(ids), atol=1e-4)
 
 
+def test_lora_linear_is_the_formula_by_hand():
+    """y = x W^T + (alpha / r) x A^T B^T, with a nonzero B and alpha != r, written out by hand (not LoRA against
+    LoRA): an inverted scale (r / alpha) or a missing one is caught, in the forward and in the merged weight."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=False)
+    lora = LoRALinear(base, rank=4, alpha=16.0)  # alpha / r = 4; r / alpha would be 0.25
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 12)
+    W, A, B = base.weight.detach(), lora.lora_A.detach(), lora.lora_B.detach()
+    want = x @ W.T + (16.0 / 4) * (x @ A.T @ B.T)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x @ lora.merged_weight(torch.float32).T, want, atol=1e-5, rtol=1e-5)
+    assert (want - x @ W.T).abs().max() > 0.1  # the update is not negligible: a wrong scale would show
+
+
 def test_gradients_reach_only_the_adapters():
     model = add_lora(tiny_backbone(), rank=4, targets=("q", "v", "down"))
     model.train()

@@ -42,6 +42,44 @@ def test_sharded_checkpoint(tmp_path):
         assert (ours(ids) - hf_hidden(hf, ids)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("max_shard_size", [None, "20KB"], ids=["one file", "sharded"])
+def test_bare_qwen3model_checkpoint_loads(tmp_path, max_shard_size):
+    """transformers' bare Qwen3Model.save_pretrained (as embedding models such as Qwen3-Embedding are published)
+    names its tensors without the `model.` prefix: embed_tokens.weight, layers.N..., norm.weight. Qwen3 and
+    RewardModel (the backbone, with a fresh head) both load it, to its hidden states."""
+    from safetensors import safe_open
+    from rm import RewardModel
+    hf = save_hf_model(tmp_path, cls_name="Qwen3Model", max_shard_size=max_shard_size)
+    keys = set()
+    for file in tmp_path.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            keys |= set(f.keys())
+    assert "embed_tokens.weight" in keys and "norm.weight" in keys and not any(k.startswith("model.") for k in keys)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_size is not None)
+    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(input_ids=ids).last_hidden_state
+        assert (Qwen3.from_pretrained(str(tmp_path)).eval()(ids) - want).abs().max() < 1e-5
+        reward_model = RewardModel.from_pretrained(str(tmp_path)).eval()
+        assert (reward_model.model(ids) - want).abs().max() < 1e-5
+
+
+def test_rmsnorm_matches_transformers_exactly_in_bf16_and_fp32():
+    """Bit for bit, on bf16 input too: normalising in fp32, casting back, then scaling. Computing the mean of
+    squares in the input's dtype (bf16) would differ here, though it hides inside the model-level bf16 tolerance."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    from qwen3 import RMSNorm
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 33, 256) * 3 + 0.5, torch.rand(256) + 0.5
+    for dtype in (torch.bfloat16, torch.float32):
+        ours, theirs = RMSNorm(256, 1e-6), Qwen3RMSNorm(256, eps=1e-6)
+        with torch.no_grad():
+            ours.weight.copy_(weight)
+            theirs.weight.copy_(weight)
+            got, want = ours.to(dtype)(x.to(dtype)), theirs.to(dtype)(x.to(dtype))
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want), dtype
+
+
 def test_right_padding_changes_no_real_token(hf_tiny):
     path, hf = hf_tiny
     ours = Qwen3.from_pretrained(str(path)).eval()
@@ -213,7 +251,8 @@ def test_load_by_repo_id_from_hf_cache_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "ERR model Qwen/NotCached is not in the local Hugging Face cache" in out.stdout
+    assert ("ERR there is no local directory Qwen/NotCached; as a Hub model id, it is not in the local Hugging "
+            "Face cache") in out.stdout
 
 
 # ---- inputs bounded before they are used ----------------------------------------------------

@@ -37,15 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_model_dir(config_name: str, out_dir: Path) -> Path:
-    """A random reward model of a qwen3.CONFIGS shape with the demo tokenizer (the demo model's setup)."""
+    """A random reward model of a qwen3.SHAPES shape with the demo tokenizer (the demo model's setup)."""
     import dataclasses
     import torch
-    from qwen3 import CONFIGS
+    from qwen3 import SHAPES
     from rm import RewardModel
     from support.demo import demo_tokenizer
     tok = demo_tokenizer()
     torch.manual_seed(0)
-    model = RewardModel(dataclasses.replace(CONFIGS[config_name], vocab_size=tok.vocab_size), pooling="last")
+    model = RewardModel(dataclasses.replace(SHAPES[config_name], vocab_size=tok.vocab_size), pooling="last")
     model.model.init_weights(seed=0)
     model.init_head(0)
     model.tokenizer, model.provenance = tok, {"max_length": 128}

@@ -18,11 +18,10 @@
   them up to --max_wait_ms, until it holds --batch_size texts: clients that ask together are scored in
   the same forward passes. A lone client is never kept waiting for company.
 - It never falls over: every refusal is a JSON {"error": "..."} with its status code (docs/serving.md
-  lists them and the limits); a failure inside the model answers 500 to the requests of that batch only.
+  lists them and the limits); a failure inside the model answers 500 only to the requests whose texts fail.
   SIGTERM or Ctrl-C stops accepting, answers the requests in flight and exits 0 (a second one: at once).
 - No authentication: bind to loopback (the default) or put it behind something that checks clients.
 """
-import argparse
 import collections
 import ipaddress
 import json
@@ -37,6 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from eval import positive_int
 from support import chat
 from support.errors import ArgumentParser, UserError, run_cli
 
@@ -451,16 +451,6 @@ def make_server(score, info: dict, args) -> RewardServer:
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                         "or --host") from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def parse_args(argv=None):

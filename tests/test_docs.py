@@ -14,6 +14,8 @@ STALE = {  # what a reader would type from an old page, and where it went
     re.compile(r"python data\.py"): "python -m tools.inspect_data",
     re.compile(r"(?<![\w/.-])bench\.py"): "tools/bench.py (python -m tools.bench)",
     re.compile(r"from (lora|checkpoint|packing|distributed|hub|chat|demo|fileio|errors) import"): "from support.X import",
+    re.compile(r"(?<![\w/.-])(?:" + "|".join(sorted(p.stem for d in ("support", "tools") for p in (ROOT / d).glob("*.py")
+                                                 if p.stem != "__init__")) + r")\.py"): "named by its path: support/X.py, tools/X.py",
 }
 README_ORDER = ["Two commands", "Read the code", "Train a real reward model", "Evaluate", "Export", "Use it in RL",
                 "Performance"]

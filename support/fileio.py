@@ -6,16 +6,22 @@
   complete; an older directory of that name is renamed aside first and deleted after.
 - A directory is deleted by renaming it aside first, so a kill halfway never leaves a half-deleted tree
   under its real name.
-- `read_bounded` is the read side: a file's size is checked before memory is allocated for it.
+- The read side: `open_regular` opens a file for reading only if it is a regular file, and never blocks (a
+  FIFO, /dev/zero, a socket or a directory, or a link to one, is refused in one line before anything is
+  read); every file the project reads goes through it. `read_bounded` also checks the file's size before
+  memory is allocated for it.
 Hidden leftovers of killed writes are named `.NAME.tmp-PID` and `.NAME.old-...`: never read, and
 removed by the next run (checkpoint.claim_output_dir).
 """
 import json
 import os
 import shutil
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from support.errors import UserError
 
 
 def fsync_dir(path: Path, files: bool = True):
@@ -100,10 +106,56 @@ def atomic_dir(final: Path):
         raise
 
 
+class NotRegularFile(UserError):
+    """A path to read is a FIFO, a device, a socket or a directory (or a link to one): never opened."""
+
+
+KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def file_kind(mode: int) -> str:
+    """What an st_mode is, in words: "a regular file", "a named pipe (FIFO)", ..."""
+    return "a regular file" if stat.S_ISREG(mode) else KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def not_regular(path, mode: int) -> NotRegularFile:
+    return NotRegularFile(f"{path} is {file_kind(mode)}, not a regular file; only regular files are read, "
+                          "point at a file")
+
+
+def open_regular(path):
+    """Open a file for reading (binary), only if it is a regular file, without ever blocking: a FIFO opened
+    for reading waits for a writer, so the path is checked first (following links, as open does), opened
+    with O_NONBLOCK in case it was swapped since, and checked again on the open descriptor. Anything but a
+    regular file is a NotRegularFile (a UserError: one line); a missing file is FileNotFoundError."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise not_regular(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_regular(path) -> bool:
+    """Whether `path` is a regular file (or a link to one); False when it is missing or anything else."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def read_bounded(path: Path, max_bytes: int) -> bytes:
     """A file's bytes, refused (ValueError) beyond `max_bytes` before any of it is read: what a file may
-    hold is bounded before memory is allocated for it."""
-    with open(path, "rb") as f:
+    hold is bounded before memory is allocated for it. Only a regular file is opened (open_regular)."""
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
             raise ValueError(f"{size:,} bytes, over the {max_bytes:,} expected")

@@ -20,9 +20,12 @@ from typing import Iterator, NamedTuple
 
 from support import hub
 from support.errors import UserError
+from support.fileio import open_regular, read_bounded
 
 ASSISTANT = "\n\nAssistant:"  # hh-rlhf turn marker; prompts end with it (data.split_transcripts, the demo)
-PARQUET_BATCH_ROWS = 64       # parquet rows decoded at a time
+PARQUET_BATCH_ROWS = 64       # parquet rows decoded at a time, at most
+MAX_PAGE_BYTES = 24 << 20     # a parquet page this large holds a row over MAX_ROW_BYTES (pages are ~1 MiB)
+MAX_BATCH_BYTES = 256 << 20   # parquet rows decoded at once: fewer than 64 when the pages are large
 MAX_ROW_BYTES = 16 << 20      # a jsonl line / parquet row's text: 3 texts of over 1M tokens each, even escaped
 MAX_JSON_LIST_BYTES = 64 << 20  # a JSON list is parsed whole: ~5x its size in Python objects
 SKIP_CHUNK = 1 << 20          # an over-long line is skipped this many bytes at a time
@@ -32,7 +35,8 @@ BOM = b"\xef\xbb\xbf"         # a UTF-8 byte order mark, which some editors writ
 class Skip(NamedTuple):
     """A row that does not become a Pair, and why: "empty field" (null, missing or blank), "not a string"
     (e.g. a number), "bad margin", "chosen == rejected", "no shared prompt", "empty response",
-    "row too large" (over MAX_ROW_BYTES), and for jsonl "unparsable line" (also nested too deeply for
+    "row too large" (over MAX_ROW_BYTES), for parquet "row group too large" (a page over MAX_PAGE_BYTES:
+    the row group is skipped undecoded), and for jsonl "unparsable line" (also nested too deeply for
     Python's parser) / "not an object"."""
     reason: str
 
@@ -70,37 +74,157 @@ def read_parquet(path: str) -> Iterator[dict | Skip]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
-        # pyarrow's defaults (pre_buffer=True, decoding threads) keep what was read cached, so memory
-        # grows with the file; without them it stays flat (figures in BENCHMARKS.md)
-        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        columns = layout_columns(pf.schema_arrow.names, path)  # read only these
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, use_threads=False):
+        with open_regular(path) as f:
+            # pyarrow's defaults (pre_buffer=True, decoding threads) keep what was read cached, so memory
+            # grows with the file; without them it stays flat (figures in BENCHMARKS.md)
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+            columns = layout_columns(pf.schema_arrow.names, path)  # read only these
+            yield from parquet_rows(pf, f, columns)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({e}); re-download or rewrite it") from None
+
+
+def parquet_rows(pf, f, columns: list[str]) -> Iterator[dict | Skip]:
+    """The rows of an open parquet file (pf, on the file object f), measured before they are decoded.
+
+    Parquet decompresses a page at a time, and a page's size is only known from its header: a 9 KB file
+    can hold a page that decompresses to 256 MiB. So each row group's pages are measured first (their
+    headers: page_sizes); a row group with a page over MAX_PAGE_BYTES is skipped undecoded, each of its
+    rows counted as "row group too large" (a row over MAX_ROW_BYTES is the only way a writer makes such
+    a page). The others are decoded a few rows at a time, so that decoding holds at most about
+    MAX_BATCH_BYTES, and a decoded row over MAX_ROW_BYTES of text (conversations included) is skipped."""
+    import pyarrow as pa
+    leaves = [j for j in range(pf.metadata.num_columns) if pf.metadata.schema.column(j).path.split(".")[0] in columns]
+    for i in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(i)
+        largest = [max(page_sizes(f, group.column(j)), default=0) for j in leaves]
+        if max(largest, default=0) > MAX_PAGE_BYTES:
+            yield from [Skip("row group too large")] * group.num_rows
+            continue
+        rows = max(1, min(PARQUET_BATCH_ROWS, MAX_BATCH_BYTES // max(1, sum(largest))))
+        for batch in pf.iter_batches(batch_size=rows, row_groups=[i], columns=columns, use_threads=False):
             fits = row_bytes(batch) <= MAX_ROW_BYTES  # measured in Arrow: a huge cell never becomes a str
             yield from [Skip("row too large")] * int((~fits).sum())
             batch = batch.filter(pa.array(fits)) if not fits.all() else batch
             values = [batch.column(c).to_pylist() for c in columns]
             for row in zip(*values):
                 yield dict(zip(columns, row))
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path}: not a readable parquet file ({e}); re-download or rewrite it") from None
+
+
+def page_sizes(f, chunk) -> Iterator[int]:
+    """The decompressed size of each page of a column chunk, read from the page headers (Thrift compact
+    protocol) without reading the pages."""
+    start = chunk.data_page_offset
+    if chunk.has_dictionary_page and chunk.dictionary_page_offset:
+        start = min(start, chunk.dictionary_page_offset)
+    pos, end = start, start + chunk.total_compressed_size
+    while pos < end:
+        f.seek(pos)
+        fields = thrift_struct(f, {2, 3})  # 2: uncompressed_page_size, 3: compressed_page_size
+        if fields.get(3, -1) < 0 or fields.get(2, -1) < 0:
+            raise ValueError(f"a page header at byte {pos} is corrupt")
+        yield fields[2]
+        pos = f.tell() + fields[3]
+
+
+def thrift_struct(f, wanted: set, depth: int = 0) -> dict:
+    """Read one Thrift compact-protocol struct from f: {field id: value} of the wanted integer fields, the
+    rest skipped (a long string is seeked over, never read)."""
+    if depth > 16:
+        raise ValueError("a page header is nested too deeply")
+    found, field_id = {}, 0
+    while (byte := read_byte(f)) != 0:
+        kind, delta = byte & 0x0F, byte >> 4
+        field_id = field_id + delta if delta else unzigzag(varint(f))
+        if kind in (4, 5, 6) and field_id in wanted and depth == 0:
+            found[field_id] = unzigzag(varint(f))
+        else:
+            skip_value(f, kind, depth)
+    return found
+
+
+def skip_value(f, kind: int, depth: int):
+    if kind in (1, 2):          # bool: the value is in the type
+        return
+    if kind == 3:               # byte
+        f.seek(1, 1)
+    elif kind in (4, 5, 6):     # i16, i32, i64: varints
+        varint(f)
+    elif kind == 7:             # double
+        f.seek(8, 1)
+    elif kind == 8:             # binary
+        f.seek(varint(f), 1)
+    elif kind in (9, 10):       # list, set
+        header = read_byte(f)
+        size = header >> 4 if header >> 4 != 15 else varint(f)
+        for _ in range(size):
+            if header & 0x0F in (1, 2):
+                f.seek(1, 1)    # a bool element is one byte
+            else:
+                skip_value(f, header & 0x0F, depth + 1)
+    elif kind == 11:            # map
+        size = varint(f)
+        types = read_byte(f) if size else 0
+        for _ in range(size):
+            skip_value(f, types >> 4, depth + 1)
+            skip_value(f, types & 0x0F, depth + 1)
+    elif kind == 12:            # struct
+        thrift_struct(f, set(), depth + 1)
+    else:
+        raise ValueError(f"a page header holds an unknown Thrift type {kind}")
+
+
+def read_byte(f) -> int:
+    byte = f.read(1)
+    if not byte:
+        raise ValueError("a page header is cut short")
+    return byte[0]
+
+
+def varint(f) -> int:
+    value = shift = 0
+    while True:
+        byte = read_byte(f)
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("a page header holds an over-long number")
+
+
+def unzigzag(n: int) -> int:
+    return (n >> 1) ^ -(n & 1)
 
 
 def row_bytes(batch) -> "np.ndarray":
-    """The bytes of text in each row of a pyarrow RecordBatch (string columns; nulls count 0)."""
+    """The bytes of text in each row of a pyarrow RecordBatch: strings, also inside lists and structs (a
+    conversation's messages); nulls count 0."""
+    import numpy as np
+    return sum((text_bytes(column) for column in batch.columns), np.zeros(batch.num_rows, dtype=np.int64))
+
+
+def text_bytes(column) -> "np.ndarray":
+    """Bytes of text per element of a pyarrow array, nested lists and structs included."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    total = np.zeros(batch.num_rows, dtype=np.int64)
-    for column in batch.columns:
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            total += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
-    return total
+    t, n = column.type, len(column)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = text_bytes(pc.list_flatten(column))
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        return np.bincount(parents, weights=inner, minlength=n).astype(np.int64)
+    if pa.types.is_struct(t):
+        fields = column.flatten() if isinstance(column, pa.Array) else pa.chunked_array(column).flatten()
+        return sum((text_bytes(field) for field in fields), np.zeros(n, dtype=np.int64))
+    return np.zeros(n, dtype=np.int64)
 
 
 def read_jsonl(path: str) -> Iterator[dict | Skip]:
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw) as f:
             yield from object_rows(json_lines(f), path)
     except (OSError, EOFError, zlib.error) as e:  # corrupt or truncated gzip
         raise UserError(f"{path}: can't read it to the end ({e}); the file is corrupt or truncated, "
@@ -109,19 +233,17 @@ def read_jsonl(path: str) -> Iterator[dict | Skip]:
 
 def read_json_rows(path: str) -> Iterator[dict | Skip]:
     """The rows of a .json file: a JSON list of objects, parsed whole (bounded), or jsonl content."""
-    with open(path, "rb") as f:
-        is_list = f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
+    with open_regular(path) as f:
+        is_list, size = f.read(4096).removeprefix(BOM).lstrip().startswith(b"["), os.fstat(f.fileno()).st_size
     if not is_list:  # jsonl content in a .json file
         yield from read_jsonl(path)
         return
-    size = os.path.getsize(path)
     if size > MAX_JSON_LIST_BYTES:
         raise UserError(f"{path}: a JSON list is parsed whole and this one is {size / 2**20:.0f} MiB (the limit is "
                         f"{MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl), which streams: "
                         f"jq -c '.[]' {path} > {path.removesuffix('.json')}.jsonl") from None
-    try:
-        with open(path, "rb") as f:
-            objs = json.load(f)  # a JSON list can only be parsed whole; bytes in: a UTF-8 BOM is accepted
+    try:  # a JSON list can only be parsed whole; bytes in: a UTF-8 BOM is accepted
+        objs = json.loads(read_bounded(path, MAX_JSON_LIST_BYTES))
     except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: invalid JSON ({e}); fix it or write one object per line (.jsonl)") from None
     yield from object_rows(objs, path)

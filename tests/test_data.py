@@ -651,3 +651,51 @@ def test_imports_are_light_and_without_circles():
                               check=True).stdout
     assert "pyarrow" not in loaded("from rm import RewardModel") and "jinja2" not in loaded("from rm import RewardModel")
     assert "'data'" not in loaded("import support.demo")
+
+
+def write_bomb_parquet(path, conversational: bool):
+    """A few KB of zstd parquet: one row, a row group whose one cell decompresses to 256 MiB, one more row."""
+    cell = "a" * (256 << 20)
+    if conversational:
+        def rows(text):
+            return {"chosen": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]],
+                    "rejected": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]]}
+    else:
+        def rows(text):
+            return {"prompt": [P1], "chosen": [" " + text], "rejected": [" no"]}
+    first = pa.table(rows("yes"))
+    with pq.ParquetWriter(path, first.schema, compression="zstd") as writer:
+        for text in ("yes", cell, "sure"):
+            writer.write_table(pa.table(rows(text), schema=first.schema))
+    del cell
+    return str(path)
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["string", "conversation"])
+def test_a_parquet_page_that_decompresses_to_256_mib_is_skipped_before_decoding(tmp_path, conversational):
+    """A 256 MiB cell in a few KB of parquet (a string column, or a conversation's list<struct> column): its
+    row group is measured from the page headers and skipped undecoded, counted; reading goes on and the
+    reader's peak memory stays far below the cell (decoding it raised RSS by 0.8 GB, 1.5 GB as a conversation)."""
+    path = write_bomb_parquet(tmp_path / "bomb.parquet", conversational)
+    assert os.path.getsize(path) < 1 << 20
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    out = subprocess.run([sys.executable, "-m", "tools.inspect_data", path, "--chat_template", str(template)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    report = json.loads(out[:out.index("peak RSS")])
+    assert (report["read"], report["kept"], report["skipped"]) == (3, 2, {"row group too large": 1})
+    growth = float(re.search(r"peak RSS growth while reading: ([\d.]+) MiB", out).group(1))
+    print(f"a 256 MiB cell in {os.path.getsize(path) / 2**10:.0f} KB of parquet: peak RSS growth {growth:.1f} MiB")
+    assert growth < 128  # the cell is 256 MiB: any decoding of it shows; reading itself takes a few MiB
+
+
+def test_parquet_rows_over_the_cap_are_measured_inside_conversations(tmp_path, monkeypatch):
+    """row_bytes counts the text inside list<struct> columns, so an over-long conversation is a skipped row."""
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 1000)
+    msgs = lambda text: [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]  # noqa: E731
+    table = pa.table({"chosen": [msgs("a" * 2000), msgs("yes")], "rejected": [msgs("no"), msgs("no")]})
+    user, assistant = len("user") + len("hi"), len("assistant")  # role and content strings all count
+    assert readers.row_bytes(table.to_batches()[0]).tolist() == [user + assistant + 2000 + user + assistant + 2,
+                                                                 user + assistant + 3 + user + assistant + 2]
+    rows = list(readers.read_file(write_parquet(tmp_path / "c.parquet", table.to_pydict())))
+    assert rows[0] == readers.Skip("row too large") and rows[1]["chosen"] == msgs("yes")

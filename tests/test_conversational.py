@@ -69,6 +69,25 @@ ROWS = {
 }
 
 
+
+def test_files_cat_together_keep_each_rows_own_columns(chat_dir, tmp_path):
+    """Two jsonl files cat-ed together: plain hh-rlhf rows (chosen/rejected) first, then conversational rows
+    with a `prompt` list. Each row is read by its own keys: the later rows keep their user turn (the
+    columns of the first row dropped it, and the chosen text began at `<|im_start|>assistant`)."""
+    plain = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+    conversational = {"prompt": [U1], "chosen": [A1], "rejected": [A2_BAD], "margin": 1.5}
+    alone, mixed = tmp_path / "conversational.jsonl", tmp_path / "mixed.jsonl"
+    alone.write_text(json.dumps(conversational) + "\n")
+    mixed.write_text(json.dumps(plain) + "\n" + json.dumps(conversational) + "\n")
+    chat_format = Tokenizer.from_dir(chat_dir).chat_format()
+    stats = data.DataStats()
+    first, second = data.load_pairs([str(mixed)], stats=stats, chat_format=chat_format)
+    expected = data.load_pairs([str(alone)], chat_format=chat_format)[0]
+    assert (first.prompt, first.chosen, first.eos) == ("\n\nHuman: Hi\n\nAssistant:", " Hello!", True)
+    assert (second.prompt, second.chosen, second.rejected, second.margin) == \
+        (expected.prompt, expected.chosen, expected.rejected, 1.5)
+    assert U1["content"] in second.prompt and (stats.read, stats.kept) == (2, 2)
+
 @pytest.mark.parametrize("name", list(ROWS))
 def test_conversational_rows_tokenise_as_apply_chat_template(name, chat_dir, hf_tok):
     row, prompt = ROWS[name]

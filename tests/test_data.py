@@ -699,3 +699,38 @@ def test_parquet_rows_over_the_cap_are_measured_inside_conversations(tmp_path, m
                                                                  user + assistant + 3 + user + assistant + 2]
     rows = list(readers.read_file(write_parquet(tmp_path / "c.parquet", table.to_pydict())))
     assert rows[0] == readers.Skip("row too large") and rows[1]["chosen"] == msgs("yes")
+
+
+def inspect(*args, timeout=300) -> tuple[dict, str]:
+    """Run `python -m tools.inspect_data ARGS`: (its JSON report, its whole output)."""
+    out = subprocess.run([sys.executable, "-m", "tools.inspect_data", *map(str, args)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, check=True).stdout
+    start = out.index("\n{\n") + 1 if not out.startswith("{") else 0
+    return json.loads(out[start:out.index("peak RSS")]), out
+
+
+def test_inspect_data_counts_the_tokens_it_shows(tmp_path):
+    """With --model every pair is tokenised as training does, so `tokenized` is what it says (it was 0
+    right after the token counts were printed); without one the token counters are left out."""
+    demo.demo_tokenizer().save(str(tmp_path / "tok"))
+    report, out = inspect("demo", "--model", tmp_path / "tok", "--max-samples", 20, "--show", 1)
+    assert re.search(r"prompt \(\d+ tokens\)", out)
+    assert (report["read"], report["kept"], report["tokenized"], report["dropped_too_long"]) == (20, 20, 20, 0)
+    report, _ = inspect("demo", "--model", tmp_path / "tok", "--max-samples", 20, "--max_length", 8)
+    assert report["tokenized"] + report["dropped_too_long"] == 20 and report["dropped_too_long"] > 0
+    report, _ = inspect("demo", "--max-samples", 20)
+    assert "tokenized" not in report and report["kept"] == 20
+
+
+def test_inspect_data_show_bounds_a_12_mb_row(tmp_path):
+    """--show of a pair with a 12 MB response: the tokenizer gets at most what max_length tokens can cover
+    (the pair is reported dropped), and the text is shown elided, not printed whole."""
+    demo.demo_tokenizer().save(str(tmp_path / "tok"))
+    huge = " cats" * ((12 << 20) // 5)
+    path = write_lines(tmp_path / "big.jsonl", [row(0), json.dumps({"prompt": P1, "chosen": huge, "rejected": " dogs"}).encode()])
+    report, out = inspect(path, "--model", tmp_path / "tok", "--show", 2)
+    assert (report["kept"], report["tokenized"], report["dropped_too_long"]) == (2, 1, 1)
+    assert "dropped: the longer response does not fit in --max_length 1024" in out and len(out) < 20_000
+    assert f"({len(huge) - 2000:,} characters)" in out
+    growth = float(re.search(r"peak RSS growth while reading: ([\d.]+) MiB", out).group(1))
+    assert growth < 200  # the row itself is 12 MB (a str and its bytes); tokenising it whole took 1.6 GB

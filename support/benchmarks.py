@@ -40,7 +40,7 @@ import torch
 
 from support import hub, readers
 from support.errors import UserError
-from support.fileio import write_json_atomic, write_text_atomic
+from support.fileio import open_regular, read_bounded, write_json_atomic, write_text_atomic
 
 NAMES = ("rewardbench", "rewardbench2", "rm-bench")
 REWARDS_FILE = "benchmark_rewards.jsonl"
@@ -167,7 +167,7 @@ def json_objects(path: str):
     """The values of a jsonl(.gz) file, line by line (readers.json_lines: a line over MAX_ROW_BYTES is a Skip),
     or of a .json list, parsed whole once its size is checked against readers.MAX_JSON_LIST_BYTES."""
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw) as f:
             if not (path.endswith(".json") and f.read(4096).removeprefix(readers.BOM).lstrip().startswith(b"[")):
                 f.seek(0)
                 yield from readers.json_lines(f)
@@ -176,8 +176,7 @@ def json_objects(path: str):
         if size > readers.MAX_JSON_LIST_BYTES:
             raise UserError(f"{path}: a JSON list is parsed whole and this one is {size >> 20} MiB (the limit is "
                             f"{readers.MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl)")
-        with open(path, "rb") as f:
-            objects = json.load(f)
+        objects = json.loads(read_bounded(path, readers.MAX_JSON_LIST_BYTES))
         yield from objects if isinstance(objects, list) else [objects]
     except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: invalid JSON ({e}); re-download it") from None
@@ -193,25 +192,16 @@ def check_columns(found: list, columns: tuple, path: str, name: str):
 
 
 def read_parquet_rows(path: str, columns: tuple, name: str):
+    """readers.parquet_rows: pages measured before decoding, text bytes per row counted in list columns too."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     try:
-        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        check_columns(pf.schema_arrow.names, columns, path, name)
-        for batch in pf.iter_batches(batch_size=readers.PARQUET_BATCH_ROWS, columns=list(columns), use_threads=False):
-            size = np.zeros(batch.num_rows, dtype=np.int64)
-            for column in batch.columns:   # text bytes per row, list<string> columns (RewardBench 2) too
-                if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-                    lengths = pc.fill_null(pc.binary_length(pc.list_flatten(column)), 0).to_numpy(zero_copy_only=False)
-                    size += np.bincount(pc.list_parent_indices(column).to_numpy(zero_copy_only=False),
-                                        weights=lengths, minlength=batch.num_rows).astype(np.int64)
-                elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                    size += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
-            values = [batch.column(c).to_pylist() for c in columns]
-            for fits, row in zip(size <= readers.MAX_ROW_BYTES, zip(*values)):
-                yield dict(zip(columns, row)) if fits else "row too large"
-    except (pa.ArrowException, OSError) as e:
+        with open_regular(path) as f:
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+            check_columns(pf.schema_arrow.names, columns, path, name)
+            for row in readers.parquet_rows(pf, f, list(columns)):
+                yield row.reason if isinstance(row, readers.Skip) else row
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable parquet file ({e}); re-download it") from None
 
 

@@ -79,11 +79,11 @@ def load_chat_template(model_dir, override=None, tokenizer_config: dict | None =
     {"name", "template"} of which "default" is used). None when there is none. `tokenizer_config`: that
     file's content when the caller has read it already (support.tokenizer.Tokenizer.from_dir), so it is read once."""
     if override is not None:
-        if not Path(override).is_file():
+        if not Path(override).exists():
             raise UserError(f"--chat_template {override}: no such file; give a .jinja file, auto or none")
         return _read_bounded(Path(override))
     jinja_file, config_file = Path(model_dir) / "chat_template.jinja", Path(model_dir) / "tokenizer_config.json"
-    if jinja_file.is_file():  # where recent transformers save the template, and look first
+    if jinja_file.exists():  # where recent transformers save the template, and look first (a FIFO: refused)
         return _read_bounded(jinja_file)
     if tokenizer_config is None:
         tokenizer_config = read_tokenizer_config(model_dir)

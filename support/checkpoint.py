@@ -34,7 +34,7 @@ import torch
 
 from support.distributed import any_process, is_main_process
 from support.errors import UserError, check_writable
-from support.fileio import atomic_dir, read_bounded, remove, write_json, write_text_atomic
+from support.fileio import NotRegularFile, atomic_dir, open_regular, read_bounded, remove, write_json, write_text_atomic
 from support.lora import save_adapters
 
 RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
@@ -447,7 +447,7 @@ def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_stat
     step = read_trainer_state(path)["step"]
     name = "optimizer.safetensors"
     try:
-        with open(path / name, "rb") as f:
+        with open_regular(path / name) as f:  # a FIFO in its place is refused, never waited on
             header = json.loads(f.read(min(int.from_bytes(f.read(8), "little"), 2**26)))
         spans = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
         if len(spans) > max_tensors or sum(end - start for start, end in spans) > max_bytes:
@@ -599,7 +599,9 @@ def checked_rng_states(saved) -> dict:
 
 
 def unreadable(file: Path, e: Exception) -> UserError:
-    """One line for a checkpoint file that is missing, corrupt, truncated or hand-edited."""
+    """One line for a checkpoint file that is missing, not a regular file, corrupt, truncated or hand-edited."""
+    if isinstance(e, NotRegularFile):
+        return UserError(f"--resume: {e}")
     first_line = (str(e).splitlines() or [""])[0]
     what = "is missing" if isinstance(e, FileNotFoundError) else \
         f"is corrupt or hand-edited ({first_line[:160]})" if isinstance(e, HandEdited) else \

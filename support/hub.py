@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from support.errors import UserError
+from support import fileio
 from support.fileio import read_bounded
 
 WEIGHT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
@@ -89,11 +90,14 @@ MAX_JSON_BYTES = 16 << 20  # config.json, an index of shards: kilobytes in every
 
 
 def read_json(path: Path, what: str) -> dict:
-    """A small JSON object file (a config, an index of shards): at most MAX_JSON_BYTES are read."""
-    if not path.is_file():
+    """A small JSON object file (a config, an index of shards): at most MAX_JSON_BYTES are read, and only
+    from a regular file (a FIFO or a device is refused in one line, never opened)."""
+    if not path.exists():
         raise UserError(f"{path} is missing: {what}")
     try:
         raw = read_bounded(path, MAX_JSON_BYTES)
+    except OSError as e:
+        raise UserError(f"{path} can't be read ({e.strerror or e}); check its permissions") from None
     except ValueError:
         raise UserError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB, far more than a config ever holds; "
                         "re-download or re-save the checkpoint") from None
@@ -211,10 +215,13 @@ def split_files(relpaths: list[str], split: str) -> tuple[list[str] | None, list
     return [p for p in files if splits[p] == split_name(split)], available
 
 
-def walk_files(root: str) -> list[str]:
-    """The files under `root` (relative paths), following links to directories but entering each real
-    directory once: a link loop (self -> .) ends, and a directory linked twice is listed once."""
-    seen, found = set(), []
+def walk_files(root: str) -> tuple[list[str], list[str]]:
+    """(the files under `root`, the directory links left out), as relative paths. Links to directories are
+    followed while they stay inside the tree (`root -> /` is left out), each real directory entered once: a
+    link loop (self -> .) ends, and a directory linked twice is listed once. Files are every entry that is
+    not a directory: local_files tells the regular ones from the rest."""
+    top = os.path.realpath(root)
+    seen, found, outside = set(), [], []
     for d, dirs, files in os.walk(root, followlinks=True):
         st = os.stat(d)
         if (st.st_dev, st.st_ino) in seen:
@@ -222,8 +229,13 @@ def walk_files(root: str) -> list[str]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs.sort()  # the first path to a directory linked twice is the same on every run
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(d, name))
+            if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+                dirs.remove(name)
+                outside.append(os.path.relpath(os.path.join(d, name), root))
         found += [os.path.relpath(os.path.join(d, f), root) for f in files]
-    return found
+    return found, outside
 
 
 def unique_files(paths: list[str]) -> list[str]:
@@ -242,15 +254,16 @@ def unique_files(paths: list[str]) -> list[str]:
 
 
 def glob_files(pattern: str) -> list[str]:
-    """glob.glob, but "**" walks with walk_files: glob's own "**" follows link loops forever."""
+    """glob.glob (directories left out), but "**" walks with walk_files: glob's own "**" follows link
+    loops forever, and out of the tree."""
     parts = pattern.replace("\\", "/").split("/")
     if "**" not in parts:
-        return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+        return sorted(p for p in glob.glob(pattern) if not os.path.isdir(p))
     static = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
     root = "/".join(parts[:static]) or ("/" if pattern.startswith("/") else ".")
     found = [os.path.join(root, rel) if static else rel
-             for rel in walk_files(root) if glob_match(parts[static:], rel.split(os.sep))]
-    return sorted(p for p in found if os.path.isfile(p))
+             for rel in walk_files(root)[0] if glob_match(parts[static:], rel.split(os.sep))]
+    return sorted(p for p in found if not os.path.isdir(p))
 
 
 def glob_match(pattern: list[str], parts: list[str]) -> bool:
@@ -264,18 +277,19 @@ def glob_match(pattern: list[str], parts: list[str]) -> bool:
 
 def local_files(source: str, split: str) -> list[str]:
     """A file as given; a glob's matches (whatever the split); a directory's files of `split`. Each real
-    file once, however many links lead to it."""
+    file once, however many links lead to it. Only regular files: a FIFO or a device given as the source is
+    a UserError saying what it is; one found by a glob or inside a directory is left out and counted."""
     path = os.path.expanduser(source)
     if any(c in path for c in "*?["):
         matches = glob_files(path)
         if not matches:
             raise UserError(f"{source}: the pattern matches no files; check the path (and quote the pattern)")
-        files = [p for p in matches if p.endswith(DATA_SUFFIXES)]
+        files = regular_files(source, [p for p in matches if p.endswith(DATA_SUFFIXES)], [])
         if not files:
             raise UserError(f"{source}: the pattern matches no .parquet/.jsonl/.jsonl.gz/.json files")
         return unique_files(files)
     if os.path.isdir(path):
-        relpaths = walk_files(path)
+        relpaths, outside = walk_files(path)
         files, available = split_files(relpaths, split)
         if files is None:  # no split names: the whole directory, whatever the split
             files = data_files(relpaths)
@@ -284,12 +298,30 @@ def local_files(source: str, split: str) -> list[str]:
         elif not files:
             raise UserError(f"{source}: no '{split}' split in the directory; available splits: "
                             f"{', '.join(available)}")
-        return unique_files([os.path.join(path, p) for p in files])
+        return unique_files(regular_files(source, [os.path.join(path, p) for p in files], outside))
+    if os.path.exists(path) and not fileio.is_regular(path):  # a FIFO, /dev/zero, or a link to one
+        raise fileio.not_regular(source, os.stat(path).st_mode)
     if os.path.isfile(path):
         if not path.endswith(DATA_SUFFIXES):
             raise UserError(f"{source}: unsupported file type; use .parquet, .jsonl, .jsonl.gz or .json")
         return [path]
     raise UserError(f"{source}: no such file or directory (nor a Hub dataset id like Anthropic/hh-rlhf)")
+
+
+def regular_files(source: str, paths: list[str], outside: list[str]) -> list[str]:
+    """The regular files among `paths`. What is left out (a FIFO, a device, a dangling link, a link to a
+    directory outside the tree) is counted in one line on stderr, never skipped silently; a UserError when
+    nothing is left."""
+    files = [p for p in paths if fileio.is_regular(p)]
+    left_out = [f"{p}: {fileio.file_kind(os.stat(p).st_mode) if os.path.exists(p) else 'a dangling link'}"
+                for p in paths if p not in files] + [f"{p}: a link out of the directory" for p in outside]
+    listed = "; ".join(left_out[:5]) + ("; ..." if len(left_out) > 5 else "")
+    if paths and not files:
+        raise UserError(f"{source}: no regular data file to read, only regular files are read ({listed})")
+    if left_out:
+        print(f"data: {source}: {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} left out, only regular "
+              f"files inside the tree are read ({listed})", file=sys.stderr)
+    return files
 
 
 def hf_offline() -> bool:
@@ -379,7 +411,7 @@ def cached_files(repo: str, split: str, cache: str, why_offline: str) -> tuple[l
     listings = []
     for snap in _cached_snapshots(repo, cache):
         relpaths = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs
-                    if os.path.isfile(os.path.join(d, f))]  # skip links to missing blobs
+                    if fileio.is_regular(os.path.join(d, f))]  # skip links to missing blobs
         listings.append((snap, relpaths))
     if not any(relpaths for _, relpaths in listings):
         raise UserError(f"{repo}: {why_offline} and nothing of it is in the HF cache {cache}; run once "
@@ -397,9 +429,8 @@ def _cached_snapshots(repo: str, cache: str) -> list[str]:
     # the library writes refs/<revision>, so refs/convert/parquet lands in refs/refs/convert/parquet
     for revision in ("main", PARQUET_REVISION, "convert/parquet"):
         ref = os.path.join(repo_dir, "refs", revision)
-        if os.path.isfile(ref):
-            with open(ref) as f:
-                snap = os.path.join(snapshots, f.read().strip())
+        if fileio.is_regular(ref):
+            snap = os.path.join(snapshots, read_bounded(ref, 4096).decode("utf-8", "replace").strip())
             if os.path.isdir(snap) and snap not in found:
                 found.append(snap)
     if os.path.isdir(snapshots):

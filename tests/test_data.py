@@ -734,3 +734,56 @@ def test_inspect_data_show_bounds_a_12_mb_row(tmp_path):
     assert f"({len(huge) - 2000:,} characters)" in out
     growth = float(re.search(r"peak RSS growth while reading: ([\d.]+) MiB", out).group(1))
     assert growth < 200  # the row itself is 12 MB (a str and its bytes); tokenising it whole took 1.6 GB
+
+
+def run_inspect(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "tools.inspect_data", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_fifo_or_a_device_given_as_the_dataset_is_refused_saying_what_it_is(tmp_path):
+    """A FIFO (opening it would wait for a writer forever), /dev/zero (endless) or a link to either, as the
+    source: one line naming what it is, not "no such file"; the timeout turns a hang into a failure."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    os.symlink("/dev/zero", tmp_path / "zero.jsonl")
+    os.symlink(tmp_path / "pipe.jsonl", tmp_path / "link.parquet")
+    for source, kind in ((tmp_path / "pipe.jsonl", "a named pipe (FIFO)"), ("/dev/zero", "a character device"),
+                         (tmp_path / "zero.jsonl", "a character device"), (tmp_path / "link.parquet", "a named pipe")):
+        proc = run_inspect(source)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert f"{source} is {kind}" in err and "not a regular file" in err and "no such file" not in err
+
+
+def test_a_directory_walk_reads_regular_files_only_and_stays_inside_the_tree(tmp_path):
+    """Inside a dataset directory: a FIFO, a link to /dev/zero and a link to a missing file are left out and
+    counted (one line on stderr), a `root -> /` link is not followed out of the tree, a link loop ends; the
+    regular files are read. Reading a FIFO or /dev/zero hung, and `root -> /` walked the whole filesystem."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    write_lines(d / "a.jsonl", [row(0), row(1)])
+    write_lines(d / "sub" / "b.jsonl", [row(2)])
+    os.mkfifo(d / "pipe.jsonl")
+    os.symlink("/dev/zero", d / "zero.jsonl")
+    os.symlink(d / "gone.jsonl", d / "dangling.jsonl")
+    os.symlink("/", d / "root")
+    os.symlink(".", d / "sub" / "loop")
+    proc = run_inspect(d)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout[:proc.stdout.index("peak RSS")])
+    assert (report["read"], report["kept"]) == (3, 3)
+    notes = [line for line in proc.stderr.splitlines() if "left out" in line]
+    assert len(notes) == 1 and "4 entries left out" in notes[0], proc.stderr
+    for what in ("pipe.jsonl: a named pipe (FIFO)", "zero.jsonl: a character device", "dangling.jsonl: a dangling link",
+                 "root: a link out of the directory"):
+        assert what in notes[0]
+    relpaths, outside = hub.walk_files(str(d))
+    assert outside == ["root"] and os.path.join("sub", "b.jsonl") in relpaths
+    assert not any(p.startswith("root") for p in relpaths)
+    glob_proc = run_inspect(f"{d}/**/*.jsonl")  # a glob walks the same way
+    assert glob_proc.returncode == 0 and '"kept": 3' in glob_proc.stdout and "left out" in glob_proc.stderr
+    only_pipes = tmp_path / "pipes"
+    only_pipes.mkdir()
+    os.mkfifo(only_pipes / "train.jsonl")
+    proc = run_inspect(only_pipes)
+    assert proc.returncode == 2 and "no regular data file to read" in proc.stderr and "train.jsonl: a named pipe" in proc.stderr

@@ -602,3 +602,18 @@ def test_a_hand_edited_log_line_is_dropped_when_the_log_is_cut_back(done, tmp_pa
     assert code == 0, err[-3000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [json.loads(line)["step"] for line in lines]
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "optimizer.json"])
+def test_a_fifo_in_place_of_the_optimizer_state_is_refused_and_never_waited_on(done, tmp_path, name):
+    """A named pipe where a checkpoint file should be: opening it for reading would wait for a writer
+    forever. `--resume` refuses it in one line (saying what it is) and writes nothing; the timeout turns a
+    regression into a failure instead of a hang."""
+    out, ckpt = copy_run(done, tmp_path)
+    (ckpt / name).unlink()
+    os.mkfifo(ckpt / name)
+    before = snapshot(out)
+    proc = subprocess.run([sys.executable, "train.py", *DONE, "--output_dir", str(out), "--resume"], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert_one_line(proc.returncode, proc.stderr.strip(), f"{name} is a named pipe (FIFO), not a regular file")
+    assert snapshot(out) == before

@@ -360,6 +360,9 @@ def _hub_listings(repo: str, split: str) -> list[tuple[str, list[str]]]:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RevisionNotFoundError
     api = HfApi()
+    # one request first that is not retried: without a network the listing below retries for 25 s, with a
+    # line of output each time, where a model (snapshot_download asks the same way) fails in under 2 s
+    api.repo_info(repo, repo_type="dataset")
     listings = [("main", api.list_repo_files(repo, repo_type="dataset"))]
     files, _ = split_files(listings[0][1], split)
     if not any(f.endswith(".parquet") for f in files or []):

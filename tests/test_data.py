@@ -516,6 +516,13 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(UserError, match=r"eos '</s>' or pad '<\|endoftext\|>' is not in the vocabulary"):
         Tokenizer.from_dir(str(tmp_path / "t"))
+    (tmp_path / "t" / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="tokenizer_config.json is not valid JSON \\(nested too deeply\\)"):
+        Tokenizer.from_dir(str(tmp_path / "t"))
+    with open(tmp_path / "t" / "tokenizer_config.json", "wb") as f:
+        f.truncate(1 << 30)  # sparse: a 1 GiB file was read whole
+    with pytest.raises(UserError, match="tokenizer_config.json is over 16 MiB"):
+        Tokenizer.from_dir(str(tmp_path / "t"))
     (tmp_path / "t" / "tokenizer_config.json").unlink()  # no config: Qwen3's defaults
     tok = Tokenizer.from_dir(str(tmp_path / "t"))
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")

@@ -34,7 +34,8 @@ import torch
 
 from support.distributed import any_process, is_main_process
 from support.errors import UserError, check_writable
-from support.fileio import NotRegularFile, atomic_dir, open_regular, read_bounded, remove, write_json, write_text_atomic
+from support.fileio import (NotRegularFile, atomic_dir, file_kind, open_regular, read_bounded, remove, write_json,
+                            write_text_atomic)
 from support.lora import save_adapters
 
 RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
@@ -116,25 +117,21 @@ def open_lock(out: Path, create: bool) -> int | None:
         return None
     except OSError as e:  # ELOOP: a symbolic link; EISDIR: a directory; EACCES: another user's lock; ENXIO: a socket
         if os.path.lexists(lock) and not stat.S_ISREG(os.lstat(lock).st_mode):
-            raise UserError(f"--output_dir {out}: its lock file {lock} is {file_kind(os.lstat(lock).st_mode)}, "
+            raise UserError(f"--output_dir {out}: its lock file {lock} is {lock_kind(os.lstat(lock).st_mode)}, "
                             f"not the file train.py writes there; {fix}") from None
         raise UserError(f"--output_dir {out}: cannot open its lock file {lock} ({e.strerror}): it may belong to "
                         f"another user's run; {fix}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device opens without O_NOFOLLOW's refusal
-        kind = file_kind(os.fstat(fd).st_mode)
+        kind = lock_kind(os.fstat(fd).st_mode)
         os.close(fd)
         raise UserError(f"--output_dir {out}: its lock file {lock} is {kind}, not the file train.py writes there; "
                         f"{fix}")
     return fd
 
 
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words."""
-    for test, words in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return words
-    return "not a regular file"
+def lock_kind(mode: int) -> str:
+    """What a .lock that is not a regular file is, in words (lstat's mode: a link is named as a link)."""
+    return "a symbolic link" if stat.S_ISLNK(mode) else file_kind(mode)
 
 
 def lock_output_dir(out: Path, fd: int) -> int:
@@ -207,7 +204,9 @@ def read_log(out: Path) -> list[dict]:
     """The records of log.jsonl; a line cut short by a kill is skipped."""
     records = []
     if (out / "log.jsonl").is_file():
-        for line in (out / "log.jsonl").read_text(errors="replace").splitlines():
+        with open_regular(out / "log.jsonl") as f:
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
             try:
                 records.append(json.loads(line))
             except ValueError:

@@ -452,7 +452,7 @@ def test_a_lock_that_is_not_a_regular_file_is_refused_naming_it_and_never_follow
         lock.mkdir()
     else:
         os.mkfifo(lock)
-    words = {"directory": "a directory", "FIFO": "a FIFO"}.get(kind, "a symbolic link")
+    words = {"directory": "a directory", "FIFO": "a named pipe (FIFO)"}.get(kind, "a symbolic link")
     no_model_load(monkeypatch)
     before = tree_bytes(tmp_path)
     for resume in ([], ["--resume"]):

@@ -428,7 +428,8 @@ def check_part_steps(path: Path, step: int):
     if type(recorded) is not int or recorded != step:
         raise unreadable(file, HandEdited(
             f"it belongs to step {recorded!r:.20}, not to this checkpoint's step {step}: moved in from another "
-            "checkpoint" if recorded is not None else "it records no checkpoint step"))
+            "checkpoint" if recorded is not None else
+            "it records no checkpoint step: an older train.py wrote it, or it was edited"))
 
 
 def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_state):

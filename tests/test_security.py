@@ -401,7 +401,7 @@ TRAINER_STATE_EDITS = {  # trainer_state.json's fields: (key, value, what the me
 }
 
 
-@pytest.mark.parametrize("case", [*HAND_EDITED, *TRAINER_STATE_EDITS, "model of another step"])
+@pytest.mark.parametrize("case", [*HAND_EDITED, *TRAINER_STATE_EDITS, "model of another step", "model of no step"])
 def test_hand_edited_checkpoint_is_one_line_and_the_run_directory_untouched(done, tmp_path, capsys, case):
     """Every field is checked before anything changes on disk: one line, exit 2, and the run directory
     byte for byte as it was (log.jsonl not cut back)."""
@@ -414,10 +414,13 @@ def test_hand_edited_checkpoint_is_one_line_and_the_run_directory_untouched(done
         key, value, expected = TRAINER_STATE_EDITS[case]
         file, state = "trainer_state.json", json.loads((ckpt / "trainer_state.json").read_text())
         (ckpt / file).write_text(json.dumps({**state, key: value}))
-    else:  # the weights of another step moved in (here: said to be)
-        file, expected = "model/config.json", "belongs to step 3, not to this checkpoint's step 1"
-        config = json.loads((ckpt / file).read_text())
-        config["reward_model"]["checkpoint_step"] = 3
+    else:  # the weights of another step moved in (here: said to be), or of a checkpoint that records none
+        file, config = "model/config.json", json.loads((ckpt / "model/config.json").read_text())
+        if case == "model of another step":
+            expected, config["reward_model"]["checkpoint_step"] = "belongs to step 3, not to this checkpoint's step 1", 3
+        else:
+            expected = "it records no checkpoint step: an older train.py wrote it, or it was edited"
+            del config["reward_model"]["checkpoint_step"]
         (ckpt / file).write_text(json.dumps(config))
     before = tree_bytes(out)
     assert_one_line(*cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys),

@@ -27,7 +27,7 @@ from conftest import ROOT, as_if_stopped_at
 
 import eval as eval_cli
 import train
-from support.errors import run_cli
+from support.errors import UserError, run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("RM_DEBUG", None)
@@ -465,7 +465,7 @@ def test_a_lock_that_is_not_a_regular_file_is_refused_naming_it_and_never_follow
         assert tree_bytes(tmp_path) == before
     # the same when it appears between the checks and the claim: never opened through the link
     from support import checkpoint
-    with pytest.raises(train.UserError, match="its lock file"):
+    with pytest.raises(UserError, match="its lock file"):
         checkpoint.take_output_dir(out)
     assert tree_bytes(tmp_path) == before and not (tmp_path / "created-outside").exists()
 

@@ -102,15 +102,16 @@ _held: dict[str, int] = {}  # this process's locks (a second train() in one proc
 
 
 def open_lock(out: Path, create: bool) -> int | None:
-    """A descriptor open for writing on out/.lock, or None if there is none and `create` is False. Only a
+    """A descriptor on out/.lock (open for writing with `create`, else only to test the flock: that writes
+    nothing), or None if there is none and `create` is False. Only a
     regular file is opened, never followed through a link (a .lock linking elsewhere would have that file
     truncated) and never blocking (a FIFO); anything else, or a lock this user cannot open (another
     user's), is refused in one line naming the lock."""
     lock = out / LOCK
     fix = f"remove it (if no train.py uses {out}) or choose another --output_dir"
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0),
-                     0o644)
+        fd = os.open(lock, (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o644)
     except (FileNotFoundError, NotADirectoryError):  # no lock (yet): the probe says if out can be made
         if create:
             raise

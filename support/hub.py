@@ -308,6 +308,9 @@ def local_files(source: str, split: str) -> list[str]:
     raise UserError(f"{source}: no such file or directory (nor a Hub dataset id like Anthropic/hh-rlhf)")
 
 
+_REPORTED = set()  # (source, what was left out) already counted on stderr by this process
+
+
 def regular_files(source: str, paths: list[str], outside: list[str]) -> list[str]:
     """The regular files among `paths`. What is left out (a FIFO, a device, a dangling link, a link to a
     directory outside the tree) is counted in one line on stderr, never skipped silently; a UserError when
@@ -318,7 +321,8 @@ def regular_files(source: str, paths: list[str], outside: list[str]) -> list[str
     listed = "; ".join(left_out[:5]) + ("; ..." if len(left_out) > 5 else "")
     if paths and not files:
         raise UserError(f"{source}: no regular data file to read, only regular files are read ({listed})")
-    if left_out:
+    if left_out and (source, listed) not in _REPORTED:  # local_files runs more than once per source
+        _REPORTED.add((source, listed))
         print(f"data: {source}: {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} left out, only regular "
               f"files inside the tree are read ({listed})", file=sys.stderr)
     return files

@@ -216,6 +216,10 @@ def text_bytes(column) -> "np.ndarray":
         inner = text_bytes(pc.list_flatten(column))
         parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
         return np.bincount(parents, weights=inner, minlength=n).astype(np.int64)
+    if pa.types.is_dictionary(t):  # e.g. a pandas categorical column: each row's value, looked up
+        indices = pc.fill_null(column.indices, 0).to_numpy(zero_copy_only=False)
+        sizes = text_bytes(column.dictionary)[indices] if len(column.dictionary) else np.zeros(n, dtype=np.int64)
+        return np.where(column.is_null().to_numpy(zero_copy_only=False), 0, sizes)
     if pa.types.is_struct(t):
         fields = column.flatten() if isinstance(column, pa.Array) else pa.chunked_array(column).flatten()
         return sum((text_bytes(field) for field in fields), np.zeros(n, dtype=np.int64))

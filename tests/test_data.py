@@ -709,6 +709,9 @@ def test_parquet_rows_over_the_cap_are_measured_inside_conversations(tmp_path, m
                                                                  user + assistant + 3 + user + assistant + 2]
     rows = list(readers.read_file(write_parquet(tmp_path / "c.parquet", table.to_pydict())))
     assert rows[0] == readers.Skip("row too large") and rows[1]["chosen"] == msgs("yes")
+    categorical = pa.record_batch([pa.array(["aa", None, "bbbb"]).dictionary_encode(), pa.array([["x", "yy"], None, []])],
+                                  names=["prompt", "tags"])  # dictionary-encoded strings and list<string> count too
+    assert readers.row_bytes(categorical).tolist() == [2 + 3, 0, 4]
 
 
 def inspect(*args, timeout=300) -> tuple[dict, str]:

@@ -21,6 +21,7 @@ import data
 import eval as eval_cli
 import train
 from conftest import ROOT
+from support import metrics
 from support.errors import UserError
 from support.tokenizer import Tokenizer
 from qwen3 import SHAPES
@@ -297,16 +298,19 @@ def test_log_records_the_lr_each_step_used(tmp_path, monkeypatch):
     lrs = [r["lr"] for r in result["history"] if "lr" in r]
     # warmup 2 steps: 1/3, 2/3 of the peak; then cosine over the 6 remaining steps, from the peak
     want = [1e-3 / 3, 2e-3 / 3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
-    assert lrs == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert lrs == [metrics.significant(w) for w in want]  # to six significant digits, as the loss
     assert len(calls) == 1  # the last step's held-out report is the final report: scored once
 
 
-def test_loss_is_logged_with_significant_digits():
-    assert train.significant(1.1634e-5) == 1.1634e-5 and train.significant(0.693147180559) == 0.693147
-    metrics = train.MetricsSinceLastLog()
-    metrics.add(torch.tensor([1.16e-5, 1.0, 12.5, 10.0]))
-    record = metrics.record(1, 0.1, 1e-5, torch.tensor(0.5), torch.device("cpu"))
+def test_loss_and_lr_are_logged_with_significant_digits():
+    assert metrics.significant(1.1634e-5) == 1.1634e-5 and metrics.significant(0.693147180559) == 0.693147
+    since_last_log = metrics.MetricsSinceLastLog()
+    since_last_log.add(metrics.StepMetrics(loss=1.16e-5, accuracy=1.0, margin=12.5, tokens=10.0))
+    record = since_last_log.record(1, 0.1, 0.000980392156862745, torch.tensor(0.5), torch.device("cpu"))
     assert record["loss"] == pytest.approx(1.16e-5, rel=1e-6) and record["margin"] == 12.5
+    # the learning rate too (issue 21): 0.000980392, not 0.000980392156862745, in log.jsonl and on the console
+    assert record["lr"] == 0.000980392 and repr(record["lr"]) == "0.000980392"
+    assert metrics.significant(5e-6) == 5e-6 and metrics.significant(1e-3 / 3) == 0.000333333
 
 
 def test_eval_table_keeps_the_source_apart_from_the_number():
@@ -325,7 +329,8 @@ def test_8bit_optim_on_cpu_prints_no_kernels_notice(hub, tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1" if hub == "offline" else "0",
            "HF_ENDPOINT": "http://127.0.0.1:9"}  # port 9 (discard): refused at once, never the real Hub
     env.pop("HF_HUB_CACHE", None)
-    code = "import train; train.validate(train.TrainConfig(optim_8bit=True, device='cpu'))"
+    code = ("import train; from support import validate; "
+            "validate.validate(train.TrainConfig(optim_8bit=True, device='cpu'))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     assert run.returncode == 0 and "kernels" not in run.stderr + run.stdout, run.stderr
 

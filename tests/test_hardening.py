@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, as_if_stopped_at, save_hf_model, small_tmpfs
 
 import train
+from support import checkpoint, validate
 from support.checkpoint import checkpoint_dirs
 from support.errors import UserError
 from rm import RewardModel
@@ -121,7 +122,7 @@ def edit_reward_model(**changes):
 
 def cli_config(*argv):
     """The TrainConfig that `python train.py ARGV` runs with."""
-    return train.parse_args([str(a) for a in argv])[0]
+    return train.parse_command_line([str(a) for a in argv]).config
 
 
 def snapshot(path: Path):
@@ -568,7 +569,7 @@ def test_bf16_without_gpu_support(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     monkeypatch.delenv("RM_DEBUG", raising=False)
     with pytest.raises(UserError, match=r"^--bf16 needs a GPU with bfloat16 support \(Tesla T4 has none\); drop --bf16$"):
-        train.validate(cli_config(*DEMO, "--bf16", "--device", "cuda"))
+        validate.validate(cli_config(*DEMO, "--bf16", "--device", "cuda"))
     with pytest.raises(SystemExit) as exit_:
         run_cli(train.main, [*DEMO, "--bf16", "--device", "cuda", "--output_dir", str(tmp_path / "o")])
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().count("\n") == 0
@@ -761,14 +762,14 @@ def test_second_sigint_stops_at_once_and_leaves_no_half_written_checkpoint(tmp_p
 def test_second_sigint_before_the_first_checkpoint(tmp_path, capsys, monkeypatch):
     """Ctrl-C twice before any checkpoint exists: exit 130 at once, saying there is nothing to resume."""
     from support.errors import run_cli
-    real, handler = train.append_log, signal.getsignal(signal.SIGINT)
+    real, handler = checkpoint.append_log, signal.getsignal(signal.SIGINT)
 
     def ctrl_c_twice(out, record):
         real(out, record)
         if record["step"] == 2:
             signal.raise_signal(signal.SIGINT)  # the handler runs before raise_signal returns
             signal.raise_signal(signal.SIGINT)
-    monkeypatch.setattr(train, "append_log", ctrl_c_twice)
+    monkeypatch.setattr(checkpoint, "append_log", ctrl_c_twice)
     out = tmp_path / "run"
     try:  # anything but SystemExit (a KeyboardInterrupt above all) must fail this test, not stop pytest
         run_cli(train.main, [*SMALL, "--max_steps", "50", "--save_steps", "10", "--output_dir", str(out)])
@@ -942,7 +943,7 @@ def rss_mib() -> float:
 def test_long_run_memory_and_disk_stay_flat(tmp_path, monkeypatch):
     """300 steps: host RSS does not grow step over step, checkpoints do not grow with the step, and
     --save_total_limit bounds how many there are."""
-    samples, real = [], train.append_log
+    samples, real = [], checkpoint.append_log
 
     def sampling_log(out, record):
         real(out, record)
@@ -950,7 +951,7 @@ def test_long_run_memory_and_disk_stay_flat(tmp_path, monkeypatch):
             ckpts = checkpoint_dirs(out)
             samples.append({"step": record["step"], "rss": rss_mib(), "checkpoints": len(ckpts),
                             "state_bytes": [(c / "trainer_state.json").stat().st_size for c in ckpts]})
-    monkeypatch.setattr(train, "append_log", sampling_log)
+    monkeypatch.setattr(checkpoint, "append_log", sampling_log)
     out = tmp_path / "run"
     train.train(cli_config("--config", "demo", "--max_train_samples", "48", "--max_eval_samples", "8",
                            "--batch_size", "4", "--max_steps", "300", "--logging_steps", "5", "--save_steps", "20",

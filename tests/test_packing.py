@@ -199,7 +199,7 @@ def test_varlen_matches_padded_bf16_cuda():
 def test_train_packing_matches_padded(tmp_path):
     """train.py --packing and --share_prompt: the same run, padding-free, ends with the same weights (fp32, CPU)."""
     from safetensors.torch import load_file
-    from train import CONFIGS as RUNS, TrainConfig, train
+    from train import RUN_CONFIGS as RUNS, TrainConfig, train
     base = {**RUNS["demo"], "max_train_samples": 32, "max_eval_samples": 8, "batch_size": 4, "max_steps": 3,
             "eval_steps": 1000, "save_steps": 1000, "logging_steps": 3, "warmup_ratio": 0.0, "progress": False,
             "learning_rate": 1e-4}  # Adam turns rounding-level gradient differences into updates ~ lr

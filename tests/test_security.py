@@ -50,7 +50,7 @@ def done(tmp_path_factory):
     out = tmp_path_factory.mktemp("sec") / "done"
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    train.train(train.parse_args([*DONE, "--output_dir", str(out)])[0])
+    train.train(train.parse_command_line([*DONE, "--output_dir", str(out)]).config)
     torch.set_num_threads(before)
     return out
 

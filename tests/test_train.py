@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, as_if_stopped_at
-from train import CONFIGS, TrainConfig, train
+from train import RUN_CONFIGS, TrainConfig, train
 
 
 def tiny_cfg(tmp_path, name="run", **kw):
     """A few-second run: the demo's tiny model on 48 demo pairs."""
-    base = {**CONFIGS["demo"], "max_train_samples": 48, "max_eval_samples": 16, "batch_size": 4,
+    base = {**RUN_CONFIGS["demo"], "max_train_samples": 48, "max_eval_samples": 16, "batch_size": 4,
             "max_steps": 4, "eval_steps": 1000, "save_steps": 1000, "logging_steps": 2, "warmup_ratio": 0.0,
             "output_dir": str(tmp_path / name), "progress": False}
     return TrainConfig(**{**base, **kw})
@@ -30,7 +30,7 @@ def max_diff(a, b):
 
 def test_demo_learns_and_eval_reproduces_its_accuracy(tmp_path):
     """The README's first command: a tiny Qwen3 from scratch learns the synthetic task (>= 90% held out)."""
-    cfg = TrainConfig(**{**CONFIGS["demo"], "output_dir": str(tmp_path / "demo"), "progress": False})
+    cfg = TrainConfig(**{**RUN_CONFIGS["demo"], "output_dir": str(tmp_path / "demo"), "progress": False})
     result = train(cfg)
     assert result["eval_accuracy"] >= 0.90, result["eval_accuracy"]
     report = json.loads((tmp_path / "demo" / "evaluation_report.json").read_text())

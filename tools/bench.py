@@ -36,7 +36,8 @@ import qwen3
 from support.errors import ArgumentParser, UserError, run_cli
 from support.lora import TARGETS, add_lora, check_options
 from rm import RewardModel, pairwise_loss
-from train import TrainConfig, make_optimizer, peak_memory_gib
+from support.metrics import peak_memory_gib
+from train import TrainConfig, make_optimizer
 
 SUITES = {
     # The GPU table of BENCHMARKS.md, most important rows first: 8 pairs x 512 tokens, bf16 autocast over

@@ -1,0 +1,106 @@
+"""Which pairs a reward model is evaluated on: one plan, shared by train.py (while training) and eval.py
+(afterwards, by default the very same pairs).
+
+- Plan(sources, split, fraction): the held-out pairs are `split` of `sources`, or, with a fraction, that share
+  of the training pairs, picked by a hash of each pair's content (data.split_held_out), none of them
+  trained on.
+- plan_training(...): train.py's plan. A held-out share is the default when --eval_dataset/--eval_split name
+  the very files training reads (a local file has no splits); evaluation data that merely overlaps the
+  training files is refused. The plan is returned, never written into the configuration.
+- plan_evaluation(...): eval.py's plan: a model trained with a held-out share is evaluated on that share
+  unless --dataset or --split says otherwise.
+- load(...): the training pairs (if asked for) and the held-out pairs of a plan, with what loading skipped.
+- HeldOut: the held-out pairs as train.py keeps them through a run, tokenised once.
+
+The pairs themselves (data.load_pairs, data.split_held_out, data.DataStats) belong to the lesson's data.py,
+which this module imports; it only decides which of them are held out.
+"""
+from typing import NamedTuple
+
+import data
+from support import readers
+from support.errors import UserError
+
+# The share of the training pairs held out when the evaluation data would be the training files.
+DEFAULT_EVAL_FRACTION = 0.05
+
+
+class Plan(NamedTuple):
+    sources: list            # where the held-out pairs come from ([] with split "none": no evaluation)
+    split: str               # their split; "train" for a held-out share of the training pairs
+    fraction: float | None   # the share of the training pairs held out by content hash, or None
+
+
+class HeldOut(NamedTuple):
+    """The held-out pairs, tokenised once, what loading them skipped (it shows in the report), and the plan
+    they follow (what train_config.json, the checkpoints and the report record)."""
+    items: list
+    stats: data.DataStats
+    sources: list
+    split: str
+    fraction: float | None
+
+
+class Loaded(NamedTuple):
+    train: list
+    train_stats: data.DataStats
+    held_out: list
+    held_out_stats: data.DataStats
+
+
+def files_of(sources: list, split: str) -> set[str]:
+    return set().union(*(readers.source_files(s, split) for s in sources))
+
+
+def plan_training(dataset: list, eval_dataset: list | None, eval_split: str, eval_fraction: float | None) -> Plan:
+    """train.py's held-out pairs: --eval_fraction, or --eval_dataset (default --dataset) at --eval_split."""
+    if eval_split == "none":
+        return Plan([], "none", None)
+    if eval_fraction is not None:
+        return Plan(list(dataset), "train", eval_fraction)
+    sources = list(eval_dataset or dataset)
+    train_files, eval_files = files_of(dataset, "train"), files_of(sources, eval_split)
+    if eval_files == train_files:
+        return Plan(list(dataset), "train", DEFAULT_EVAL_FRACTION)
+    if eval_files & train_files:
+        raise UserError(f"the evaluation data ({', '.join(sources)}, split {eval_split}) includes training "
+                        f"files ({', '.join(sorted(eval_files & train_files)[:3])}), so its accuracy would not be "
+                        "held out; pass held-out files with --eval_dataset, hold out a share of the training "
+                        "pairs with --eval_fraction 0.05, or turn evaluation off with --eval_split none")
+    return Plan(sources, eval_split, None)
+
+
+def plan_evaluation(dataset: list, split: str | None, dataset_given: bool, trained: dict) -> Plan:
+    """eval.py's pairs: the held-out share the model was trained with (config.json's eval_fraction) when
+    neither --dataset nor --split is given, else `split` (default test) of `dataset`."""
+    fraction = trained.get("eval_fraction") if not dataset_given and split is None else None
+    return Plan(list(dataset), "train", fraction) if fraction else Plan(list(dataset), split or "test", None)
+
+
+def training_files_in(plan: Plan, trained_dataset: list) -> list[str]:
+    """The files of a model's training data that `plan` evaluates on (a model trained elsewhere: its
+    training files may not be here, and then none are found)."""
+    try:
+        trained_files = files_of(trained_dataset, "train")
+    except UserError:
+        trained_files = set()
+    return sorted(trained_files & files_of(plan.sources, plan.split))
+
+
+def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samples: int | None,
+         chat_format=None, with_training_pairs: bool = True) -> Loaded:
+    """The training pairs of `dataset` (none unless with_training_pairs, or a held-out share needs them) and
+    the held-out pairs of `plan`, each with its data.DataStats. A held-out share reads every training pair and
+    splits them by content, so it does not depend on the sample limits; its pairs are counted as held-out
+    pairs, while what the reading skipped counts as training's. Either side may be empty."""
+    train_stats, held_stats = data.DataStats(), data.DataStats()
+
+    def read(sources, split, max_samples, stats):  # conversational rows are rendered with chat_format
+        return data.load_pairs(sources, split, max_samples, stats, chat_format=chat_format)
+    if plan.fraction is None:
+        train = read(dataset, "train", max_train_samples, train_stats) if with_training_pairs else []
+        held = read(plan.sources, plan.split, max_eval_samples, held_stats) if plan.split != "none" else []
+        return Loaded(train, train_stats, held, held_stats)
+    train, held = data.split_held_out(read(dataset, "train", None, train_stats), plan.fraction)
+    held = held[:max_eval_samples]
+    return Loaded(train[:max_train_samples], train_stats, held, data.DataStats.of_pairs(held))

@@ -1,0 +1,83 @@
+"""What a training run logs: each step's metrics, their average since the last log line, the record that
+goes to log.jsonl, W&B and the console.
+
+- StepMetrics: one optimizer step's loss, accuracy and margin (averaged over its pairs, every process's
+  included) and its tokens (summed over processes).
+- MetricsSinceLastLog: the steps since the last log line, averaged into the next record (numbers to six
+  significant digits, so that 1.16e-5 stays 1.16e-5; the learning rate too).
+- peak_memory_gib: the peak memory of the device (CUDA) or the process (CPU); tools/bench.py uses it too.
+- log_record: a record to log.jsonl (rank 0) and W&B, and a line to the console.
+"""
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from support import checkpoint
+from support.distributed import is_main_process, print0
+
+
+class StepMetrics(NamedTuple):
+    """One optimizer step's metrics: loss, accuracy and margin weighted by each micro-batch's share of the
+    step's pairs, tokens summed over processes."""
+    loss: float
+    accuracy: float
+    margin: float
+    tokens: float
+
+
+class MetricsSinceLastLog:
+    """The training metrics of the steps since the last log line, averaged into the next one."""
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss = self.accuracy = self.margin = 0.0
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def add(self, metrics: StepMetrics):
+        """One step's metrics."""
+        self.loss, self.accuracy = self.loss + metrics.loss, self.accuracy + metrics.accuracy
+        self.margin += metrics.margin
+        self.steps += 1
+        self.tokens += int(metrics.tokens)
+
+    def record(self, step: int, epoch: float, lr: float, grad_norm, device) -> dict:
+        """The log.jsonl record of these steps; the next one starts from here."""
+        elapsed = time.perf_counter() - self.start
+        record = {"step": step, "epoch": round(epoch, 3), "loss": significant(self.loss / self.steps),
+                  "accuracy": round(self.accuracy / self.steps, 5), "margin": significant(self.margin / self.steps),
+                  "lr": significant(lr), "grad_norm": round(float(grad_norm), 4),
+                  "tokens_per_s": round(self.tokens / elapsed, 1), "peak_mem_gib": round(peak_memory_gib(device), 3)}
+        self.reset()
+        return record
+
+
+def significant(x: float, digits: int = 6) -> float:
+    """x to `digits` significant digits: a loss of 1.16e-5 stays 1.16e-5 (round(x, 5) would log 1e-5)."""
+    return float(f"{x:.{digits}g}")
+
+
+def peak_memory_gib(device) -> float:
+    """CUDA: the peak of allocated tensors. CPU: the process's peak RSS, VmHWM (Linux), which follows a
+    reset through /proc/self/clear_refs (tools/bench.py measures each side that way), unlike ru_maxrss."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # also KiB on Linux
+
+
+def log_record(out: Path, record: dict, wandb_run, line: str | None = None):
+    """A record to log.jsonl and W&B, and a line to the console (rank 0 only)."""
+    if is_main_process():
+        with checkpoint.disk_errors(out / "log.jsonl"):
+            checkpoint.append_log(out, record)
+    wandb_run.log(record, step=record["step"])
+    print0(line or " | ".join(f"{k} {v}" for k, v in record.items()))
+
+

@@ -16,11 +16,8 @@
   By default: the test split of the training data, or the share of its training pairs that train.py held
   out (--eval_fraction), at the training max_length (all in config.json).
 """
-import argparse
 import copy
-import json
 import math
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,16 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support import benchmarks, scoring
+from support import benchmarks, cli, heldout, hub, scoring, validate
+from support import report as report_files
 from support.errors import ArgumentParser, UserError, check_writable, run_cli
-from support.fileio import write_json_atomic
-from support.hub import find_model_dir, read_json
 
 Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal: two-sided 95%
 PERCENTILES = (5, 25, 50, 75, 95)
 DEFAULT_DATASET = ["Anthropic/hh-rlhf"]
 DEFAULT_MAX_LENGTH = 1024
-REPORT_NAME = "evaluation_report.json"
+REPORT_NAME = report_files.REPORT_NAME
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,57 +280,6 @@ def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_L
 # The command line
 
 
-def trained_settings(model_dir: Path) -> dict:
-    """What config.json records of the reward model's training (dataset, max_length, share_prompt, ...).
-    A plain language model is refused: it would load with a freshly initialised random head, and its
-    scores would mean nothing."""
-    from support import export
-    raw = read_json(model_dir / "config.json", "a model directory must hold config.json")
-    settings = export.reward_model_config(raw, model_dir)
-    if settings is None:
-        raise UserError(f"{model_dir} is not a reward model (architectures {raw.get('architectures')}, no "
-                        f"\"reward_model\" entry in config.json): its reward head would be random; train one "
-                        f"with train.py or pass a Qwen3ForSequenceClassification checkpoint")
-    return settings
-
-
-def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> list[Path]:
-    """Three PNGs: reward histograms (chosen vs rejected), margin histogram, reward vs response length."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(plot_dir / name, dpi=120)
-        plt.close(fig)
-        paths.append(plot_dir / name)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.histogram_bin_edges(np.concatenate([chosen, rejected]), bins=40)
-    ax.hist(chosen, bins=bins, alpha=0.6, label="chosen")
-    ax.hist(rejected, bins=bins, alpha=0.6, label="rejected")
-    ax.set(xlabel="reward", ylabel="responses", title="Rewards of chosen and rejected responses")
-    ax.legend()
-    save(fig, "rewards.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(chosen - rejected, bins=40, color="tab:green")
-    ax.axvline(0, color="black", lw=1)
-    ax.set(xlabel="reward margin (chosen - rejected)", ylabel="pairs", title="Margins: right of 0 is correct")
-    save(fig, "margins.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(chosen_len, chosen, s=6, alpha=0.5, label="chosen")
-    ax.scatter(rejected_len, rejected, s=6, alpha=0.5, label="rejected")
-    ax.set(xlabel="response length (tokens)", ylabel="reward", title="Reward vs response length")
-    ax.legend()
-    save(fig, "reward_vs_length.png")
-    return paths
-
-
 def fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -372,16 +317,6 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def parse_args(argv=None):
     p = ArgumentParser(prog="eval.py", description="Evaluate a reward model on preference pairs: accuracy with a "
                        "95% CI, reward and margin statistics, length bias. Writes evaluation_report.json.")
@@ -393,9 +328,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default=None,
                    help="dataset split to evaluate (default: test; for a model trained with a held-out share of "
                         "its training pairs, train.py --eval_fraction, that share)")
-    p.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N pairs")
-    p.add_argument("--batch_size", type=positive_int, default=16, help="pairs per forward pass (default: 16)")
-    p.add_argument("--max_length", type=positive_int, default=None,
+    p.add_argument("--max_samples", type=cli.positive_int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--batch_size", type=cli.positive_int, default=16, help="pairs per forward pass (default: 16)")
+    p.add_argument("--max_length", type=cli.positive_int, default=None,
                    help=f"tokens per sequence; longer pairs are dropped and counted (default: the training "
                         f"max_length, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--chat_template", default="auto", metavar="auto|none|PATH",
@@ -422,78 +357,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
-    args = p.parse_args(argv)
-    # Everything that can be checked without work is checked now, before minutes of loading and scoring.
-    if args.max_length is not None and args.max_length < 2:
-        raise UserError(f"--max_length {args.max_length} is too small; use at least 2 (one token + eos)")
-    if not (args.unsure_threshold >= 0 and math.isfinite(args.unsure_threshold)):
-        raise UserError(f"--unsure_threshold {args.unsure_threshold} must be a number >= 0")
-    if args.plots is not None:
-        if Path(args.plots).exists() and not Path(args.plots).is_dir():
-            raise UserError(f"--plots {args.plots} is a file; give a directory for the PNGs")
-        # now, not after scoring and the report: a path under a file, or unwritable, fails here
-        check_writable(Path(args.plots), f"the plots to --plots {args.plots}", "give a writable directory for the PNGs")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UserError("--plots needs matplotlib, which is not installed; pip install matplotlib, "
-                            "or drop --plots") from None
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is available to torch; use --device cpu")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return args
-
-
-def report_path(output: str | None, report_dir: Path) -> Path:
-    """Where the report goes: --output, or REPORT_NAME inside it when it is a directory or ends with "/".
-    An existing file is replaced only if it is an evaluation report: never the weights, a config or
-    anything else that --output happened to name."""
-    path = Path(output) if output else report_dir / REPORT_NAME
-    if output and (output.endswith(("/", os.sep)) or path.is_dir()):
-        path = path / REPORT_NAME
-    if path.exists() and not is_report(path):
-        raise UserError(f"--output {path} exists and is not an evaluation report (eval.py replaces only its own "
-                        f"reports); choose another --output")
-    return path
-
-
-def is_report(path: Path) -> bool:
-    """A .json file holding an object with a report's keys, as eval.py and train.py write it."""
-    if path.suffix != ".json" or not path.is_file() or path.stat().st_size > 64 << 20:
-        return False
-    try:
-        report = json.loads(path.read_bytes())
-    except (ValueError, RecursionError, OSError):
-        return False
-    return isinstance(report, dict) and ({"accuracy", "counts", "per_source"} <= report.keys() or "benchmark" in report)
-
-
-def load_eval_pairs(dataset: list, args, trained: dict, chat_format=None):
-    """(pairs, stats, split, held-out fraction); chat_format renders conversational rows. A model trained with a held-out share of its training pairs
-    (train.py --eval_fraction, the default for a training file without splits) is evaluated on that share
-    when neither --dataset nor --split is given; other data that holds training files gets a note."""
-    from data import DataStats, load_pairs, split_held_out
-    from support.readers import source_files
-    fraction = trained.get("eval_fraction") if args.dataset is None and args.split is None else None
-    split = "train" if fraction else args.split or "test"
-    stats = DataStats()
-    if not fraction:
-        pairs = load_pairs(dataset, split=split, max_samples=args.max_samples, stats=stats,
-                           chat_format=chat_format)
-        try:  # a model trained elsewhere: its training files may not be here
-            trained_files = set().union(*(source_files(s, "train") for s in trained.get("dataset") or []))
-        except UserError:
-            trained_files = set()
-        shared = sorted(trained_files & set().union(*(source_files(s, split) for s in dataset)))
-        if shared:
-            print(f"note: the {split} pairs of {', '.join(dataset)} include the model's training data "
-                  f"({', '.join(shared[:3])}): the accuracy is not a held-out number", file=sys.stderr)
-        return pairs, stats, split, None
-    held = split_held_out(load_pairs(dataset, split=split, stats=stats, chat_format=chat_format),
-                          fraction)[1][:args.max_samples]
-    print(f"data: the {len(held)} pairs of {', '.join(dataset)} that train.py held out (--eval_fraction "
-          f"{fraction}, by content hash) and did not train on")
-    return held, DataStats.of_pairs(held), split, fraction
+    return validate.check_eval_args(p.parse_args(argv))  # now, not after minutes of loading and scoring
 
 
 def main(argv=None):
@@ -502,9 +366,9 @@ def main(argv=None):
     from rm import RewardModel
 
     # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.
-    model_dir, report_dir = find_model_dir(args.checkpoint)
-    trained = trained_settings(model_dir)
-    output = report_path(args.output, report_dir)
+    model_dir, report_dir = hub.find_model_dir(args.checkpoint)
+    trained = validate.trained_settings(model_dir)
+    output = report_files.report_path(args.output, report_dir)
     check_writable(output.parent, f"the report {output}", "choose another --output")  # now, not after scoring
     if args.benchmark:  # RewardBench, RewardBench 2 or RM-Bench from their files, instead of pairs
         return benchmarks.run(args, model_dir, trained, output)
@@ -518,8 +382,9 @@ def main(argv=None):
     if not (model_dir / "tokenizer.json").is_file():
         raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
     tokenizer = Tokenizer.from_dir(model_dir)  # its chat template renders conversational rows
-    pairs, stats, split, fraction = load_eval_pairs(dataset, args, trained,
-                                                    tokenizer.chat_format(args.chat_template))
+    plan = heldout.plan_evaluation(dataset, args.split, args.dataset is not None, trained)
+    pairs, stats = heldout.load_for_evaluation(plan, trained, args.max_samples,
+                                               tokenizer.chat_format(args.chat_template))
 
     # 3. The model, then the scores.
     model = RewardModel.from_pretrained(str(model_dir), device=args.device)
@@ -527,23 +392,19 @@ def main(argv=None):
     report, rewards = evaluate(model, pairs, batch_size=args.batch_size, max_length=max_length, bf16=args.bf16,
                                progress=args.progress, stats=stats, unsure_threshold=args.unsure_threshold,
                                return_rewards=True, share_prompt=share_prompt)
-    report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=split,
-                  eval_fraction=fraction,
-                  max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
+    report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=plan.split,
+                  eval_fraction=plan.fraction, max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
                   share_prompt=share_prompt, chat_template=args.chat_template,
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if args.save_reward_stats:
         report["reward_stats"] = scoring.save_reward_stats(model_dir, report)
 
     # 4. Outputs: the report (atomically: a failed run leaves no report), the plots, the table.
-    try:
-        write_json_atomic(output, report)
-    except OSError as e:  # the disk filled up or went read-only while scoring
-        raise UserError(f"cannot write the report {output} ({e.strerror}); free space or choose another --output") from None
+    report_files.write_report(output, report)
     print(summary(report))
     print(f"report: {output}")
     if args.plots:
-        for path in save_plots(Path(args.plots), *rewards):
+        for path in report_files.save_plots(Path(args.plots), *rewards):
             print(f"plot: {path}")
     return report
 

@@ -9,12 +9,14 @@
   training files is refused. The plan is returned, never written into the configuration.
 - plan_evaluation(...): eval.py's plan: a model trained with a held-out share is evaluated on that share
   unless --dataset or --split says otherwise.
-- load(...): the training pairs (if asked for) and the held-out pairs of a plan, with what loading skipped.
+- load(...): the training pairs (if asked for) and the held-out pairs of a plan, with what loading skipped;
+  load_for_evaluation(...): eval.py's pairs, saying which they are.
 - HeldOut: the held-out pairs as train.py keeps them through a run, tokenised once.
 
 The pairs themselves (data.load_pairs, data.split_held_out, data.DataStats) belong to the lesson's data.py,
 which this module imports; it only decides which of them are held out.
 """
+import sys
 from typing import NamedTuple
 
 import data
@@ -104,3 +106,16 @@ def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samp
     train, held = data.split_held_out(read(dataset, "train", None, train_stats), plan.fraction)
     held = held[:max_eval_samples]
     return Loaded(train[:max_train_samples], train_stats, held, data.DataStats.of_pairs(held))
+
+
+def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat_format=None):
+    """eval.py's (pairs, stats) of `plan`: a held-out share is announced; other data that holds the model's
+    training files gets a note (its accuracy is not a held-out number)."""
+    loaded = load(plan, plan.sources, None, max_samples, chat_format, with_training_pairs=False)
+    if plan.fraction:
+        print(f"data: the {len(loaded.held_out)} pairs of {', '.join(plan.sources)} that train.py held out "
+              f"(--eval_fraction {plan.fraction}, by content hash) and did not train on")
+    elif shared := training_files_in(plan, trained.get("dataset") or []):
+        print(f"note: the {plan.split} pairs of {', '.join(plan.sources)} include the model's training data "
+              f"({', '.join(shared[:3])}): the accuracy is not a held-out number", file=sys.stderr)
+    return loaded.held_out, loaded.held_out_stats

@@ -6,8 +6,10 @@ in one line (UserError) with nothing written.
 - check_device: --device is cpu, cuda[:N] or mps, and one this machine has.
 - check_output_dir_apart: --output_dir is neither inside a dataset directory nor the --model directory.
 - check_pairs_left: after loading, pairs left to train on and to evaluate on.
+- check_eval_args: eval.py's flags, checked before any loading; trained_settings: eval.py's CHECKPOINT is
+  a reward model (a plain language model's head would be random), and what it was trained with.
 
-The reward heads and poolings (rm.py) and the named model shapes (qwen3.py) are the lesson's; they are
+The reward heads and poolings (rm.py) and the named model shapes (qwen3.SHAPES) are the lesson's; they are
 imported from there.
 """
 import dataclasses
@@ -18,7 +20,8 @@ import torch
 
 from qwen3 import SHAPES as MODEL_SHAPES
 from rm import HEADS, POOLINGS
-from support import hub, lora
+from support import export, hub, lora
+from support import report as report_files
 from support.errors import UserError
 
 
@@ -145,3 +148,30 @@ def check_pairs_left(loaded, train_items: list, eval_items: list, plan, dataset:
             raise UserError(f"all {len(pairs)} '{split}' pairs of {', '.join(sources)} are longer than "
                             f"--max_length {max_length} tokens (a response and its eos must fit); "
                             "raise --max_length")
+
+
+def check_eval_args(args):
+    """eval.py's flags: everything that can be checked without work is checked before minutes of loading and
+    scoring. Returns `args` with the device chosen."""
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max_length {args.max_length} is too small; use at least 2 (one token + eos)")
+    if not (args.unsure_threshold >= 0 and math.isfinite(args.unsure_threshold)):
+        raise UserError(f"--unsure_threshold {args.unsure_threshold} must be a number >= 0")
+    report_files.check_plots(args.plots)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is available to torch; use --device cpu")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def trained_settings(model_dir: Path) -> dict:
+    """What config.json records of the reward model's training (dataset, max_length, share_prompt, ...).
+    A plain language model is refused: it would load with a freshly initialised random head, and its
+    scores would mean nothing."""
+    raw = hub.read_json(model_dir / "config.json", "a model directory must hold config.json")
+    settings = export.reward_model_config(raw, model_dir)
+    if settings is None:
+        raise UserError(f"{model_dir} is not a reward model (architectures {raw.get('architectures')}, no "
+                        f"\"reward_model\" entry in config.json): its reward head would be random; train one "
+                        f"with train.py or pass a Qwen3ForSequenceClassification checkpoint")
+    return settings

@@ -421,7 +421,8 @@ def exposure_warning(host: str) -> str | None:
 def load_model(args):
     """(model, max_length, what /health reports) for CHECKPOINT, found and checked as eval.py does."""
     import torch
-    from eval import DEFAULT_MAX_LENGTH, trained_settings
+    from eval import DEFAULT_MAX_LENGTH
+    from support.validate import trained_settings
     from rm import RewardModel
     from support.hub import find_model_dir
     model_dir, _ = find_model_dir(args.checkpoint)

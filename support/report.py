@@ -1,0 +1,103 @@
+"""Where eval.py's report goes, and its plots: file plumbing around the report that eval.py computes.
+
+- report_path: --output, or evaluation_report.json inside it (a directory, or a path ending in /); an
+  existing file is replaced only if it is a report (is_report), never weights or a config.
+- write_report: the report written atomically; a full or read-only disk is one line.
+- check_plots: --plots checked before any scoring (a file in the way, not writable, matplotlib missing);
+  save_plots: the three PNGs.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from support.errors import UserError, check_writable
+from support.fileio import write_json_atomic
+
+REPORT_NAME = "evaluation_report.json"
+
+
+def report_path(output: str | None, report_dir: Path) -> Path:
+    """Where the report goes: --output, or REPORT_NAME inside it when it is a directory or ends with "/".
+    An existing file is replaced only if it is an evaluation report: never the weights, a config or
+    anything else that --output happened to name."""
+    path = Path(output) if output else report_dir / REPORT_NAME
+    if output and (output.endswith(("/", os.sep)) or path.is_dir()):
+        path = path / REPORT_NAME
+    if path.exists() and not is_report(path):
+        raise UserError(f"--output {path} exists and is not an evaluation report (eval.py replaces only its own "
+                        f"reports); choose another --output")
+    return path
+
+
+def is_report(path: Path) -> bool:
+    """A .json file holding an object with a report's keys, as eval.py and train.py write it."""
+    if path.suffix != ".json" or not path.is_file() or path.stat().st_size > 64 << 20:
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, OSError):
+        return False
+    return isinstance(report, dict) and ({"accuracy", "counts", "per_source"} <= report.keys() or "benchmark" in report)
+
+
+def write_report(output: Path, report: dict):
+    """The report, atomically: a failed run leaves no report."""
+    try:
+        write_json_atomic(output, report)
+    except OSError as e:  # the disk filled up or went read-only while scoring
+        raise UserError(f"cannot write the report {output} ({e.strerror}); free space or choose another "
+                        "--output") from None
+
+
+def check_plots(plots: str | None):
+    """--plots DIR: a directory (or none yet), and matplotlib installed; checked before minutes of scoring."""
+    if plots is None:
+        return
+    if Path(plots).exists() and not Path(plots).is_dir():
+        raise UserError(f"--plots {plots} is a file; give a directory for the PNGs")
+    # now, not after scoring and the report: a path under a file, or unwritable, fails here
+    check_writable(Path(plots), f"the plots to --plots {plots}", "give a writable directory for the PNGs")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plots needs matplotlib, which is not installed; pip install matplotlib, "
+                        "or drop --plots") from None
+
+
+def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> list[Path]:
+    """Three PNGs: reward histograms (chosen vs rejected), margin histogram, reward vs response length."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(plot_dir / name, dpi=120)
+        plt.close(fig)
+        paths.append(plot_dir / name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(np.concatenate([chosen, rejected]), bins=40)
+    ax.hist(chosen, bins=bins, alpha=0.6, label="chosen")
+    ax.hist(rejected, bins=bins, alpha=0.6, label="rejected")
+    ax.set(xlabel="reward", ylabel="responses", title="Rewards of chosen and rejected responses")
+    ax.legend()
+    save(fig, "rewards.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(chosen - rejected, bins=40, color="tab:green")
+    ax.axvline(0, color="black", lw=1)
+    ax.set(xlabel="reward margin (chosen - rejected)", ylabel="pairs", title="Margins: right of 0 is correct")
+    save(fig, "margins.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(chosen_len, chosen, s=6, alpha=0.5, label="chosen")
+    ax.scatter(rejected_len, rejected, s=6, alpha=0.5, label="rejected")
+    ax.set(xlabel="response length (tokens)", ylabel="reward", title="Reward vs response length")
+    ax.legend()
+    save(fig, "reward_vs_length.png")
+    return paths

@@ -18,7 +18,6 @@
 """
 import copy
 import math
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -11,10 +11,9 @@ pass -> rewards -> pairwise loss -> backward; clip the gradient norm, step AdamW
 resumed run ends with the same weights as an uninterrupted one (bitwise on CPU).
 
 Output directory: final_model/, best_model_step_N/, checkpoint_step_N/ (the newest --save_total_limit),
-evaluation_report.json, train_config.json, log.jsonl. The machinery lives in support/: run.py (the run
-context: output directory, resume, checkpoints, W&B), validate.py (every flag checked before anything
-loads), heldout.py (which pairs are held out), metrics.py (what is logged), cli.py (the flags, generated
-from TrainConfig), checkpoint.py, distributed.py (torchrun, DDP/FSDP2).
+evaluation_report.json, train_config.json, log.jsonl. The machinery lives in support/: run (the output
+directory, resume, checkpoints, W&B), validate, heldout (which pairs are held out), metrics, cli (the flags,
+from TrainConfig's fields), distributed (torchrun, DDP/FSDP2).
 """
 import dataclasses
 import math
@@ -85,13 +84,11 @@ class TrainConfig:
                                        "packed ones")
     fsdp: bool = option(False, "under torchrun: FSDP2 instead of DDP")
     # LoRA (support/lora.py): low-rank adapters on the frozen backbone; the head trains fully
-    lora_rank: int | None = option(None, "train rank-R LoRA adapters on a frozen backbone (and the head); saved "
-                                         "merged")
+    lora_rank: int | None = option(None, "train rank-R LoRA adapters on a frozen backbone (and the head); saved merged")
     lora_alpha: float | None = option(None, "LoRA scale alpha/R (default: 2R)")
     lora_dropout: float = option(0.0, "dropout on the adapters' input")
     lora_targets: str = option("q,k,v,o,gate,up,down", "comma-separated layers to adapt, from q,k,v,o,gate,up,down")
-    save_adapters: bool = option(False, "with --lora_rank: also write final_adapters/ (adapters and head alone, "
-                                        "small)")
+    save_adapters: bool = option(False, "with --lora_rank: also write final_adapters/ (adapters and head alone, small)")
     # bookkeeping
     eval_steps: int = option(200, "evaluate every N steps")
     save_steps: int = option(500, "checkpoint every N steps")
@@ -168,9 +165,7 @@ def train(cfg: TrainConfig) -> dict:
 
     collate = packing.choose_collate(cfg.packing, cfg.share_prompt)  # padded, packed and/or shared-prompt batches
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    since_last_log, last_report = metrics.MetricsSinceLastLog(), None  # last_report: the last step's held-out report
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    since_last_log, last_report = metrics.MetricsSinceLastLog(device), None  # last_report: the last step's report
     stop = checkpoint.SignalStop()  # Ctrl-C / SIGTERM: finish the step, checkpoint, print a resume line
     bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))

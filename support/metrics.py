@@ -28,8 +28,11 @@ class StepMetrics(NamedTuple):
 
 
 class MetricsSinceLastLog:
-    """The training metrics of the steps since the last log line, averaged into the next one."""
-    def __init__(self):
+    """The training metrics of the steps since the last log line, averaged into the next one. Made with a
+    CUDA device, it starts that device's peak memory afresh (the peak logged is the training loop's)."""
+    def __init__(self, device: torch.device | None = None):
+        if device is not None and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         self.reset()
 
     def reset(self):

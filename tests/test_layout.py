@@ -1,11 +1,15 @@
-"""The code stays readable: train() reads as one loop, and no function runs over ~80 lines.
+"""The code stays readable: the top level holds the five lesson files and no other Python, each lesson file
+stays within its line target (issue 20), train() reads as one loop, and no function runs over ~80 lines.
 
-Prints the length of train.train() and of the longest function of every module (run with -s to see it
-when the test passes; a failure shows it anyway). Lengths count the lines from `def` to the function's
-last line, docstring and comments included. Argument-parser builders are exempt: one flag per line.
+Prints each lesson file's length against its target, the length of train.train() and of the longest function
+of every module (run with -s to see it when the test passes; a failure shows it anyway). Lengths count the
+lines from `def` to the function's last line, docstring and comments included. Argument-parser builders are
+exempt: one flag per line.
 """
 import ast
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +17,12 @@ LESSON = ["qwen3.py", "rm.py", "data.py", "train.py", "eval.py"]  # the README's
 SUPPORT = sorted(str(p.relative_to(ROOT)) for d in ("support", "tools") for p in (ROOT / d).glob("*.py")
                  if p.name != "__init__.py")
 MAX_FUNCTION_LINES = 80
-MAX_TRAIN_LINES = 130
+MAX_TRAIN_LINES = 100
+# Lines per lesson file, with every feature kept (issue 20): what each keeps is in its docstring; the
+# machinery lives in support/, the tools in tools/.
+LINE_TARGETS = {"qwen3.py": 320, "rm.py": 240, "data.py": 460, "train.py": 400, "eval.py": 420}
+# Files other work is still shrinking: their target is expected to fail (not strict) until it lands.
+NOT_YET_UNDER_TARGET = {"qwen3.py", "rm.py", "data.py"}
 
 
 def is_parser_builder(name: str) -> bool:
@@ -68,6 +77,27 @@ def layout_table() -> tuple[str, dict, list]:
     return "\n".join(lines), train_len, too_long
 
 
+def line_targets_table() -> str:
+    lines = [f"{'lesson file':<16}{'lines':>6}{'target':>8}"]
+    for name, target in LINE_TARGETS.items():
+        total = len((ROOT / name).read_text().splitlines())
+        lines.append(f"{name:<16}{total:>6}{target:>8}{'  OVER' if total > target else ''}")
+    return "\n".join(lines)
+
+
+def test_top_level_holds_exactly_the_five_lesson_files():
+    assert sorted(p.name for p in ROOT.glob("*.py")) == sorted(LESSON), "move other Python into support/ or tools/"
+    assert list(LINE_TARGETS) == LESSON
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="being shrunk"))
+                                  if name in NOT_YET_UNDER_TARGET else name for name in LINE_TARGETS])
+def test_lesson_file_within_its_line_target(name):
+    print("\n" + line_targets_table())
+    total = len((ROOT / name).read_text().splitlines())
+    assert total <= LINE_TARGETS[name], f"{name} is {total} lines (target {LINE_TARGETS[name]})\n" + line_targets_table()
+
+
 def test_function_lengths():
     table, train_len, too_long = layout_table()
     print("\n" + table)
@@ -78,3 +108,4 @@ def test_function_lengths():
 
 if __name__ == "__main__":
     print(layout_table()[0])
+    print(line_targets_table())

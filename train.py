@@ -234,8 +234,8 @@ def train(cfg: TrainConfig) -> dict:
 def build_model(cfg: TrainConfig) -> RewardModel:
     """From scratch (the demo: a qwen3.SHAPES shape, the demo tokenizer's vocabulary), or a checkpoint."""
     if cfg.from_scratch:
-        from support.demo import demo_tokenizer
-        tokenizer = demo_tokenizer()
+        from support import demo
+        tokenizer = demo.demo_tokenizer()
         config = dataclasses.replace(MODEL_SHAPES[cfg.model], vocab_size=tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
         model = RewardModel(config, head=cfg.head or "mlp", pooling=cfg.pooling or "mean")

@@ -30,6 +30,8 @@ from support.metrics import log_record
 
 
 class Run:
+    """One run of train.py: where it writes, what it resumes from, and what it has kept so far (the best
+    held-out accuracy). Every process makes one; rank 0 writes."""
     def __init__(self, cfg, device: torch.device):
         """torchrun's process group; the output directory checked (and probed) by rank 0, every process
         hearing of a failure; the --resume checkpoint found. Nothing is written yet."""

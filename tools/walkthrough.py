@@ -50,7 +50,7 @@ def ids(values: list, limit: int = 16) -> str:
 
 
 def demo_config() -> train.TrainConfig:
-    return train.TrainConfig(**train.CONFIGS["demo"])
+    return train.TrainConfig(**train.RUN_CONFIGS["demo"])
 
 
 def texts_and_ids(cfg: train.TrainConfig, model: rm.RewardModel):

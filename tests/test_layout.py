@@ -22,7 +22,7 @@ MAX_TRAIN_LINES = 100
 # machinery lives in support/, the tools in tools/.
 LINE_TARGETS = {"qwen3.py": 320, "rm.py": 240, "data.py": 460, "train.py": 400, "eval.py": 420}
 # Files other work is still shrinking: their target is expected to fail (not strict) until it lands.
-NOT_YET_UNDER_TARGET = {"qwen3.py", "rm.py", "data.py"}
+NOT_YET_UNDER_TARGET = {"qwen3.py", "rm.py"}
 
 
 def is_parser_builder(name: str) -> bool:

@@ -141,6 +141,31 @@ def test_bad_flag_one_line_and_no_output_dir(tmp_path, flag, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_every_config_field_is_a_flag_with_its_help_and_the_named_config_underneath():
+    """support/cli.py makes one flag per TrainConfig field (aliases, switches and --no_progress included), its
+    help the field's; --config NAME supplies the values of the flags not given."""
+    import dataclasses
+    from train import parse_command_line
+    fields = dataclasses.fields(TrainConfig)
+    assert all(f.metadata.get("help") for f in fields)
+    command = parse_command_line(["--config", "demo", "--model_name", "tiny", "--8bit_optim", "--8bit_model",
+                                  "--no_progress", "--resume", "--dataset", "a.jsonl", "b.jsonl", "--lora_rank", "4",
+                                  "--eval_fraction", "0.1", "--max_steps", "-1"])
+    cfg = command.config
+    assert (cfg.model, cfg.optim_8bit, cfg.model_8bit, cfg.progress, cfg.resume, cfg.dataset, cfg.lora_rank,
+            cfg.eval_fraction, cfg.max_steps) == ("tiny", True, True, False, "latest", ["a.jsonl", "b.jsonl"], 4,
+                                                  0.1, -1)
+    assert cfg.learning_rate == RUN_CONFIGS["demo"]["learning_rate"] and cfg.bf16 is False  # the config, the default
+    assert command.given == set(RUN_CONFIGS["demo"]) | {"model", "optim_8bit", "model_8bit", "progress", "resume",
+                                                        "dataset", "lora_rank", "eval_fraction", "max_steps"}
+    assert not command.eval_only and command.model_path is None
+    assert parse_command_line([]).config == TrainConfig()  # --config custom: the dataclass's defaults
+    assert parse_command_line(["--resume", "run/checkpoint_step_2"]).config.resume == "run/checkpoint_step_2"
+    help_text = " ".join(run_cli(["--help"]).stdout.split())
+    for f in fields:
+        assert " ".join(f.metadata["help"].split()) in help_text, f.name
+
+
 def test_eval_dataset_and_no_evaluation(tmp_path):
     """A local file has no splits: --eval_dataset names the held-out file, --eval_split none skips eval."""
     import data

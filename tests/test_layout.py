@@ -21,8 +21,6 @@ MAX_TRAIN_LINES = 100
 # Lines per lesson file, with every feature kept (issue 20): what each keeps is in its docstring; the
 # machinery lives in support/, the tools in tools/.
 LINE_TARGETS = {"qwen3.py": 320, "rm.py": 240, "data.py": 460, "train.py": 400, "eval.py": 420}
-# Files other work is still shrinking: their target is expected to fail (not strict) until it lands.
-NOT_YET_UNDER_TARGET = {"qwen3.py", "rm.py"}
 
 
 def is_parser_builder(name: str) -> bool:
@@ -90,8 +88,7 @@ def test_top_level_holds_exactly_the_five_lesson_files():
     assert list(LINE_TARGETS) == LESSON
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="being shrunk"))
-                                  if name in NOT_YET_UNDER_TARGET else name for name in LINE_TARGETS])
+@pytest.mark.parametrize("name", list(LINE_TARGETS))
 def test_lesson_file_within_its_line_target(name):
     print("\n" + line_targets_table())
     total = len((ROOT / name).read_text().splitlines())

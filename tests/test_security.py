@@ -554,7 +554,7 @@ def test_a_saved_setting_of_the_wrong_type_is_one_line_in_eval(done, tmp_path, c
 def done_8bit(tmp_path_factory):
     pytest.importorskip("bitsandbytes")
     out = tmp_path_factory.mktemp("sec8") / "done"
-    train.train(train.parse_args([*DONE, "--8bit_optim", "--output_dir", str(out)])[0])
+    train.train(train.parse_command_line([*DONE, "--8bit_optim", "--output_dir", str(out)]).config)
     return out
 
 

@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from eval import positive_int
+from support.cli import positive_int
 from support import chat
 from support.errors import ArgumentParser, UserError, run_cli
 

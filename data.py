@@ -391,7 +391,7 @@ class Batch:
     """What the model gets for B pairs: 2B sequences, the B chosen ones first, then the B rejected ones.
 
     Padded (collate): input_ids/attention_mask (2B, T), right-padded. Packed or shared-prompt batches
-    (packing.py): input_ids hold the tokens without padding, and `layout` says where each sequence is."""
+    (support/packing.py): input_ids hold the tokens without padding, and `layout` says where each sequence is."""
     input_ids: torch.Tensor                 # (2B, T), or (R, N) for a packing.Layout
     attention_mask: torch.Tensor | None     # (2B, T), 1 = real token; None when there is a layout
     margin: torch.Tensor | None             # (B,) how much better chosen must be, or None

@@ -12,7 +12,7 @@
 - `forward` returns hidden states: a reward model never needs the LM head (`lm_logits` computes it on request).
 - Batches are right padded: under a causal mask no real token sees padding, so no mask is needed and
   the fast `is_causal` kernels run. Only left padding gets an explicit mask. Padding-free packing and
-  shared prompts pass a `layout` (packing.py) that changes only how attention is confined.
+  shared prompts pass a `layout` (support/packing.py) that changes only how attention is confined.
 - Under autocast (--bf16) the residual stream is carried in bf16; in fp32 we match transformers to 1e-5.
 """
 from dataclasses import asdict, dataclass
@@ -187,7 +187,7 @@ class Qwen3(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None  # only materialised for untied checkpoints loaded with lm_head=True
         self.gradient_checkpointing = False
-        self.packed_attention = None  # packing.py chooses per batch; or force "varlen" | "loop" | "mask"
+        self.packed_attention = None  # support/packing.py chooses per batch; or force "varlen" | "loop" | "mask"
         self.compiled = False         # set by compile_blocks
 
     def init_weights(self, std: float = 0.02, seed: int | None = None):

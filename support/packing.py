@@ -2,7 +2,7 @@
 
 - Packing lays a batch's 2B sequences end to end in rows, positions restarting at 0 for each one, so
   no token is padding. Attention must then stay inside each sequence, one of three ways (chosen per
-  forward by `choose_impl`, timings in BENCHMARKS.md, `python bench.py --attention`):
+  forward by `choose_impl`, timings in BENCHMARKS.md, `python -m tools.bench --attention`):
   "varlen" (CUDA, bf16/fp16): torch's flash kernel over the flattened sequences, no mask, compiles;
   "loop" (CPU, fp32 on CUDA): causal SDPA on each sequence in turn;
   "mask" (compiled blocks without varlen): a dense block-diagonal causal mask, O(L^2) but traceable.
@@ -12,7 +12,7 @@
   both sequences of the "sequence layout" (padded or packed rows), runs there, and each token takes
   its output back from one copy.
 - A `Layout` describes all of this for one batch; qwen3.Qwen3.forward takes it as `layout=`, and
-  `choose_collate` gives train.py, eval.py and bench.py the collate function for their flags.
+  `choose_collate` gives train.py, eval.py and tools/bench.py the collate function for their flags.
 """
 import inspect
 from dataclasses import dataclass, replace
@@ -349,7 +349,7 @@ def share_prefixes(seqs: list[list[int]], groups: list[list[int]], layout: Layou
 
 
 def choose_collate(packing: bool, share_prompt: bool):
-    """The collate function `(items, pad_id) -> Batch` for train.py's / eval.py's / bench.py's flags."""
+    """The collate function `(items, pad_id) -> Batch` for train.py's / eval.py's / tools/bench.py's flags."""
     if packing:
         return partial(collate_packed, share_prompt=share_prompt)
     return collate_shared if share_prompt else collate

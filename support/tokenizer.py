@@ -38,7 +38,7 @@ class Tokenizer:
         from support import chat  # here: jinja2 loads when a tokenizer is built, not at import
         bos = chat.special_token_variables(self.config).get("bos_token")
         self.bos_id = tok.token_to_id(bos) if bos else None  # Qwen3 uses none
-        self.chat_template = chat_template  # renders conversations (chat.py); saved as chat_template.jinja
+        self.chat_template = chat_template  # renders conversations (support/chat.py); saved as chat_template.jinja
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":

@@ -9,7 +9,7 @@ checked against the model before any data is read.
   the `model.` prefix: their keys are read under the usual `model.*` names.
 - `load_weights`: fills a model built on the meta device, one tensor at a time, after `check_fits` has
   compared every name and shape with the model.
-hub.py finds the directories; qwen3.py and support/export.py (the reward model) call these.
+support/hub.py finds the directories; qwen3.py and support/export.py (the reward model) call these.
 """
 import re
 from contextlib import contextmanager

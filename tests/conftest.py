@@ -55,7 +55,7 @@ def make_hf_cache(cache_root, repo_id, src_dir, kind="models", revision="0" * 40
 
 @pytest.fixture(scope="session")
 def demo_tok():
-    """The project's own tiny word-level tokenizer (demo.py's task): pad != eos."""
+    """The project's own tiny word-level tokenizer (support/demo.py's task): pad != eos."""
     from support.demo import demo_tokenizer
     return demo_tokenizer()
 

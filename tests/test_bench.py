@@ -1,4 +1,4 @@
-"""bench.py runs on CPU and prints every figure, alone and against transformers."""
+"""tools/bench.py runs on CPU and prints every figure, alone and against transformers."""
 import json
 import subprocess
 import sys

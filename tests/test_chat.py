@@ -1,4 +1,4 @@
-"""chat.py against transformers' apply_chat_template, with Qwen3's real chat template.
+"""support/chat.py against transformers' apply_chat_template, with Qwen3's real chat template.
 
 The tokenizer is a small byte-level BPE trained here with Qwen3's special tokens, saved as a model
 directory that transformers loads; the template is the one in Qwen/Qwen3-0.6B's tokenizer_config.json.

@@ -1,4 +1,4 @@
-"""Tests for data.py, support/readers.py, support/tokenizer.py, hub.py's dataset files, demo.py and
+"""Tests for data.py, support/readers.py, support/tokenizer.py, support/hub.py's dataset files, support/demo.py and
 tools/inspect_data.py: every expectation is written out by hand, no network."""
 import gzip
 import json

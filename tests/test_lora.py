@@ -1,4 +1,4 @@
-"""LoRA (lora.py): exact start at the base model, gradients only on adapters, merged export = unmerged forward."""
+"""LoRA (support/lora.py): exact start at the base model, gradients only on adapters, merged export = unmerged forward."""
 import copy
 
 import pytest

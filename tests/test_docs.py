@@ -84,3 +84,12 @@ def test_readme_is_a_newcomers_page():
     order = [h for h in headings if h in README_ORDER]
     assert order == README_ORDER, headings
     assert headings.index("Two commands") == 0, headings
+
+
+def test_readme_names_every_support_module_and_tool():
+    """The README's table is where a reader finds the machinery: a new module gets its row."""
+    readme = (ROOT / "README.md").read_text()
+    modules = sorted(str(p.relative_to(ROOT)) for d in ("support", "tools") for p in (ROOT / d).glob("*.py")
+                     if p.name != "__init__.py")
+    missing = [m for m in modules if f"`{m}`" not in readme]
+    assert not missing, f"README.md's 'Read the code' table does not name {missing}"

@@ -64,6 +64,8 @@ def texts_and_ids(cfg: train.TrainConfig, model: rm.RewardModel):
     texts = Stage("The texts", "Every source becomes pairs (prompt, chosen, rejected); the demo generates "
                   "hh-rlhf-style transcripts, and train.StepBatches picks the pairs of step 1.", [
         ">>> pairs = data.load_pairs(cfg.dataset, 'train', cfg.max_train_samples)",
+        ">>> (idx, _), = train.StepBatches(items, cfg.batch_size, cfg.seed).micro_batches(0, cfg.batch_size, 0, 1)"
+        "  # items: stage 2",
         f"{len(pairs)} pairs; step 1 trains on {len(idx)} of them (batch_size {cfg.batch_size}), "
         f"pairs {ids(idx, 4)}",
         f"pair {PAIR} of the batch:",
@@ -159,7 +161,8 @@ def loss_stage(chosen, rejected, batch: data.Batch, cfg: train.TrainConfig):
         f"chosen > rejected), mean margin {out['margin'].item():.6f}"]), out["loss"]
 
 
-def step_stages(model: rm.RewardModel, loss, optimizer, scheduler, cfg: train.TrainConfig):
+def step_stages(model: rm.RewardModel, loss, optimizer, scheduler, cfg: train.TrainConfig, total_steps: int,
+                batch_ids: list):
     """Stages 8-9: backward, the gradient norm and its clipping, then AdamW's step on one parameter."""
     loss.backward()
     with_grad = [p for p in model.parameters() if p.grad is not None]
@@ -173,21 +176,26 @@ def step_stages(model: rm.RewardModel, loss, optimizer, scheduler, cfg: train.Tr
     name = "head.fc2.weight" if model.head_type == "mlp" else "head.weight"
     param = dict(model.named_parameters())[name]
     before, grad = param.detach()[0].clone(), param.grad[0].clone()
+    embeddings = model.model.embed_tokens.weight
+    embeddings_before = embeddings.detach().clone()
     lr = scheduler.get_last_lr()[0]  # the rate this step uses
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     after = param.detach()[0]
-    step_stage = Stage("One parameter after the step", "AdamW moves every weight; its first step moves each by "
-                       "about the learning rate (m / sqrt(v) is g / |g| at step 1), whatever its gradient's size, "
-                       "and the warmup makes that rate small.", [
+    step_stage = Stage("One parameter after the step", "AdamW moves every weight whose gradient is not zero; its "
+                       "first step moves each by about the learning rate (m / sqrt(v) is g / |g| at step 1), "
+                       "whatever the gradient's size, and the warmup makes that rate small.", [
         ">>> optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)",
-        f"learning rate of step 1: {lr:.4e} (peak {cfg.learning_rate}, warming up over the first steps)",
+        f"learning rate of step 1: {lr:.4e} (peak {cfg.learning_rate}, reached after a linear warmup over "
+        f"{int(cfg.warmup_ratio * total_steps)} of the run's {total_steps} steps)",
         f"{name} {tuple(param.shape)}, its first {SHOW} values:",
         f"  before   {vec(before, 6)}",
         f"  gradient {vec(grad, 6)}",
         f"  after    {vec(after, 6)}",
-        f"  change   {vec((after - before) * 1e5, 4)} x 1e-5"])
+        f"  change   {vec((after - before) * 1e5, 4)} x 1e-5",
+        f"embedding rows that moved: {int((embeddings != embeddings_before).any(1).sum())} of {embeddings.shape[0]}, "
+        f"the tokens this batch holds ({len(set(batch_ids))}); the others had a zero gradient"])
     return [norm_stage, step_stage], lr
 
 
@@ -206,7 +214,8 @@ def walk(cfg: train.TrainConfig, total_steps: int | None = None) -> Walk:
     batch_st, batch = batch_stage(items, model.tokenizer.pad_id)
     forward, chosen, rejected = forward_stages(model, batch)
     loss_st, loss = loss_stage(chosen, rejected, batch, cfg)
-    last, lr = step_stages(model, loss, optimizer, scheduler, cfg)
+    last, lr = step_stages(model, loss, optimizer, scheduler, cfg, total_steps,
+                           batch.input_ids[batch.attention_mask.bool()].tolist())
     return Walk(first + [batch_st] + forward + [loss_st] + last, model, lr)
 
 

@@ -93,3 +93,21 @@ def test_readme_names_every_support_module_and_tool():
                      if p.name != "__init__.py")
     missing = [m for m in modules if f"`{m}`" not in readme]
     assert not missing, f"README.md's 'Read the code' table does not name {missing}"
+
+
+def test_flags_md_names_every_flag(capsys):
+    """docs/flags.md is the full flag reference: a flag added to train.py or eval.py gets its row."""
+    import eval as eval_cli
+    import train
+    flags = set()
+    for parse in (train.parse_command_line, eval_cli.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["-h"])
+        for line in capsys.readouterr().out.splitlines():
+            if line.startswith("  -"):  # an option line: its names, then (two spaces on) its help
+                flags.update(re.findall(r"--[\w]+", re.split(r"\s{2,}", line.strip())[0]))
+    flags.discard("--help")
+    assert len(flags) > 50, flags
+    doc = (ROOT / "docs" / "flags.md").read_text()
+    missing = sorted(f for f in flags if not re.search(rf"(?<![\w-]){f}(?!\w)", doc))
+    assert not missing, f"docs/flags.md does not describe {missing}"

@@ -386,7 +386,7 @@ def read_trainer_state(path: Path) -> dict:
         check_data_record(state.get("data"))
     except HandEdited as e:
         raise unreadable(file, e) from None
-    check_part_steps(path, state["step"])
+    check_part_steps(path, state["step"])  # a part of another step: refused before any weights load
     return state
 
 
@@ -414,9 +414,11 @@ def check_data_record(data):
         raise HandEdited(f"data {json.dumps(data)[:80]} is not the record of the training pairs train.py writes")
 
 
-def check_part_steps(path: Path, step: int):
-    """The model or the adapters of checkpoint `path` must record its step: a part moved in from another
-    checkpoint would resume silently with the wrong weights."""
+def check_part_steps(path: Path, step: int) -> int | None:
+    """The step the model or the adapters of checkpoint `path` record: this checkpoint's step, or None for
+    a checkpoint written before checkpoints recorded their step (restore_training_state accepts that only
+    when optimizer.json records none either). A part moved in from another checkpoint would resume silently
+    with the wrong weights: refused."""
     lora = (path / "adapters").is_dir()
     file = path / ("adapters/adapter_config.json" if lora else "model/config.json")
     if not file.is_file():
@@ -426,11 +428,15 @@ def check_part_steps(path: Path, step: int):
         recorded = (config if lora else config.get("reward_model") or {}).get("checkpoint_step")
     except Exception as e:
         raise unreadable(file, e) from None
-    if type(recorded) is not int or recorded != step:
-        raise unreadable(file, HandEdited(
-            f"it belongs to step {recorded!r:.20}, not to this checkpoint's step {step}: moved in from another "
-            "checkpoint" if recorded is not None else
-            "it records no checkpoint step: an older train.py wrote it, or it was edited"))
+    if recorded is not None and (type(recorded) is not int or recorded != step):
+        raise unreadable(file, HandEdited(f"it belongs to step {recorded!r:.20}, not to this checkpoint's step "
+                                          f"{step}: moved in from another checkpoint"))
+    return recorded
+
+
+def part_without_step(path: Path) -> UserError:
+    file = path / ("adapters/adapter_config.json" if (path / "adapters").is_dir() else "model/config.json")
+    return unreadable(file, HandEdited("it records no checkpoint step: an older train.py wrote it, or it was edited"))
 
 
 def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_state):
@@ -446,6 +452,7 @@ def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_stat
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_tensors, max_bytes = 8 * len(params) + 64, 8 * sum(p.numel() for p in params) + 2**14 * len(params) + 2**20
     step = read_trainer_state(path)["step"]
+    part_step = check_part_steps(path, step)  # None: an older checkpoint's model or adapters
     name = "optimizer.safetensors"
     try:
         with open_regular(path / name) as f:  # a FIFO in its place is refused, never waited on
@@ -456,9 +463,15 @@ def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_stat
         tensors = load_file(path / name)
         name = "optimizer.json"
         saved = unflatten_state(json.loads(read_bounded(path / name, 2**20 + 2**12 * len(params))), tensors)
-        if not (isinstance(saved, dict) and saved.keys() == {"step", "optimizer", "scheduler", "rng"}):
+        # A checkpoint written before checkpoints recorded their step has no "step" here, nor in its model
+        # or adapters: it resumes as before. A mix of the two is a part moved in from another checkpoint.
+        older = isinstance(saved, dict) and saved.keys() == {"optimizer", "scheduler", "rng"}
+        if not (older or isinstance(saved, dict) and saved.keys() == {"step", "optimizer", "scheduler", "rng"}):
             raise HandEdited("not the fields train.py writes")
-        if type(saved["step"]) is not int or saved["step"] != step:
+        if older and part_step is not None:
+            raise HandEdited("it records no step while the model or adapters record theirs: moved in from "
+                             "another checkpoint")
+        if not older and (type(saved["step"]) is not int or saved["step"] != step):
             raise HandEdited(f"it belongs to step {saved['step']!r:.20}, not to this checkpoint's step {step}: "
                              "moved in from another checkpoint")
         optimizer_state = checked_optimizer_state(saved["optimizer"], optimizer, step)
@@ -466,6 +479,8 @@ def restore_training_state(path: Path, optimizer, scheduler, load_optimizer_stat
         rng = checked_rng_states(saved["rng"])
     except Exception as e:
         raise unreadable(path / name, e) from None
+    if part_step is None and not older:
+        raise part_without_step(path)
     try:  # all checked above: what can still fail here is another model's state under FSDP
         load_optimizer_state(optimizer_state)
         scheduler.load_state_dict(scheduler_state)

@@ -429,6 +429,28 @@ def test_hand_edited_checkpoint_is_one_line_and_the_run_directory_untouched(done
     assert tree_bytes(out) == before
 
 
+def test_a_checkpoint_written_before_checkpoints_recorded_their_step_still_resumes(done, tmp_path, capsys):
+    """Checkpoints written before the step was recorded in each part (no "step" in optimizer.json, no
+    checkpoint_step in the model's config) resume as before, bitwise; only a mix of the two is refused."""
+    out, ckpt = copy_run(done, tmp_path)
+    edit_optimizer_state(ckpt, lambda tree, tensors: tree.pop("step"))
+    config = json.loads((ckpt / "model/config.json").read_text())
+    del config["reward_model"]["checkpoint_step"]
+    (ckpt / "model/config.json").write_text(json.dumps(config))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)  # the model records no step, optimizer.json (put back below) records step 1
+    edit_optimizer_state(mixed / "checkpoint_step_1", lambda tree, tensors: tree.update(step=1))
+    code, err = cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    from safetensors.torch import load_file
+    a, b = load_file(done / "final_model" / "model.safetensors"), load_file(out / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = tree_bytes(mixed)
+    assert_one_line(*cli(train.main, [*DONE, "--output_dir", mixed, "--resume"], capsys),
+                    "model/config.json is corrupt or hand-edited", "it records no checkpoint step")
+    assert tree_bytes(mixed) == before
+
+
 # ---- the lock, a full disk, a finished run, eval.py's saved settings and plots (issue 21, sections 4, 5) ----
 
 

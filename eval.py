@@ -113,6 +113,24 @@ def accuracy_block(correct) -> dict:
     return {"num_pairs": n, "accuracy": k / n if n else None, "ci95": [low, high]}
 
 
+def length_bias(c, r, lc, lr, correct) -> dict:
+    """report["length"] (see report_from_rewards). Correlations over every response, chosen and rejected alike."""
+    rewards_all, lengths_all = np.concatenate([c, r]), np.concatenate([lc, lr])
+    longer, shorter, same = lc > lr, lc < lr, lc == lr
+    differ = ~same
+    return {
+        "pearson": pearson(lengths_all, rewards_all),
+        "spearman": spearman(lengths_all, rewards_all),
+        "chosen_longer": accuracy_block(correct[longer]),
+        "chosen_shorter": accuracy_block(correct[shorter]),
+        "same_length": accuracy_block(correct[same]),
+        # "prefer the longer response" is right exactly when chosen is the longer one; ties excluded
+        "longer_is_better_accuracy": float(longer[differ].mean()) if differ.any() else None,
+        "model_accuracy_on_different_length": float(correct[differ].mean()) if differ.any() else None,
+        "num_different_length": int(differ.sum()),
+    }
+
+
 def report_from_rewards(chosen, rejected, chosen_len, rejected_len, sources=None,
                         unsure_threshold: float = 0.1) -> dict:
     """All the statistics of the report from per-pair rewards and response lengths (in tokens).
@@ -157,22 +175,7 @@ def report_from_rewards(chosen, rejected, chosen_len, rejected_len, sources=None
         },
     }
 
-    # Length bias. Correlations over every response (chosen and rejected alike).
-    rewards_all, lengths_all = np.concatenate([c, r]), np.concatenate([lc, lr])
-    longer, shorter, same = lc > lr, lc < lr, lc == lr
-    differ = ~same
-    report["length"] = {
-        "pearson": pearson(lengths_all, rewards_all),
-        "spearman": spearman(lengths_all, rewards_all),
-        "chosen_longer": accuracy_block(correct[longer]),
-        "chosen_shorter": accuracy_block(correct[shorter]),
-        "same_length": accuracy_block(correct[same]),
-        # "prefer the longer response" is right exactly when chosen is the longer one; ties excluded
-        "longer_is_better_accuracy": float(longer[differ].mean()) if differ.any() else None,
-        "model_accuracy_on_different_length": float(correct[differ].mean()) if differ.any() else None,
-        "num_different_length": int(differ.sum()),
-    }
-
+    report["length"] = length_bias(c, r, lc, lr, correct)
     per_source = {}
     for s in sorted(set(sources.tolist())):
         sel = sources == s

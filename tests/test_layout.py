@@ -1,5 +1,6 @@
 """The code stays readable: the top level holds the five lesson files and no other Python, each lesson file
-stays within its line target (issue 20), train() reads as one loop, and no function runs over ~80 lines.
+stays within its line target (issue 20), train() reads as one loop, and no function runs over ~60 lines in a
+lesson file (~80 elsewhere).
 
 Prints each lesson file's length against its target, the length of train.train() and of the longest function
 of every module (run with -s to see it when the test passes; a failure shows it anyway). Lengths count the
@@ -17,6 +18,7 @@ LESSON = ["qwen3.py", "rm.py", "data.py", "train.py", "eval.py"]  # the README's
 SUPPORT = sorted(str(p.relative_to(ROOT)) for d in ("support", "tools") for p in (ROOT / d).glob("*.py")
                  if p.name != "__init__.py")
 MAX_FUNCTION_LINES = 80
+MAX_LESSON_FUNCTION_LINES = 60  # the lesson reads in small pieces (issue 20); train() has its own limit
 MAX_TRAIN_LINES = 100
 # Lines per lesson file, with every feature kept (issue 20): what each keeps is in its docstring; the
 # machinery lives in support/, the tools in tools/.
@@ -66,11 +68,12 @@ def layout_table() -> tuple[str, dict, list]:
             longest = max(checked, key=lambda f: f[2], default=None)
             desc = f"{longest[0]} ({longest[2]} lines, line {longest[1]})" if longest else "(no functions)"
             lines.append(f"{name:<16}{total:>6}  {desc}")
-            too_long += [(name, q, first, n) for q, first, n in checked if n > MAX_FUNCTION_LINES]
+            limit = MAX_LESSON_FUNCTION_LINES if group == "lesson" else MAX_FUNCTION_LINES
+            too_long += [(name, q, first, n) for q, first, n in checked if n > limit]
     lines.append("-" * 72)
     lines.append(f"train.train(): {train_len} lines (limit {MAX_TRAIN_LINES})")
     if too_long:
-        lines.append(f"over {MAX_FUNCTION_LINES} lines:")
+        lines.append(f"over {MAX_LESSON_FUNCTION_LINES} lines (lesson) or {MAX_FUNCTION_LINES} (the rest):")
         lines += [f"  {f}:{first} {q}: {n} lines" for f, q, first, n in sorted(too_long, key=lambda t: -t[3])]
     return "\n".join(lines), train_len, too_long
 
@@ -100,7 +103,7 @@ def test_function_lengths():
     print("\n" + table)
     assert train_len is not None, "train.py has no top-level train() function\n" + table
     assert train_len <= MAX_TRAIN_LINES, f"train() is {train_len} lines (limit {MAX_TRAIN_LINES})\n" + table
-    assert not too_long, f"{len(too_long)} function(s) over {MAX_FUNCTION_LINES} lines\n" + table
+    assert not too_long, f"{len(too_long)} function(s) over their limit\n" + table
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Every wait is bounded (socket timeouts, deadlines), so a regression fails instead of hanging.
 """
 import argparse
+import copy
 import dataclasses
 import http.client
 import json
@@ -47,6 +48,7 @@ ITEMS = TEXTS + [conversation(i) for i in range(4)] + [LONG]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, demo_tok):
     """A tiny demo-tokenizer reward model with a chat template, rewards of order 1 (not 0.01), saved."""
+    demo_tok = copy.copy(demo_tok)  # the session's tokenizer stays without a template for the other test files
     demo_tok.chat_template = TEMPLATE
     config = dataclasses.replace(SHAPES["tiny"], vocab_size=demo_tok.vocab_size)
     torch.manual_seed(0)

@@ -168,9 +168,8 @@ def unsharded(model, full_state: dict | None):
     (unsharded) weights (`full_state` from gather_model_state)."""
     if full_state is None:
         return model
-    from rm import RewardModel
-    with torch.device("meta"):
-        shell = RewardModel(model.config, model.head_type, model.pooling)
+    with torch.device("meta"):  # the same class (rm.RewardModel), empty, to receive the full weights
+        shell = type(model)(model.config, model.head_type, model.pooling)
     shell.load_state_dict(full_state, assign=True)
     shell.tokenizer, shell.provenance = model.tokenizer, model.provenance
     return shell

@@ -13,6 +13,9 @@
   its output back from one copy.
 - A `Layout` describes all of this for one batch; qwen3.Qwen3.forward takes it as `layout=`, and
   `choose_collate` gives train.py, eval.py and tools/bench.py the collate function for their flags.
+
+The batch types (data.Batch, data.TokenizedPair) and the padded `collate` belong to the lesson's data.py,
+which this module imports; it only lays the same batches out another way.
 """
 import inspect
 from dataclasses import dataclass, replace

@@ -124,6 +124,19 @@ def not_regular(path, mode: int) -> NotRegularFile:
                           "point at a file")
 
 
+def is_regular_file(path) -> bool:
+    """Path.is_file() for files about to be read: False when nothing is there, True for a regular file, and
+    anything else (a FIFO, a device, a link to one) a NotRegularFile, so it is named for what it is rather
+    than reported missing."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if stat.S_ISREG(mode):
+        return True
+    raise not_regular(path, mode)
+
+
 def open_regular(path):
     """Open a file for reading (binary), only if it is a regular file, without ever blocking: a FIFO opened
     for reading waits for a writer, so the path is checked first (following links, as open does), opened

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from support import fileio
 from support.errors import UserError
 from support.hub import read_json
 
@@ -201,7 +202,7 @@ def read_adapters(adapter_dir) -> tuple[dict, dict]:
     """(adapter_config.json, the tensors) of an adapter directory written by save_adapters."""
     from safetensors.torch import load_file
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / ADAPTER_FILE).is_file():
+    if not all(fileio.is_regular_file(adapter_dir / name) for name in (ADAPTER_CONFIG, ADAPTER_FILE)):
         raise UserError(f"{adapter_dir} holds no LoRA adapters ({ADAPTER_FILE} and {ADAPTER_CONFIG})")
     config = read_json(adapter_dir / ADAPTER_CONFIG, "")  # bounded, and an object
     try:

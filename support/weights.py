@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch.nn as nn
 
+from support import fileio
 from support.errors import UserError
 from support.hub import read_json
 
@@ -100,20 +101,20 @@ class Entry(NamedTuple):
 
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():  # sharded: the index maps every tensor to its shard, a file in this directory
+    if fileio.is_regular_file(index):  # sharded: the index maps every tensor to its shard, a file in this directory
         weight_map = read_json(index, "").get("weight_map")
         names = set(weight_map.values()) if isinstance(weight_map, dict) and weight_map else {None}
         if not all(isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors") for n in names):
             raise UserError(f"{index} has no valid weight_map (tensor name -> shard file in this directory); "
                             "re-download the checkpoint")
         files = [model_dir / f for f in sorted(names)]
-        missing = [str(f.name) for f in files if not f.is_file()]
+        missing = [str(f.name) for f in files if not fileio.is_regular_file(f)]
         if missing:
             raise UserError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are missing; "
                             "re-download the checkpoint")
         return files
     single = model_dir / "model.safetensors"
-    if single.is_file():
+    if fileio.is_regular_file(single):
         return [single]
     raise UserError(f"{model_dir} holds no model.safetensors (nor an index of shards); "
                     "point at a directory with safetensors weights")

@@ -642,3 +642,17 @@ def test_a_fifo_in_place_of_the_optimizer_state_is_refused_and_never_waited_on(d
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert_one_line(proc.returncode, proc.stderr.strip(), f"{name} is a named pipe (FIFO), not a regular file")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_fifo_in_place_of_the_weights_is_named_for_what_it_is(done, tmp_path, command):
+    """A named pipe where model.safetensors should be is refused in one line saying what it is (it was
+    reported as missing weights), under eval.py and --resume alike, and never waited on."""
+    out, ckpt = copy_run(done, tmp_path, finished=command == "eval")
+    weights = (out / "final_model" if command == "eval" else ckpt / "model") / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    args = ["eval.py", str(out / "final_model"), "--dataset", "demo", "--max_samples", "4"] if command == "eval" \
+        else ["train.py", *DONE, "--output_dir", str(out), "--resume"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert_one_line(proc.returncode, proc.stderr.strip(), f"{weights} is a named pipe (FIFO), not a regular file")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support import benchmarks, cli, heldout, hub, scoring, validate
+from support import benchmarks, cli, fileio, heldout, hub, scoring, validate
 from support import report as report_files
 from support.errors import ArgumentParser, UserError, check_writable, run_cli
 
@@ -381,7 +381,7 @@ def main(argv=None):
     dataset = [dataset] if isinstance(dataset, str) else list(dataset)  # as recorded: a name may hold a comma
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
     share_prompt = args.share_prompt or bool(trained.get("share_prompt"))  # as in training: same rewards, faster
-    if not (model_dir / "tokenizer.json").is_file():
+    if not fileio.is_regular_file(model_dir / "tokenizer.json"):  # a FIFO: named, not missing
         raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
     tokenizer = Tokenizer.from_dir(model_dir)  # its chat template renders conversational rows
     plan = heldout.plan_evaluation(dataset, args.split, args.dataset is not None, trained)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from support import hub, scoring, weights
 from support.errors import UserError
-from support.fileio import atomic_dir, write_json
+from support.fileio import atomic_dir, is_regular_file, write_json
 from support.lora import merged_state_dict
 from support.tokenizer import Tokenizer
 
@@ -161,7 +161,7 @@ def load(reward_model_class, name_or_path: str, head: str | None, pooling: str |
     model.to(dtype=dtype)
     if saved is not None:
         model.provenance = {k: v for k, v in saved.items() if k not in ("head", "pooling")}
-    if (model_dir / "tokenizer.json").is_file():
+    if is_regular_file(model_dir / "tokenizer.json"):  # a FIFO there: refused, naming it
         model.tokenizer = Tokenizer.from_dir(model_dir)
         if model.tokenizer.vocab_size > config.vocab_size:  # its ids would index past the embeddings
             raise UserError(f"{model_dir}/tokenizer.json has {model.tokenizer.vocab_size} tokens but the model's "

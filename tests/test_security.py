@@ -644,12 +644,13 @@ def test_a_fifo_in_place_of_the_optimizer_state_is_refused_and_never_waited_on(d
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("command", ["eval", "resume"])
-def test_a_fifo_in_place_of_the_weights_is_named_for_what_it_is(done, tmp_path, command):
+@pytest.mark.parametrize("command,name", [("eval", "model.safetensors"), ("resume", "model.safetensors"),
+                                          ("eval", "tokenizer.json")])
+def test_a_fifo_in_place_of_the_weights_is_named_for_what_it_is(done, tmp_path, command, name):
     """A named pipe where model.safetensors should be is refused in one line saying what it is (it was
     reported as missing weights), under eval.py and --resume alike, and never waited on."""
     out, ckpt = copy_run(done, tmp_path, finished=command == "eval")
-    weights = (out / "final_model" if command == "eval" else ckpt / "model") / "model.safetensors"
+    weights = (out / "final_model" if command == "eval" else ckpt / "model") / name
     weights.unlink()
     os.mkfifo(weights)
     args = ["eval.py", str(out / "final_model"), "--dataset", "demo", "--max_samples", "4"] if command == "eval" \

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support import benchmarks, cli, fileio, heldout, hub, scoring, validate
+from support import benchmarks, cli, heldout, hub, scoring, validate
 from support import report as report_files
 from support.errors import ArgumentParser, UserError, check_writable, run_cli
 
@@ -364,7 +364,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from support.tokenizer import Tokenizer
+    from support import tokenizer as tokenizer_files
     from rm import RewardModel
 
     # 1. The checkpoint: found, and checked to be a reward model, before anything is loaded.
@@ -381,9 +381,8 @@ def main(argv=None):
     dataset = [dataset] if isinstance(dataset, str) else list(dataset)  # as recorded: a name may hold a comma
     max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
     share_prompt = args.share_prompt or bool(trained.get("share_prompt"))  # as in training: same rewards, faster
-    if not fileio.is_regular_file(model_dir / "tokenizer.json"):  # a FIFO: named, not missing
-        raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
-    tokenizer = Tokenizer.from_dir(model_dir)  # its chat template renders conversational rows
+    tokenizer_files.require_file(model_dir)
+    tokenizer = tokenizer_files.Tokenizer.from_dir(model_dir)  # its chat template renders conversational rows
     plan = heldout.plan_evaluation(dataset, args.split, args.dataset is not None, trained)
     pairs, stats = heldout.load_for_evaluation(plan, trained, args.max_samples,
                                                tokenizer.chat_format(args.chat_template))

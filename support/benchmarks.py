@@ -25,12 +25,10 @@ the response as the assistant's (a multi-turn prompt's turns alternate user/assi
 renders them); without one (or --chat_template none), exactly "\\n\\nHuman: " + prompt + "\\n\\nAssistant: " +
 response, scored as score() scores that text. Files are read with the same bounds as training data.
 """
-import gzip
 import json
 import math
 import os
 import sys
-import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,8 +37,10 @@ import numpy as np
 import torch
 
 from support import hub, readers
+from support import tokenizer as tokenizer_files
+from support import report as report_files
 from support.errors import UserError
-from support.fileio import open_regular, read_bounded, write_json_atomic, write_text_atomic
+from support.fileio import open_regular, write_text_atomic
 
 NAMES = ("rewardbench", "rewardbench2", "rm-bench")
 REWARDS_FILE = "benchmark_rewards.jsonl"
@@ -151,7 +151,7 @@ def read_rows(path: str, columns: tuple, name: str):
         yield from read_parquet_rows(path, columns, name)
         return
     first = True
-    for obj in json_objects(path):
+    for obj in readers.json_values(path):
         if isinstance(obj, readers.Skip):
             yield obj.reason
         elif not isinstance(obj, dict):
@@ -161,27 +161,6 @@ def read_rows(path: str, columns: tuple, name: str):
                 check_columns(list(obj), columns, path, name)
                 first = False
             yield {c: obj.get(c) for c in columns}
-
-
-def json_objects(path: str):
-    """The values of a jsonl(.gz) file, line by line (readers.json_lines: a line over MAX_ROW_BYTES is a Skip),
-    or of a .json list, parsed whole once its size is checked against readers.MAX_JSON_LIST_BYTES."""
-    try:
-        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw) as f:
-            if not (path.endswith(".json") and f.read(4096).removeprefix(readers.BOM).lstrip().startswith(b"[")):
-                f.seek(0)
-                yield from readers.json_lines(f)
-                return
-        size = os.path.getsize(path)
-        if size > readers.MAX_JSON_LIST_BYTES:
-            raise UserError(f"{path}: a JSON list is parsed whole and this one is {size >> 20} MiB (the limit is "
-                            f"{readers.MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl)")
-        objects = json.loads(read_bounded(path, readers.MAX_JSON_LIST_BYTES))
-        yield from objects if isinstance(objects, list) else [objects]
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{path}: invalid JSON ({e}); re-download it") from None
-    except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: can't read it to the end ({e}); re-download it") from None
 
 
 def check_columns(found: list, columns: tuple, path: str, name: str):
@@ -373,9 +352,8 @@ def run(args, model_dir: Path, trained: dict, output: Path) -> dict:
                                       ("--split", args.split)) if on]
     if ignored:
         raise UserError(f"{', '.join(ignored)} apply to preference pairs, not to --benchmark; drop them")
+    tokenizer_files.require_file(model_dir)
     model = RewardModel.from_pretrained(str(model_dir), device=args.device)
-    if model.tokenizer is None:
-        raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
     model.tokenizer.chat_format(args.chat_template)  # a PATH replaces the model's template for this run
     chat = args.chat_template != "none" and model.tokenizer.chat_template is not None
     skipped = {}
@@ -392,10 +370,11 @@ def run(args, model_dir: Path, trained: dict, output: Path) -> dict:
     write_text_atomic(output.parent / REWARDS_FILE, "".join(
         json.dumps({"id": e.id, "subset": e.subset, "chosen": c, "rejected": r}) + "\n"
         for e, (c, r) in zip(examples, rewards)))
-    report = json.loads(output.read_bytes()) if output.is_file() else {"checkpoint": args.checkpoint,
-                                                                         "model_dir": str(model_dir)}
+    # an earlier report (eval.py checked it is one) keeps its contents and gains the benchmark entry
+    report = hub.read_json(output, "") if output.is_file() else {"checkpoint": args.checkpoint,
+                                                                 "model_dir": str(model_dir)}
     report["benchmark"] = result
-    write_json_atomic(output, report)
+    report_files.write_report(output, report)
     if skipped:
         print(f"note: {sum(skipped.values())} rows skipped: {skipped}", file=sys.stderr)
     print(table(result))

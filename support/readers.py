@@ -44,9 +44,7 @@ class Skip(NamedTuple):
 def read_file(path: str) -> Iterator[dict | Skip]:
     if path.endswith(".parquet"):
         return read_parquet(path)
-    if path.endswith(".json"):
-        return read_json_rows(path)
-    return read_jsonl(path)
+    return object_rows(json_values(path), path)
 
 
 def row_columns(keys) -> list[str] | None:
@@ -226,31 +224,32 @@ def text_bytes(column) -> "np.ndarray":
     return np.zeros(n, dtype=np.int64)
 
 
-def read_jsonl(path: str) -> Iterator[dict | Skip]:
+def json_values(path: str) -> Iterator:
+    """The JSON values of a file, each a row or a Skip: a .json list is parsed whole (bounded by its size);
+    jsonl(.gz) content, also in a .json file, streams line by line (json_lines)."""
+    if path.endswith(".json"):
+        with open_regular(path) as f:
+            is_list, size = f.read(4096).removeprefix(BOM).lstrip().startswith(b"["), os.fstat(f.fileno()).st_size
+        if is_list:
+            yield from json_list(path, size)
+            return
     try:
         with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw) as f:
-            yield from object_rows(json_lines(f), path)
+            yield from json_lines(f)
     except (OSError, EOFError, zlib.error) as e:  # corrupt or truncated gzip
         raise UserError(f"{path}: can't read it to the end ({e}); the file is corrupt or truncated, "
                         f"re-download it") from None
 
 
-def read_json_rows(path: str) -> Iterator[dict | Skip]:
-    """The rows of a .json file: a JSON list of objects, parsed whole (bounded), or jsonl content."""
-    with open_regular(path) as f:
-        is_list, size = f.read(4096).removeprefix(BOM).lstrip().startswith(b"["), os.fstat(f.fileno()).st_size
-    if not is_list:  # jsonl content in a .json file
-        yield from read_jsonl(path)
-        return
+def json_list(path: str, size: int) -> list:
     if size > MAX_JSON_LIST_BYTES:
         raise UserError(f"{path}: a JSON list is parsed whole and this one is {size / 2**20:.0f} MiB (the limit is "
                         f"{MAX_JSON_LIST_BYTES >> 20} MiB); write one object per line (.jsonl), which streams: "
                         f"jq -c '.[]' {path} > {path.removesuffix('.json')}.jsonl") from None
     try:  # a JSON list can only be parsed whole; bytes in: a UTF-8 BOM is accepted
-        objs = json.loads(read_bounded(path, MAX_JSON_LIST_BYTES))
+        return json.loads(read_bounded(path, MAX_JSON_LIST_BYTES))
     except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: invalid JSON ({e}); fix it or write one object per line (.jsonl)") from None
-    yield from object_rows(objs, path)
 
 
 def bounded_lines(f, limit: int) -> Iterator[bytes | None]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from support.errors import UserError
-from support.fileio import read_bounded
+from support.fileio import is_regular_file, read_bounded
 
 MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json: 11 MB for Qwen3's 151k tokens, a few times that for any other
 
@@ -119,6 +119,13 @@ class Tokenizer:
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
 
+
+
+def require_file(model_dir: Path):
+    """A model directory that will score text holds its tokenizer.json (a regular file: a FIFO is named as
+    one); checked before the weights load (eval.py, its --benchmark, tools/serve.py)."""
+    if not is_regular_file(Path(model_dir) / "tokenizer.json"):
+        raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
 
 
 def pad_rows(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from support.cli import positive_int
-from support import chat, fileio
+from support import chat, tokenizer
 from support.errors import ArgumentParser, UserError, run_cli
 
 ROUTES = {"/get_reward": "POST", "/health": "GET"}   # path -> the one method it takes
@@ -427,8 +427,7 @@ def load_model(args):
     from support.hub import find_model_dir
     model_dir, _ = find_model_dir(args.checkpoint)
     trained = trained_settings(model_dir)  # a plain language model (a random head) is refused here
-    if not fileio.is_regular_file(model_dir / "tokenizer.json"):  # a FIFO: named, not missing
-        raise UserError(f"{model_dir} holds no tokenizer.json; copy the tokenizer files of the base model there")
+    tokenizer.require_file(model_dir)
     model = RewardModel.from_pretrained(str(model_dir), device=args.device,
                                         dtype=torch.bfloat16 if args.bf16 else torch.float32)
     if args.chat_template:

@@ -111,7 +111,6 @@ def batch_stage(items: list, pad_id: int):
 def forward_stages(model: rm.RewardModel, batch: data.Batch):
     """Stages 4-6: backbone -> hidden states -> pooled vectors -> rewards, as RewardModel.forward runs them."""
     input_ids, mask = batch.input_ids, batch.attention_mask
-    B = input_ids.shape[0] // 2
     hidden = model.model(input_ids, mask)
     last = int(mask[PAIR].sum()) - 1
     hidden_stage = Stage("The hidden states", "The Qwen3 backbone (qwen3.py) turns each token into a vector "

@@ -88,3 +88,17 @@ def small_tmpfs(path, size="5m"):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def tiny_rm(tok, head="mlp", pooling="mean", seed=0, min_vocab=0):
+    """A RewardModel of qwen3's "tiny" shape for tokenizer `tok` (at least min_vocab embeddings), seeded, eval."""
+    import dataclasses
+    from qwen3 import SHAPES
+    from rm import RewardModel
+    config = dataclasses.replace(SHAPES["tiny"], vocab_size=max(tok.vocab_size, min_vocab))
+    torch.manual_seed(seed)
+    model = RewardModel(config, head=head, pooling=pooling)
+    model.model.init_weights(seed=seed)
+    model.init_head(seed)
+    model.tokenizer = tok
+    return model.eval()

@@ -4,7 +4,6 @@ References: transformers' tokenizer (`apply_chat_template`, plain tokenisation) 
 AutoModelForSequenceClassification / pipeline loading our saved models; learning rates by hand.
 The tokenizer is test_chat's byte-level BPE with Qwen3's special tokens and Qwen3's real chat template.
 """
-import dataclasses
 import json
 import math
 import os
@@ -20,11 +19,10 @@ import torch
 import data
 import eval as eval_cli
 import train
-from conftest import ROOT
+from conftest import ROOT, tiny_rm
 from support import metrics
 from support.errors import UserError
 from support.tokenizer import Tokenizer
-from qwen3 import SHAPES
 from rm import RewardModel
 from support.export import REWARD_MODEL_TYPE
 from test_chat import A1, A2, A2_BAD, CONFIG, QWEN3_TEMPLATE, SYSTEM, U1, U2, hf_ids, make_model_dir
@@ -46,14 +44,6 @@ def hf_text_ids(hf_tok, text):
     return list(hf_tok(text, add_special_tokens=False)["input_ids"])
 
 
-def tiny_rm(tok, head="mlp", pooling="mean", seed=0):
-    config = dataclasses.replace(SHAPES["tiny"], vocab_size=tok.vocab_size)
-    torch.manual_seed(seed)
-    model = RewardModel(config, head=head, pooling=pooling)
-    model.model.init_weights(seed=seed)
-    model.init_head(seed)
-    model.tokenizer = tok
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ config.json, TRL's reward function, and score()'s bounded tokenisation.
 
 References: score() of each whole text alone (itself checked against forward and transformers in test_rm),
 hand computations of the statistics, transformers loading the export."""
-import dataclasses
+import functools
 import json
 import math
 import subprocess
@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
+import conftest
 from conftest import ROOT
 from support import packing, scoring
 from support.errors import UserError
-from qwen3 import SHAPES
 from rm import RewardModel
 from test_chat import A1, SYSTEM, U1, make_model_dir
 
@@ -31,14 +31,7 @@ def bpe_tok(tmp_path_factory):
     return Tokenizer.from_dir(str(make_model_dir(tmp_path_factory.mktemp("bpe"))))
 
 
-def tiny_rm(tok, head="mlp", pooling="mean", seed=0):
-    config = dataclasses.replace(SHAPES["tiny"], vocab_size=max(tok.vocab_size, 512))
-    torch.manual_seed(seed)
-    model = RewardModel(config, head=head, pooling=pooling)
-    model.model.init_weights(seed=seed)
-    model.init_head(seed)
-    model.tokenizer = tok
-    return model.eval()
+tiny_rm = functools.partial(conftest.tiny_rm, min_vocab=512)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])

@@ -249,7 +249,6 @@ def build_model(cfg: TrainConfig) -> RewardModel:
     return model
 
 
-
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, heldout.HeldOut, dict]:
     """Pairs -> token ids, for training and held out (support/heldout.py decides which pairs are held out);
     every skipped or dropped pair is counted and reported. Also returns what was read (pairs and files), for
@@ -293,8 +292,6 @@ class StepBatches:
         per_micro = batch_size * world
         chunks = [idx[i:i + per_micro] for i in range(0, len(idx), per_micro)]
         return [(chunk[rank::world], len(chunk)) for chunk in chunks]
-
-
 
 
 def prepare_model(model: RewardModel, cfg: TrainConfig, device, world: int, resume_from: Path | None):
@@ -348,7 +345,6 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-
 # ----------------------------------------------------------------------------------------------
 # What the loop calls: clipping, evaluation
 
@@ -358,7 +354,6 @@ def clip_grad_norm(model, max_norm: float):
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in params])
-
 
 
 def evaluate_held_out(model, held_out: heldout.HeldOut, cfg: TrainConfig, progress: bool = False) -> dict:

@@ -135,8 +135,6 @@ def find_model_dir(ckpt: str) -> tuple[Path, Path]:
     return resolve_model_dir(ckpt), Path.cwd()
 
 
-
-
 # -----------------------------------------------------------------------------
 # Dataset files
 

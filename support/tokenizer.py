@@ -120,7 +120,6 @@ class Tokenizer:
             json.dump(config, f, indent=2, ensure_ascii=False)
 
 
-
 def require_file(model_dir: Path):
     """A model directory that will score text holds its tokenizer.json (a regular file: a FIFO is named as
     one); checked before the weights load (eval.py, its --benchmark, tools/serve.py)."""

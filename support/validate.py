@@ -132,7 +132,6 @@ def check_output_dir_apart(cfg):
                         "--output_dir")
 
 
-
 def check_pairs_left(loaded, train_items: list, eval_items: list, plan, dataset: list, max_length: int):
     """After loading and tokenising (support.heldout): pairs left to train on and, when the run evaluates,
     to evaluate on."""

@@ -4,10 +4,15 @@
     pooled = pool(hidden)                     # (N, hidden)     mean over real tokens, or the last real token
     reward = head(pooled)                     # (N,)            "how good is this response?"
 
-Training data are pairs: for one prompt, a `chosen` response people preferred and a `rejected` one.
-Chosen and rejected run through the backbone together, in ONE forward pass (rows 0..B-1 chosen, B..2B-1
-rejected, see data.collate). The Bradley-Terry model says P(chosen preferred) = sigmoid(r_chosen -
-r_rejected), so `pairwise_loss` minimises -log sigmoid(r_chosen - r_rejected - margin).
+Why pairs: people compare two answers more reliably than they score one, so the data are pairs, a
+`chosen` response preferred to a `rejected` one for the same prompt. The Bradley-Terry model (Bradley &
+Terry 1952; InstructGPT's reward loss, Ouyang et al. 2022) makes two rewards a probability,
+P(chosen preferred) = sigmoid(r_chosen - r_rejected); `pairwise_loss` is its negative log-likelihood (an
+untrained model, all rewards near 0, starts at log 2 = 0.693). Only differences enter, so rewards are
+defined up to a constant: the head has no output bias (it would cancel), and centering pins the free
+constant near 0 so rewards compare across runs. A margin r_chosen - r_rejected as a probability:
+sigmoid(0.5) = 0.62, sigmoid(1) = 0.73, sigmoid(2) = 0.88, sigmoid(3) = 0.95. A batch of B pairs runs as
+2B rows, chosen then rejected, in one forward pass (why: data.collate).
 
 - Heads: `mlp` (default; hidden -> hidden/2 -> 1, GELU, mean pooling) or `linear` (a bias-free `score`
   layer with last-token pooling: transformers' Qwen3ForSequenceClassification, so it loads there as is).
@@ -29,14 +34,23 @@ from qwen3 import Qwen3, Qwen3Config
 HEADS, POOLINGS = export.HEADS, export.POOLINGS  # ("mlp", "linear"), ("mean", "last"): names config.json keeps
 
 
-def pool(hidden, sequence_ids, num_sequences: int, how: str):
-    """Pool token states into one vector per sequence.
+def pool_padded(hidden, attention_mask, how: str):
+    """The simple case, one sequence per right-padded row: hidden (N, T, H), attention_mask (N, T) ->
+    (N, H) fp32, the mean over real tokens or the last real token. `pool` computes the same, generalised."""
+    mask = attention_mask[..., None].float()                                # (N, T, 1), 1 = real token
+    if how == "mean":
+        return (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if how == "last":
+        lengths = attention_mask.sum(1)                                     # (N,) real tokens per row
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1].float()
+    raise ValueError(f"unknown pooling {how!r}")
 
-    hidden (R, L, H); sequence_ids (R, L): which sequence each token belongs to, -1 for padding.
-    A padded batch has sequence_ids[i, t] = i on real tokens; a packed batch holds several sequences
-    per row. Returns (num_sequences, H) in fp32. Shapes stay static (no boolean indexing), so this
-    compiles: padding goes into an extra bucket that we drop.
-    """
+
+def pool(hidden, sequence_ids, num_sequences: int, how: str):
+    """`pool_padded` for any layout: hidden (R, L, H); sequence_ids (R, L) the sequence of each token, -1
+    on padding (padded: row i is sequence i; packed: several per row) -> (num_sequences, H) fp32. Static
+    shapes, so it compiles: one bucket per sequence sums (mean) or keeps the highest position (last), and
+    padding goes into an extra bucket that we drop."""
     H = hidden.shape[-1]
     flat = hidden.reshape(-1, H).float()
     ids = sequence_ids.reshape(-1)
@@ -54,11 +68,18 @@ def pool(hidden, sequence_ids, num_sequences: int, how: str):
     raise ValueError(f"unknown pooling {how!r}")
 
 
+def padded_sequence_ids(input_ids, attention_mask=None):
+    """Sequence ids of padded rows for `pool`: row i is sequence i, -1 on padding."""
+    N = input_ids.shape[0]
+    rows = torch.arange(N, device=input_ids.device)[:, None].expand_as(input_ids)
+    return rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
+
+
 def pairwise_loss(chosen, rejected, margin=None, center_rewards_coefficient: float = 0.0) -> dict:
     """Bradley-Terry loss of a batch of pairs, plus the numbers worth logging.
 
     chosen, rejected (B,) rewards; margin (B,) optional: how much better chosen must be (e.g. from
-    graded preferences); centering pulls the mean reward to 0 so rewards stay comparable across runs.
+    graded preferences); center_rewards_coefficient * mean((r_c + r_r)^2) pulls rewards toward 0.
     """
     diff = chosen - rejected
     loss = -F.logsigmoid(diff - margin if margin is not None else diff).mean()
@@ -71,19 +92,11 @@ class MLPHead(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, hidden // 2)
-        # No output bias: the pairwise loss only sees r_chosen - r_rejected, so a bias would cancel and
-        # its gradient would be pure rounding noise (which Adam would happily amplify into drift).
+        # No output bias: it cancels in r_chosen - r_rejected, so its gradient is rounding noise Adam amplifies.
         self.fc2 = nn.Linear(hidden // 2, 1, bias=False)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
-
-
-def padded_sequence_ids(input_ids, attention_mask=None):
-    """Sequence ids of padded rows for `pool`: row i is sequence i, -1 on padding."""
-    N = input_ids.shape[0]
-    rows = torch.arange(N, device=input_ids.device)[:, None].expand_as(input_ids)
-    return rows if attention_mask is None else torch.where(attention_mask.bool(), rows, -1)
 
 
 class RewardModel(nn.Module):
@@ -116,12 +129,8 @@ class RewardModel(nn.Module):
         return self
 
     def forward(self, input_ids, attention_mask=None, layout=None):
-        """Rewards (N,) fp32, one per sequence.
-
-        Padded batch: input_ids/attention_mask (N, T), right padded. Packed or shared-prompt batch: a
-        packing.Layout says where the sequences are; the hidden states are read in its sequence layout,
-        so a shared prompt token counts in both sequences' mean.
-        """
+        """Rewards (N,) fp32, one per sequence: of padded rows, input_ids/attention_mask (N, T), or of the
+        sequences a packing.Layout places (packed, or shared prompts: a prompt token counts in both means)."""
         hidden = self.model(input_ids, attention_mask, layout)
         if layout is None:
             sequence_ids, num_sequences = padded_sequence_ids(input_ids, attention_mask), input_ids.shape[0]
@@ -144,8 +153,8 @@ class RewardModel(nn.Module):
         """
         seqs = scoring.sequences(self, texts, max_length)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        return scoring.run_batches(self, seqs, [order[i:i + batch_size] for i in range(0, len(order), batch_size)],
-                                   normalize)
+        batches = [order[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
+        return scoring.run_batches(self, seqs, batches, normalize)
 
     @torch.no_grad()
     def score_responses(self, prompt, responses: list, normalize: bool = False, max_length: int | None = None,
@@ -154,9 +163,8 @@ class RewardModel(nn.Module):
         (scoring.joined: prompt + response, or a conversation plus the assistant's turn), with the prompt's
         tokens run once per batch_size responses (packing.collate_responses)."""
         seqs = scoring.sequences(self, scoring.joined(prompt, responses), max_length)
-        order = list(range(len(seqs)))
-        return scoring.run_batches(self, seqs, [order[i:i + batch_size] for i in range(0, len(order), batch_size)],
-                                   normalize, shared=True)
+        batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
+        return scoring.run_batches(self, seqs, batches, normalize, shared=True)
 
     def reward_function(self, normalize: bool = False):
         """f(prompts, completions, **kwargs) -> rewards: TRL GRPOTrainer's reward_funcs (scoring.reward_function)."""

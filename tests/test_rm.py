@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import save_hf_model
 from support.errors import UserError
 from qwen3 import SHAPES, Qwen3
-from rm import RewardModel, pairwise_loss, pool
+from rm import RewardModel, pairwise_loss, padded_sequence_ids, pool, pool_padded
 from support.export import reward_model_config
 
 
@@ -52,6 +52,21 @@ def test_pooling_by_hand():
     # packed: one row holding sequence 0 (3 tokens) then sequence 1 (1 token)
     packed = torch.tensor([[0, 0, 0, 1]])
     assert torch.equal(pool(h[:1], packed, 2, "last"), torch.stack([h[0, 2], h[0, 3]]))
+
+
+@pytest.mark.parametrize("how", ["mean", "last"])
+def test_padded_pooling_is_the_general_pooling_on_padded_rows(how):
+    """rm.pool_padded (masked mean, hidden[arange, lengths - 1]) is what rm.pool computes on padded rows."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 9, 16, generator=g)
+    _, mask = right_pad([[1] * n for n in (9, 1, 4, 7, 2)])
+    simple, general = pool_padded(hidden, mask, how), pool(hidden, padded_sequence_ids(hidden[..., 0], mask), 5, how)
+    assert simple.dtype == general.dtype == torch.float32 and simple.shape == general.shape == (5, 16)
+    torch.testing.assert_close(simple, general, rtol=0, atol=1e-6)
+    by_hand = [hidden[i, :n].mean(0) if how == "mean" else hidden[i, n - 1] for i, n in enumerate((9, 1, 4, 7, 2))]
+    torch.testing.assert_close(simple, torch.stack(by_hand), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool_padded(hidden, mask, "max")
 
 
 def test_loss_matches_hand_computation():

@@ -5,6 +5,7 @@ Planted rewards: each response text is "r=<reward>", and RewardModel.score_respo
 reads the reward back, so every score below follows from numbers written in the test."""
 import dataclasses
 import json
+import pathlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -217,3 +218,132 @@ def test_rewardbench2_parquet_rows_are_measured_with_their_lists(model_dir, tmp_
     pq.write_table(pa.Table.from_pylist(rows), path)
     bench = run(model_dir, tmp_path, "--benchmark", "rewardbench2", "--dataset", path)["benchmark"]
     assert bench["skipped"] == {"row too large": 1} and bench["subsets"] == {"Math": {"score": 1.0, "n": 2}}
+
+
+# ---- against the official package's own code (rewardbench==0.1.4, installed with --no-deps) -----------
+
+
+@pytest.fixture(scope="module")
+def official():
+    """rewardbench's constants.py and the pure functions of its utils.py, loaded from the installed files
+    without importing the package (its __init__ pulls datasets, fastchat, transformers...)."""
+    import ast
+    import importlib.util
+    import math
+    import types
+    import numpy as np
+    spec = importlib.util.find_spec("rewardbench")  # a top-level package: found, not imported
+    if spec is None:
+        pytest.skip("the official package is not installed: pip install --no-deps rewardbench==0.1.4 (.ci/run does)")
+    package = pathlib.Path(spec.submodule_search_locations[0])
+    constants = importlib.util.spec_from_file_location("rewardbench_constants", package / "constants.py")
+    module = importlib.util.module_from_spec(constants)
+    constants.loader.exec_module(module)
+    wanted = {"calculate_scores_per_section", "sample_stats", "process_single_model"}
+    tree = ast.parse((package / "utils.py").read_text())
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    assert {f.name for f in functions} == wanted
+    namespace = {"np": np, "math": math, "Dataset": types.SimpleNamespace(from_dict=lambda d: d)}
+    exec(compile(ast.Module(body=functions, type_ignores=[]), str(package / "utils.py"), "exec"), namespace)
+    return types.SimpleNamespace(constants=module, **{name: namespace[name] for name in wanted})
+
+
+def test_rewardbench_weights_and_sections_are_the_official_packages(official):
+    """Our EXAMPLE_COUNTS and sections are the package's (xstest-should-refuse 154, -should-respond 250), and
+    on random results tables, with only some subsets present (a section weighs only the subsets in the file,
+    one with none scores 0), our sections equal calculate_scores_per_section's."""
+    import random
+    assert benchmarks.EXAMPLE_COUNTS == official.constants.EXAMPLE_COUNTS
+    assert benchmarks.SECTIONS == official.constants.SUBSET_MAPPING
+    rng = random.Random(0)
+    for trial in range(30):
+        present = rng.sample(ALL_SUBSETS, rng.randint(1, len(ALL_SUBSETS)))
+        examples, rewards = [], []
+        for subset in present + ["anthropic_helpful"] * (trial % 2):
+            for k in range(rng.randint(1, 5)):
+                examples.append(benchmarks.Example(str(len(examples)), subset, "p", ["c"], ["r"]))
+                rewards.append(([float(rng.randint(0, 3))], [float(rng.randint(0, 3))]))  # ties lose
+        ours = benchmarks.rewardbench_scores(examples, rewards)
+        metrics = {s: v["score"] for s, v in ours["subsets"].items()}
+        theirs = official.calculate_scores_per_section(official.constants.EXAMPLE_COUNTS,
+                                                       official.constants.SUBSET_MAPPING, metrics)
+        assert ours["sections"] == pytest.approx(theirs, abs=1e-12)
+        assert ours["score"] == pytest.approx(sum(theirs.values()) / 4, abs=1e-12)
+
+
+def test_rewardbench2_ties_equals_the_official_process_single_model(official):
+    """Random Ties tables (small whole-number rewards: zero gaps and equal correct rewards are common;
+    prompts with a ref only, a tied only, or both) score as process_single_model scores them."""
+    import random
+    rng = random.Random(1)
+    for trial in range(40):
+        examples, rewards, rows = [], [], []
+        for prompt in range(rng.randint(1, 8)):
+            kinds = rng.choice([("ref",), ("tied",), ("ref", "tied"), ("ref", "tied")])
+            for kind in kinds:
+                n_correct = 1 if kind == "ref" else rng.randint(2, 3)
+                scores = [float(rng.randint(0, 4)) for _ in range(n_correct + rng.randint(1, 3))]
+                examples.append(benchmarks.Example(f"{kind}:{prompt}", "Ties", "p", ["c"] * n_correct,
+                                                   ["r"] * (len(scores) - n_correct), n_correct))
+                rewards.append((scores[:n_correct], scores[n_correct:]))
+                rows.append({"id": f"{kind}:{prompt}", "scores": scores, "num_correct": n_correct})
+        _, theirs = official.process_single_model(rows)
+        assert benchmarks.ties_score(examples, rewards) == pytest.approx(float(theirs), abs=1e-12), rows
+
+
+def test_ties_zero_gap_is_not_accurate_and_style_ties_lose():
+    """A Ties prompt whose worst correct answer only equals the best incorrect one is not accurate; an RM-Bench
+    style pair with equal rewards is a loss, not a win."""
+    ref = benchmarks.Example("ref:1", "Ties", "p", ["c"], ["r", "r"], 1)
+    assert benchmarks.ties_score([ref], [([1.0], [1.0, 0.0])]) == 0.0
+    assert benchmarks.ties_score([ref], [([1.5], [1.0, 0.0])]) == pytest.approx(0.3)
+    tie = benchmarks.Example("0", "chat", "p", ["a"] * 3, ["b"] * 3)
+    assert benchmarks.rm_bench_scores([tie], [([1.0] * 3, [1.0] * 3)])["score"] == 0.0
+    assert benchmarks.style_accuracies([([1.0] * 3, [1.0] * 3)]) == {"hard": 0.0, "normal": 0.0, "easy": 0.0}
+
+
+def test_only_the_benchmarks_own_subsets_and_domains_count(model_dir, tmp_path, monkeypatch):
+    """RewardBench 2's overall averages its six subsets only; RM-Bench's domains are exact names ("chatty" is
+    not chat): others are skipped and counted."""
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+    rows = [{"id": str(i), "prompt": "p", "chosen": ["r=2"], "rejected": ["r=1"] if i else ["r=3"], "num_correct": 1,
+             "subset": subset} for i, subset in enumerate(["Factuality", "Factuality", "Bogus", "ties"])]
+    path = tmp_path / "rb2.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = run(model_dir, tmp_path, "--benchmark", "rewardbench2", "--dataset", path)["benchmark"]
+    assert bench["score"] == 0.5 and set(bench["subsets"]) == {"Factuality"}
+    assert bench["skipped"] == {"subset not in RewardBench 2": 2} and bench["examples"] == 2
+    wins = {"chosen": ["r=5"] * 3, "rejected": ["r=0"] * 3}
+    rm_rows = [{"id": 0, "prompt": "p", "domain": "chat", "chosen": ["r=0"] * 3, "rejected": ["r=1"] * 3},
+               {"id": 1, "prompt": "p", "domain": "chatty", **wins}, {"id": 2, "prompt": "p", "domain": "safety", **wins},
+               {"id": 3, "prompt": "p", "domain": "safety-refuse", **wins}]
+    path = tmp_path / "total_dataset.json"
+    path.write_text(json.dumps(rm_rows))
+    bench = run(model_dir, tmp_path, "--benchmark", "rm-bench", "--dataset", path)["benchmark"]
+    assert bench["sections"]["chat"] == 0.0 and bench["sections"]["safety"] == 1.0 and bench["score"] == 0.5
+    assert bench["skipped"] == {"domain not in RM-Bench": 2} and set(bench["subsets"]) == {"chat", "safety-refuse"}
+
+
+def test_schema_errors_come_before_any_scoring(model_dir, tmp_path, monkeypatch):
+    """A duplicate or malformed Ties id and an RM-Bench example without 3 styles are refused before the first
+    example is scored (scoring 400 examples took 50 s before the error)."""
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the schema was checked")
+    monkeypatch.setattr(RewardModel, "score_responses", never)
+
+    def ties(id_, correct=2):
+        return {"id": id_, "prompt": "p", "chosen": ["r=1"] * correct, "rejected": ["r=0"], "num_correct": correct,
+                "subset": "Ties"}
+    cases = {"appears twice": [ties("ref:1", 1), ties("tied:1"), ties("tied:1")],
+             "is not ref:N or tied:N": [ties("1")], "single correct response": [ties("ref:1", 1), ties("tied:1", 1)]}
+    for words, rows in cases.items():
+        path = tmp_path / "rb2.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(UserError, match=words):
+            run(model_dir, tmp_path, "--benchmark", "rewardbench2", "--dataset", path)
+    path = tmp_path / "rm.json"
+    path.write_text(json.dumps([{"id": 0, "prompt": "p", "chosen": ["r=1"] * 3, "rejected": ["r=0"] * 3,
+                                 "domain": "chat"}] * 50 + [{"id": 9, "prompt": "p", "chosen": ["r=1"] * 2,
+                                                             "rejected": ["r=0"] * 2, "domain": "chat"}]))
+    with pytest.raises(UserError, match="RM-Bench example 9 does not have 3 chosen and 3 rejected"):
+        run(model_dir, tmp_path, "--benchmark", "rm-bench", "--dataset", path)

@@ -25,6 +25,7 @@ from support.fileio import open_regular, read_bounded
 ASSISTANT = "\n\nAssistant:"  # hh-rlhf turn marker; prompts end with it (data.split_transcripts, the demo)
 PARQUET_BATCH_ROWS = 64       # parquet rows decoded at a time, at most
 MAX_PAGE_BYTES = 24 << 20     # a parquet page this large holds a row over MAX_ROW_BYTES (pages are ~1 MiB)
+MAX_HEADER_VALUES = 4096      # Thrift values in one page header (a real one holds a few dozen)
 MAX_BATCH_BYTES = 256 << 20   # parquet rows decoded at once: fewer than 64 when the pages are large
 MAX_ROW_BYTES = 16 << 20      # a jsonl line / parquet row's text: 3 texts of over 1M tokens each, even escaped
 MAX_JSON_LIST_BYTES = 64 << 20  # a JSON list is parsed whole: ~5x its size in Python objects
@@ -36,7 +37,8 @@ class Skip(NamedTuple):
     """A row that does not become a Pair, and why: "empty field" (null, missing or blank), "not a string"
     (e.g. a number), "bad margin", "chosen == rejected", "no shared prompt", "empty response",
     "row too large" (over MAX_ROW_BYTES), for parquet "row group too large" (a page over MAX_PAGE_BYTES:
-    the row group is skipped undecoded), and for jsonl "unparsable line" (also nested too deeply for
+    the row group is skipped undecoded) and "page header too large" (a page header of more than
+    MAX_HEADER_VALUES values: skipped the same way, unparsed), and for jsonl "unparsable line" (also nested too deeply for
     Python's parser) / "not an object"."""
     reason: str
 
@@ -95,7 +97,11 @@ def parquet_rows(pf, f, columns: list[str]) -> Iterator[dict | Skip]:
     leaves = [j for j in range(pf.metadata.num_columns) if pf.metadata.schema.column(j).path.split(".")[0] in columns]
     for i in range(pf.metadata.num_row_groups):
         group = pf.metadata.row_group(i)
-        largest = [max(page_sizes(f, group.column(j)), default=0) for j in leaves]
+        try:
+            largest = [max(page_sizes(f, group.column(j)), default=0) for j in leaves]
+        except HeaderTooLarge:
+            yield from [Skip("page header too large")] * group.num_rows
+            continue
         if max(largest, default=0) > MAX_PAGE_BYTES:
             yield from [Skip("row group too large")] * group.num_rows
             continue
@@ -109,39 +115,52 @@ def parquet_rows(pf, f, columns: list[str]) -> Iterator[dict | Skip]:
                 yield dict(zip(columns, row))
 
 
+class HeaderTooLarge(ValueError):
+    """A page header holds more than MAX_HEADER_VALUES Thrift values: not a real one, and not worth the work."""
+
+
 def page_sizes(f, chunk) -> Iterator[int]:
     """The decompressed size of each page of a column chunk, read from the page headers (Thrift compact
-    protocol) without reading the pages."""
+    protocol) without reading the pages. Each header's work is bounded: at most MAX_HEADER_VALUES values
+    are visited (HeaderTooLarge beyond), a long string is seeked over."""
     start = chunk.data_page_offset
     if chunk.has_dictionary_page and chunk.dictionary_page_offset:
         start = min(start, chunk.dictionary_page_offset)
     pos, end = start, start + chunk.total_compressed_size
     while pos < end:
         f.seek(pos)
-        fields = thrift_struct(f, {2, 3})  # 2: uncompressed_page_size, 3: compressed_page_size
+        fields = thrift_struct(f, {2, 3}, [MAX_HEADER_VALUES])  # 2: uncompressed_page_size, 3: compressed_page_size
         if fields.get(3, -1) < 0 or fields.get(2, -1) < 0:
             raise ValueError(f"a page header at byte {pos} is corrupt")
         yield fields[2]
         pos = f.tell() + fields[3]
 
 
-def thrift_struct(f, wanted: set, depth: int = 0) -> dict:
+def thrift_struct(f, wanted: set, budget: list[int], depth: int = 0) -> dict:
     """Read one Thrift compact-protocol struct from f: {field id: value} of the wanted integer fields, the
-    rest skipped (a long string is seeked over, never read)."""
+    rest skipped (a long string is seeked over, never read). budget[0]: the values that may still be
+    visited (shared by the whole header); a list or map declaring more is HeaderTooLarge before a loop."""
     if depth > 16:
         raise ValueError("a page header is nested too deeply")
     found, field_id = {}, 0
     while (byte := read_byte(f)) != 0:
+        spend(budget, 1)
         kind, delta = byte & 0x0F, byte >> 4
         field_id = field_id + delta if delta else unzigzag(varint(f))
         if kind in (4, 5, 6) and field_id in wanted and depth == 0:
             found[field_id] = unzigzag(varint(f))
         else:
-            skip_value(f, kind, depth)
+            skip_value(f, kind, budget, depth)
     return found
 
 
-def skip_value(f, kind: int, depth: int):
+def spend(budget: list[int], values: int):
+    budget[0] -= values
+    if budget[0] < 0:
+        raise HeaderTooLarge(f"a page header holds over {MAX_HEADER_VALUES} values")
+
+
+def skip_value(f, kind: int, budget: list[int], depth: int):
     if kind in (1, 2):          # bool: the value is in the type
         return
     if kind == 3:               # byte
@@ -155,19 +174,21 @@ def skip_value(f, kind: int, depth: int):
     elif kind in (9, 10):       # list, set
         header = read_byte(f)
         size = header >> 4 if header >> 4 != 15 else varint(f)
-        for _ in range(size):
-            if header & 0x0F in (1, 2):
-                f.seek(1, 1)    # a bool element is one byte
-            else:
-                skip_value(f, header & 0x0F, depth + 1)
+        spend(budget, size)     # before the loop: a list of 2**62 booleans is refused, not walked
+        if header & 0x0F in (1, 2):
+            f.seek(size, 1)     # a bool element is one byte
+        else:
+            for _ in range(size):
+                skip_value(f, header & 0x0F, budget, depth + 1)
     elif kind == 11:            # map
         size = varint(f)
+        spend(budget, 2 * size)
         types = read_byte(f) if size else 0
         for _ in range(size):
-            skip_value(f, types >> 4, depth + 1)
-            skip_value(f, types & 0x0F, depth + 1)
+            skip_value(f, types >> 4, budget, depth + 1)
+            skip_value(f, types & 0x0F, budget, depth + 1)
     elif kind == 12:            # struct
-        thrift_struct(f, set(), depth + 1)
+        thrift_struct(f, set(), budget, depth + 1)
     else:
         raise ValueError(f"a page header holds an unknown Thrift type {kind}")
 

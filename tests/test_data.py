@@ -826,3 +826,45 @@ def test_a_hub_dataset_without_network_fails_at_once_in_one_line(tmp_path, monke
     elapsed = time.perf_counter() - start
     assert elapsed < 5, f"{elapsed:.1f} s"  # ~0.1 s; the retries took 25 s
     assert "\n" not in str(e.value) and "Retry" not in "".join(capfd.readouterr())
+
+
+def write_header_bomb_parquet(path) -> str:
+    """A ~1 KB parquet of two row groups; the first one's page header declares a list of 2**62 booleans
+    (an unknown field 8, compact protocol: 0x89 = delta 8 + list, 0xF1 = long size + bool elements)."""
+    rows = {"prompt": [P1], "chosen": [" yes"], "rejected": [" no"]}
+    with pq.ParquetWriter(path, pa.table(rows).schema, compression="none", use_dictionary=False) as writer:
+        writer.write_table(pa.table(rows))
+        writer.write_table(pa.table({**rows, "chosen": [" sure"]}))
+    offset = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
+    size = 2**62
+    bomb = bytes([0x89, 0xF1]) + bytes([(size >> s) & 0x7F | (0x80 if size >> s + 7 else 0) for s in range(0, 63, 7)])
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bomb)
+    return str(path)
+
+
+def test_a_page_header_declaring_2_to_the_62_booleans_is_skipped_at_once(tmp_path):
+    """A page header whose list declares 2**62 elements: the skipper visits at most MAX_HEADER_VALUES values
+    of a header (it looped practically forever: eval.py, --benchmark, train.py, tools.inspect_data were
+    killed after 45-120 s); the row group is skipped undecoded, counted, and the next one is read."""
+    import signal
+    path = write_header_bomb_parquet(tmp_path / "header.parquet")
+    assert os.path.getsize(path) < 2048
+
+    def too_slow(*_):
+        raise TimeoutError("skipping one page header took over 20 s")
+    before = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        t = time.perf_counter()
+        rows = list(readers.read_file(path))
+        took = time.perf_counter() - t
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert rows[0] == readers.Skip("page header too large") and rows[1]["chosen"] == " sure" and len(rows) == 2
+    assert took < 2, took
+    stats = DataStats()
+    assert [p.chosen for p in data.iter_pairs(path, stats=stats)] == [" sure"]
+    assert stats.skipped == {"page header too large": 1}

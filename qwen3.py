@@ -6,15 +6,20 @@
         x = x + mlp(post_attention_layernorm(x))
     h = norm(x)                                       # final RMSNorm -> the hidden states we return
 
+- Attention is softmax(q k^T / sqrt(head_dim) + mask) v, mask 0 where a query may look and -inf elsewhere
+  (causal): `reference_attention` writes it out, and tests hold the fused kernel (SDPA) to it.
 - Grouped-query attention: 16 query heads share 8 key/value heads in the released models; head_dim (128)
   is its own field, not hidden_size / heads. q and k get an RMSNorm per head BEFORE the rotary embedding.
-- RoPE in the rotate-half layout, cos/sin in fp32. SwiGLU MLP. No biases. RMSNorm computes in fp32.
+- RoPE in the rotate-half layout: cos/sin computed in fp32, then cast to the residual stream's dtype, as
+  transformers does. SwiGLU MLP. No biases. RMSNorm computes in fp32.
 - `forward` returns hidden states: a reward model never needs the LM head (`lm_logits` computes it on request).
 - Batches are right padded: under a causal mask no real token sees padding, so no mask is needed and
   the fast `is_causal` kernels run. Only left padding gets an explicit mask. Padding-free packing and
   shared prompts pass a `layout` (support/packing.py) that changes only how attention is confined.
 - Under autocast (--bf16) the residual stream is carried in bf16; in fp32 we match transformers to 1e-5.
+- The shapes (Qwen3Config, SHAPES) and config.json in and out come last, after the model.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,64 +29,6 @@ from torch.utils.checkpoint import checkpoint
 
 from support import hub, weights
 from support.errors import UserError
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class Qwen3Config:
-    vocab_size: int = 151936
-    hidden_size: int = 1024
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 8
-    head_dim: int = 128
-    max_position_embeddings: int = 40960
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-
-    def __post_init__(self):
-        # Every field of the right type and size before any module is built from it (weights.LIMITS).
-        weights.check_config(self)
-
-    @classmethod
-    def from_hf_dict(cls, d: dict, where: str = "config") -> "Qwen3Config":
-        """Read the fields that matter from a Hugging Face Qwen3 `config.json` dict, checked."""
-        kwargs = weights.config_fields(cls, d, where)  # refuses other models, biases, scaled RoPE
-        try:
-            return cls(**kwargs)
-        except UserError as e:
-            raise UserError(f"{where}: {e}; correct the value or re-download the checkpoint") from None
-
-    def to_hf_dict(self) -> dict:
-        """The config.json fields transformers' Qwen3 classes need to load our weights."""
-        return {"model_type": "qwen3", **asdict(self), "hidden_act": "silu", "attention_bias": False,
-                "attention_dropout": 0.0, "rope_scaling": None, "use_sliding_window": False,
-                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}}
-
-    @classmethod
-    def from_name(cls, name: str) -> "Qwen3Config":
-        if name not in SHAPES:
-            raise UserError(f"unknown model config {name!r}; choose one of {sorted(SHAPES)}")
-        return SHAPES[name]
-
-
-# Named shapes: the released models' architectures, available without any download (from their
-# config.json files), and tiny ones for tests, the demo and benchmarks.
-SHAPES = {
-    "0.6b": Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28),
-    "1.7b": Qwen3Config(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28),
-    # Tiny shapes for tests, the demo and CPU benchmarks.
-    "tiny": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048),
-    # ~33M parameters (25M outside the embeddings): big enough for CPU benchmarks to mean something (tools/bench.py).
-    "small": Qwen3Config(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +52,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """cos, sin of shape (B, T, head_dim) for the given positions, computed in fp32."""
+    """cos, sin of shape (B, T, head_dim) for the given positions, computed in fp32, returned in `dtype`."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
                                 .float() / head_dim))                          # (head_dim/2,)
     with torch.autocast(device_type=position_ids.device.type, enabled=False):
@@ -125,8 +72,18 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def reference_attention(q, k, v, allowed=None):
+    """softmax(q k^T / sqrt(d) + mask) v, written out: what F.scaled_dot_product_attention computes, fused.
+    q (B, H, T, d); k, v (B, H_kv, T, d); allowed (B, 1, T, T) bool, True = may attend (default causal)."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # H / H_kv query heads per kv head
+    if allowed is None:
+        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                 # (B, H, T, T)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v        # (B, H, T, d)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: "Qwen3Config"):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
@@ -143,8 +100,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)               # (B, heads, T, head_dim)
         if attention is None or isinstance(attention, torch.Tensor):
-            # Causal over right-padded rows, or an explicit mask for left padding. enable_gqa lets each
-            # group of query heads read its shared k/v head without copying k/v.
+            # reference_attention, fused: causal over right-padded rows, or an explicit mask for left padding.
+            # enable_gqa lets each group of query heads read its shared k/v head without copying k/v.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention, is_causal=attention is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
         else:  # a packing.PackedAttention: packed rows or shared prompts, confined to each sequence
@@ -153,7 +110,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: "Qwen3Config"):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -164,7 +121,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: "Qwen3Config"):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
@@ -179,7 +136,7 @@ class Block(nn.Module):
 class Qwen3(nn.Module):
     """The Qwen3 backbone. Module names match the checkpoint keys minus their `model.` prefix."""
 
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config: "Qwen3Config"):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -288,3 +245,61 @@ def left_padding_mask(attention_mask):
     key_is_real = attention_mask.bool()[:, None, None, :]                     # (B, 1, 1, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     return (causal & key_is_real) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: the shapes, checked, and config.json in and out (read by Qwen3.from_pretrained)
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        # Every field of the right type and size before any module is built from it (weights.LIMITS).
+        weights.check_config(self)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, where: str = "config") -> "Qwen3Config":
+        """Read the fields that matter from a Hugging Face Qwen3 `config.json` dict, checked."""
+        kwargs = weights.config_fields(cls, d, where)  # refuses other models, biases, scaled RoPE
+        try:
+            return cls(**kwargs)
+        except UserError as e:
+            raise UserError(f"{where}: {e}; correct the value or re-download the checkpoint") from None
+
+    def to_hf_dict(self) -> dict:
+        """The config.json fields transformers' Qwen3 classes need to load our weights."""
+        return {"model_type": "qwen3", **asdict(self), "hidden_act": "silu", "attention_bias": False,
+                "attention_dropout": 0.0, "rope_scaling": None, "use_sliding_window": False,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}}
+
+    @classmethod
+    def from_name(cls, name: str) -> "Qwen3Config":
+        if name not in SHAPES:
+            raise UserError(f"unknown model config {name!r}; choose one of {sorted(SHAPES)}")
+        return SHAPES[name]
+
+
+# Named shapes: the released models' architectures, available without any download (from their
+# config.json files), and tiny ones for tests, the demo and benchmarks.
+SHAPES = {
+    "0.6b": Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28),
+    "1.7b": Qwen3Config(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28),
+    # Tiny shapes for tests, the demo and CPU benchmarks.
+    "tiny": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048),
+    # ~33M parameters (25M outside the embeddings): big enough for CPU benchmarks to mean something (tools/bench.py).
+    "small": Qwen3Config(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096),
+}

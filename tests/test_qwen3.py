@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, make_hf_cache, save_hf_model
 from support.errors import UserError
 from support.packing import Layout
-from qwen3 import SHAPES, Qwen3, Qwen3Config
+from qwen3 import SHAPES, Qwen3, Qwen3Config, reference_attention
 
 
 def hf_hidden(hf_model, input_ids, attention_mask=None):
@@ -120,6 +120,39 @@ def test_packed_rows_equal_separate_sequences(hf_tiny):
         got = ours(packed, layout=Layout.from_positions(positions))[0]
         assert (got[:5] - ours(a[None])[0]).abs().max() < 1e-5
         assert (got[5:] - ours(b[None])[0]).abs().max() < 1e-5
+
+
+def test_fused_attention_is_the_written_out_equation(monkeypatch):
+    """Every way the model attends (causal rows, the left-padding mask, packed rows by loop and by mask) gives
+    the same hidden states when F.scaled_dot_product_attention is replaced by qwen3.reference_attention,
+    softmax(q k^T / sqrt(d) + mask) v written out (grouped-query heads included)."""
+    model = Qwen3(SHAPES["tiny"]).init_weights(seed=0).eval()
+    ids = torch.randint(1, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    left = torch.ones(2, 9, dtype=torch.long)
+    left[1, :4] = 0
+    layout = Layout.from_positions(torch.cat([torch.arange(4), torch.arange(5)])[None])  # two sequences in a row
+
+    def forwards():
+        with torch.no_grad():
+            out = [model(ids), model(ids, attention_mask=left)]
+            for impl in ("loop", "mask"):
+                model.packed_attention = impl
+                out.append(model(ids[:1], layout=layout))
+            model.packed_attention = None
+            return out
+
+    fused, calls = forwards(), []
+
+    def by_equation(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+        assert (attn_mask is None) == is_causal and enable_gqa == (k.shape[1] != q.shape[1])
+        calls.append("causal" if is_causal else "mask")
+        return reference_attention(q, k, v, attn_mask)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", by_equation)
+    written_out = forwards()
+    assert {"causal", "mask"} <= set(calls)
+    for a, b in zip(fused, written_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_bf16_within_bf16_tolerance(hf_tiny):

@@ -3,6 +3,10 @@
 A `UserError` is a mistake the user can fix (a missing file, wrong columns, an impossible option).
 The CLIs print its message as ONE line on stderr and exit with status 2; a genuine bug still shows
 its traceback. Set RM_DEBUG=1 (or pass --debug) to see the traceback of a UserError too.
+
+Output never costs work: run_cli puts stdout and stderr behind `ClosedPipeSafe`, so a print into a pipe
+whose reader has gone (`train.py | tee log` after Ctrl-C killed tee, `eval.py | head`) is dropped instead of
+raising BrokenPipeError in the middle of a step or a checkpoint; the exit status stays the command's own.
 """
 import argparse
 import os
@@ -15,10 +19,49 @@ class UserError(Exception):
     quiet = False  # True on the copies that torchrun ranks other than 0 raise: rank 0 prints the line, once
 
 
+class ClosedPipeSafe:
+    """A text stream (sys.stdout, sys.stderr) that drops what is written once its pipe has no reader, rather
+    than raise BrokenPipeError wherever the next print happens to be. The file descriptor is then pointed
+    at /dev/null, so the interpreter's last flush of the real stream (and anything written below Python)
+    is dropped too, instead of printing a BrokenPipeError at exit and turning the exit status into 120."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_gone = stream, False
+
+    def _guard(self, write, *args):
+        if not self.reader_gone:
+            try:
+                return write(*args)
+            except BrokenPipeError:
+                self.reader_gone = True
+                try:
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, self.stream.fileno())
+                    os.close(devnull)
+                except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): dropping is enough
+                    pass
+
+    def write(self, text):
+        self._guard(self.stream.write, text)
+        return len(text)
+
+    def writelines(self, lines):
+        self._guard(self.stream.writelines, lines)
+
+    def flush(self):
+        self._guard(self.stream.flush)
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the real stream's
+        return getattr(self.stream, name)
+
+
 def run_cli(main, argv=None):
     """Run `main(argv)`, turning a UserError into one line on stderr and exit status 2, and a Ctrl-C that
-    nothing else handled (loading data, scoring, the training loop handles its own) into one line and 130."""
+    nothing else handled (loading data, scoring, the training loop handles its own) into one line and 130.
+    Meanwhile stdout and stderr are ClosedPipeSafe: a reader that has gone never ends the command."""
     debug = os.environ.get("RM_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv)
+    real = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if isinstance(s, ClosedPipeSafe) else ClosedPipeSafe(s) for s in real)
     try:
         return main(argv)
     except UserError as e:
@@ -32,6 +75,10 @@ def run_cli(main, argv=None):
             raise
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # what is still buffered, while a gone reader is harmless
+            stream.flush()
+        sys.stdout, sys.stderr = real
 
 
 class ArgumentParser(argparse.ArgumentParser):

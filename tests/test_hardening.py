@@ -799,6 +799,91 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(capsys, monkeypatch):
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted (Ctrl-C)\n"
 
 
+def closed_pipe():
+    """The writing end of a pipe whose reader has gone (tee killed by the same Ctrl-C, `| head` done)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+def test_signal_under_a_closed_pipe_still_saves_and_exits_130(tmp_path):
+    """`python train.py ... 2>&1 | tee log` (and `2>err | tee log`), Ctrl-C: tee dies too. The stop path does
+    not depend on stdout: every print into the dead pipe is dropped, the checkpoint is saved, the status is
+    130, and --resume continues. The two runs go side by side."""
+    runs = {}
+    for name in ("2>&1", "2>file"):
+        out, pipe = tmp_path / name, closed_pipe()
+        with open(tmp_path / f"{name}.stderr", "w") as se:
+            runs[name] = out, subprocess.Popen([sys.executable, "train.py", *SIGNAL_RUN, "--output_dir", str(out)],
+                                               cwd=ROOT, env=ENV, stdout=pipe, stderr=pipe if name == "2>&1" else se)
+        os.close(pipe)
+    try:
+        for out, proc in runs.values():
+            assert wait_for(lambda: (out / "log.jsonl").read_text().count("\n") >= 2, proc), \
+                (tmp_path / "2>file.stderr").read_text()
+            proc.send_signal(signal.SIGINT)
+        for out, proc in runs.values():
+            proc.wait(timeout=120)
+    finally:
+        for _, proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = (tmp_path / "2>file.stderr").read_text()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    for out, proc in runs.values():
+        assert proc.returncode == 130, stderr
+        [ckpt] = checkpoint_dirs(out)
+        stopped = check_loadable(ckpt)
+    result = train.train(cli_config(*SIGNAL_RUN, "--output_dir", out, "--resume", "--max_steps", stopped + 2))
+    assert result["step"] == stopped + 2 and (out / "final_model" / "model.safetensors").is_file()
+
+
+def test_eval_under_a_closed_pipe_writes_its_report_and_exits_0(tmp_path):
+    """`python eval.py ... | head -1`, on pairs and with --benchmark: the report is written first, and what
+    is printed into the pipe whose reader has gone is dropped, not a BrokenPipeError (before: exit 1 and a
+    traceback). The two run side by side."""
+    model = save_reward_model(tmp_path / "model")
+    rows = [{"prompt": f"question {k}", "chosen": "yes", "chosen_model": "a", "rejected": "no",
+             "rejected_model": "b", "subset": "alpacaeval-easy", "id": k} for k in range(2)]
+    modes = {"pairs": ["--dataset", str(write_jsonl(tmp_path / "pairs.jsonl", demo_rows(4)))],
+             # --show prints an example before scoring: into the dead pipe too
+             "benchmark": ["--benchmark", "rewardbench", "--dataset", str(write_jsonl(tmp_path / "rb.jsonl", rows)),
+                           "--show", "1"]}
+    procs = {}
+    for mode, args in modes.items():
+        pipe = closed_pipe()
+        procs[mode] = subprocess.Popen([sys.executable, "eval.py", str(model), *args, "--output",
+                                        str(tmp_path / mode / "evaluation_report.json"), "--device", "cpu",
+                                        "--no_progress"], cwd=ROOT, env=ENV, stdout=pipe, stderr=subprocess.PIPE,
+                                       text=True)
+        os.close(pipe)
+    for mode, proc in procs.items():
+        stderr = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 0 and "Traceback" not in stderr, (mode, stderr)
+    assert json.loads((tmp_path / "pairs" / "evaluation_report.json").read_text())["num_pairs"] == 4
+    assert json.loads((tmp_path / "benchmark" / "evaluation_report.json").read_text())["benchmark"]["examples"] == 2
+
+
+def test_run_cli_drops_output_into_a_gone_reader_and_keeps_the_exit_status():
+    """The one mechanism behind the two tests above, for every command (train.py, eval.py, tools): output
+    into a pipe without a reader is dropped, the command's own exit status stays, Python's last flush at exit
+    adds nothing (no 'Exception ignored', no status 120), with or without buffering."""
+    program = ("import sys; from support.errors import run_cli\n"
+               "def main(argv):\n"
+               "    for i in range(1000):\n"
+               "        print('line', i)\n"
+               "    print('to stderr', file=sys.stderr)\n"
+               "    sys.exit(3)\n"
+               "run_cli(main)\n")
+    for unbuffered in ("1", ""):
+        pipe = closed_pipe()
+        proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env={**ENV, "PYTHONUNBUFFERED": unbuffered},
+                              stdout=pipe, stderr=subprocess.PIPE, text=True, timeout=60)
+        os.close(pipe)
+        assert (proc.returncode, proc.stderr) == (3, "to stderr\n"), proc.stderr
+
+
 class InfGrad(torch.autograd.Function):
     """Identity forward, infinite gradient backward: a finite loss whose gradient overflows."""
     @staticmethod

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import data
 import rm
 import train
+from support.errors import run_cli
 
 PAIR = 0  # the pair of the batch whose texts and rows are shown (its rejected row is PAIR + B)
 SHOW = 6  # values shown of a vector
@@ -249,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

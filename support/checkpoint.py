@@ -36,7 +36,7 @@ from support.distributed import any_process, is_main_process
 from support.errors import UserError, check_writable
 from support.fileio import (NotRegularFile, atomic_dir, file_kind, open_regular, read_bounded, remove, write_json,
                             write_text_atomic)
-from support.lora import save_adapters
+from support.lora import save_adapters, settings_file
 
 RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
                        r"train_config\.json|log\.jsonl)$")
@@ -345,7 +345,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer_state: dict, schedule
     tree = flatten_state({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                           "rng": rng_states()}, tensors)
     lora = bool(getattr(model, "lora_config", None))  # LoRA: adapters and head only; the base is not copied
-    # Each part records its step (adapter_config.json, model/config.json's "reward_model", optimizer.json),
+    # Each part records its step (adapters' settings, model/config.json's "reward_model", optimizer.json),
     # so a part moved in from another checkpoint is refused on --resume (check_part_steps).
     settings = "lora_config" if lora else "provenance"
     kept = getattr(model, settings)
@@ -420,7 +420,7 @@ def check_part_steps(path: Path, step: int) -> int | None:
     when optimizer.json records none either). A part moved in from another checkpoint would resume silently
     with the wrong weights: refused."""
     lora = (path / "adapters").is_dir()
-    file = path / ("adapters/adapter_config.json" if lora else "model/config.json")
+    file = settings_file(path / "adapters") if lora else path / "model/config.json"
     if not file.is_file():
         raise unreadable(file, FileNotFoundError())
     try:
@@ -435,7 +435,7 @@ def check_part_steps(path: Path, step: int) -> int | None:
 
 
 def part_without_step(path: Path) -> UserError:
-    file = path / ("adapters/adapter_config.json" if (path / "adapters").is_dir() else "model/config.json")
+    file = settings_file(path / "adapters") if (path / "adapters").is_dir() else path / "model/config.json"
     return unreadable(file, HandEdited("it records no checkpoint step: an older train.py wrote it, or it was edited"))
 
 

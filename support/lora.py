@@ -163,12 +163,22 @@ def load_adapter_state_dict(model: nn.Module, state: dict, where: str = "adapter
 
 
 # ---- adapters on disk: checkpoints and --save_adapters ---------------------------------------------
-# A directory holds adapter_model.safetensors (the adapters and the reward head, under their module names)
-# and adapter_config.json (rank, alpha, dropout, targets, and which base they belong to). This is our
-# own small layout, not PEFT's. The base is named (base_model) and fingerprinted: a different base of the
-# same shape (another fine-tune) would load silently and give wrong rewards, so it is refused.
+# Two layouts, told apart by their files:
+# - PEFT's, for a reward model transformers has (a linear `score` head with last-token pooling, i.e.
+#   Qwen3ForSequenceClassification): adapter_model.safetensors with PEFT's key names and PEFT's
+#   adapter_config.json, so `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+#   BASE, num_labels=1), DIR)` loads it as it is; the head goes in as `modules_to_save: ["score"]`.
+# - our own, for any head and pooling (checkpoints always use it): rm_adapters.safetensors, the adapters and
+#   the head under their module names. Older runs wrote it as adapter_model.safetensors + adapter_config.json
+#   with "format": "qwen3-rm-lora"; those still load.
+# Beside either, rm_adapter_config.json: add_lora's settings and which base they belong to (base_model, and
+# a fingerprint of its weights: a different base of the same shape, another fine-tune, would load silently
+# and give wrong rewards, so it is refused). PEFT ignores that file; a PEFT directory written by PEFT itself
+# has none, so its base cannot be checked.
 
-ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+OWN_FILE, OWN_CONFIG = "rm_adapters.safetensors", "rm_adapter_config.json"
+PEFT_FILE, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PEFT_PREFIX, PEFT_HEAD = "base_model.model.", "base_model.model.score.weight"
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -186,38 +196,120 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save_adapters(model: nn.Module, out_dir):
-    """Write the adapters and the head to out_dir (atomically), and model.lora_config (add_lora's settings
-    plus what train.py adds: base_model, base_fingerprint, base_8bit) as adapter_config.json."""
+def peft_compatible(model: nn.Module) -> bool:
+    """transformers has this reward model (Qwen3ForSequenceClassification), so PEFT can load its adapters."""
+    return getattr(model, "head_type", None) == "linear" and getattr(model, "pooling", None) == "last"
+
+
+def save_adapters(model: nn.Module, out_dir, peft: bool = False):
+    """Write the adapters and the head to out_dir (atomically), with model.lora_config (add_lora's settings
+    plus what train.py adds: base_model, base_fingerprint, base_8bit) as rm_adapter_config.json; in PEFT's
+    layout too with peft=True (peft_compatible models only)."""
     from safetensors.torch import save_file
 
     from support.fileio import atomic_dir, write_json
     state = {n: t.contiguous() for n, t in adapter_state_dict(model).items()}
     with atomic_dir(out_dir) as tmp:
-        save_file(state, tmp / ADAPTER_FILE, metadata={"format": "pt"})
-        write_json(tmp / ADAPTER_CONFIG, {"format": "qwen3-rm-lora", **model.lora_config})
+        if peft:
+            save_file({peft_name(n): t for n, t in state.items()}, tmp / PEFT_FILE, metadata={"format": "pt"})
+            write_json(tmp / PEFT_CONFIG, peft_config(model.lora_config))
+        else:
+            save_file(state, tmp / OWN_FILE, metadata={"format": "pt"})
+        write_json(tmp / OWN_CONFIG, {"format": "qwen3-rm-lora", **model.lora_config})
+
+
+def export_adapters(model: nn.Module, out_dir) -> str:
+    """train.py --save_adapters: PEFT's layout where transformers has the model, else ours. Returns the
+    line to print once it is saved."""
+    peft = peft_compatible(model)
+    save_adapters(model, out_dir, peft=peft)
+    if peft:
+        return f"adapters saved to {out_dir} in PEFT's layout (PeftModel.from_pretrained on the base loads them)"
+    return (f"adapters saved to {out_dir} in this project's layout ({OWN_FILE}; load with support.lora."
+            f"apply_adapters): PEFT cannot load them, since transformers has no model with the "
+            f"{model.head_type} head and {model.pooling} pooling (only --head linear --pooling last)")
+
+
+def peft_name(name: str) -> str:
+    """Our module name -> PEFT's key: model.layers.0.self_attn.q_proj.lora_A -> base_model.model.model.
+    layers.0.self_attn.q_proj.lora_A.weight; the linear head -> base_model.model.score.weight."""
+    return PEFT_HEAD if name == "head.weight" else f"{PEFT_PREFIX}{name}.weight"
+
+
+def peft_config(lora_config: dict) -> dict:
+    """PEFT's adapter_config.json for add_lora's settings (LoraConfig's fields, PEFT's defaults elsewhere)."""
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": lora_config.get("base_model"),
+            "r": lora_config["rank"], "lora_alpha": lora_config["alpha"], "lora_dropout": lora_config["dropout"],
+            "target_modules": sorted(TARGETS[t].split(".")[-1] for t in lora_config["targets"].split(",")),
+            "modules_to_save": ["score"], "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+            "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def from_peft(config: dict, state: dict, where) -> tuple[dict, dict]:
+    """A PEFT LoRA adapter directory's (config, tensors) as ours: add_lora's settings, our module names.
+    Only what LoRALinear computes is accepted: plain LoRA (alpha / r scaling) on our target layers."""
+    leaf = {TARGETS[t].split(".")[-1]: t for t in TARGETS}  # q_proj -> q
+    targets = config.get("target_modules")
+    if isinstance(targets, str) or not targets or any(t not in leaf for t in targets):
+        raise UserError(f"{where}: target_modules {targets!r:.80} are not a list of {sorted(leaf)}")
+    plain = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False}
+    unsupported = [k for k, v in plain.items() if config.get(k, v) != v]
+    unsupported += [k for k in ("layers_to_transform", "rank_pattern", "alpha_pattern") if config.get(k)]
+    if type(config.get("r")) is not int or type(config.get("lora_alpha")) not in (int, float):
+        unsupported.append(f"r {config.get('r')!r:.20} and lora_alpha {config.get('lora_alpha')!r:.20}")
+    saved = set(config.get("modules_to_save") or []) - {"classifier"}  # PEFT adds "classifier" for SEQ_CLS
+    if config.get("peft_type") != "LORA" or unsupported or not saved <= {"score"}:
+        raise UserError(f"{where}: a PEFT adapter this loader does not support (peft_type "
+                        f"{config.get('peft_type')!r}, {', '.join(unsupported) or 'modules_to_save'}); plain LoRA "
+                        "on q,k,v,o,gate,up,down_proj with the score head only")
+    ours = {}
+    for key, t in state.items():
+        if key == PEFT_HEAD:
+            ours["head.weight"] = t
+        elif key.startswith(PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight")):
+            ours[key[len(PEFT_PREFIX):-len(".weight")]] = t
+        else:
+            raise UserError(f"{where}: unexpected tensor {key!r:.100} in {PEFT_FILE}")
+    settings = {"rank": config.get("r"), "alpha": config.get("lora_alpha"), "dropout": config.get("lora_dropout", 0.0),
+                "targets": ",".join(leaf[t] for t in sorted(targets, key=list(leaf).index)),
+                "base_model": config.get("base_model_name_or_path")}
+    return settings, ours
+
+
+def settings_file(adapter_dir) -> Path:
+    """The file that holds an adapter directory's settings: ours, or an older run's adapter_config.json."""
+    d = Path(adapter_dir)
+    return d / (OWN_CONFIG if fileio.is_regular_file(d / OWN_CONFIG) else PEFT_CONFIG)
 
 
 def read_adapters(adapter_dir) -> tuple[dict, dict]:
-    """(adapter_config.json, the tensors) of an adapter directory written by save_adapters."""
+    """(settings, the tensors under our module names) of an adapter directory in any layout above."""
     from safetensors.torch import load_file
-    adapter_dir = Path(adapter_dir)
-    if not all(fileio.is_regular_file(adapter_dir / name) for name in (ADAPTER_CONFIG, ADAPTER_FILE)):
-        raise UserError(f"{adapter_dir} holds no LoRA adapters ({ADAPTER_FILE} and {ADAPTER_CONFIG})")
-    config = read_json(adapter_dir / ADAPTER_CONFIG, "")  # bounded, and an object
+    d = Path(adapter_dir)
+    own = fileio.is_regular_file(d / OWN_FILE)
+    config_file, tensor_file = settings_file(d), d / (OWN_FILE if own else PEFT_FILE)
+    if not (fileio.is_regular_file(tensor_file) and fileio.is_regular_file(config_file)):
+        raise UserError(f"{d} holds no LoRA adapters ({OWN_FILE} or {PEFT_FILE}, with {OWN_CONFIG} or {PEFT_CONFIG})")
+    config = read_json(config_file, "")  # bounded, and an object
     try:
-        state = load_file(adapter_dir / ADAPTER_FILE)
+        state = load_file(tensor_file)
     except Exception as e:  # unreadable: truncated or edited by hand
-        raise UserError(f"{adapter_dir}: cannot read the adapters ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{d}: cannot read the adapters ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    peft = read_json(d / PEFT_CONFIG, "") if not own and fileio.is_regular_file(d / PEFT_CONFIG) else {}
+    if "peft_type" in peft:  # PEFT's tensors; our settings beside them when we wrote them
+        settings, state = from_peft(peft, state, d)
+        if config_file.name == PEFT_CONFIG:
+            return settings, state
     if config.get("format") != "qwen3-rm-lora":
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not an adapter config written by train.py")
+        raise UserError(f"{config_file} is not an adapter config written by train.py")
     return config, state
 
 
 def check_base(config: dict, fingerprint: str, where):
-    """Refuse adapters trained on another base model than the one loaded (fingerprint from base_fingerprint)."""
-    if config.get("base_fingerprint") != fingerprint:
+    """Refuse adapters trained on another base model than the one loaded (fingerprint from base_fingerprint).
+    PEFT's own files carry no fingerprint: nothing to check."""
+    if "base_fingerprint" in config and config.get("base_fingerprint") != fingerprint:
         raise UserError(f"{where} was trained on another base model: {config.get('base_model')!r} with fingerprint "
                         f"{config.get('base_fingerprint')}, but the base loaded now has {fingerprint}; load "
                         "the base model it was trained on")
@@ -225,12 +317,14 @@ def check_base(config: dict, fingerprint: str, where):
 
 def apply_adapters(model: nn.Module, adapter_dir) -> nn.Module:
     """A base reward model (from RewardModel.from_pretrained, with the adapters' head and pooling) plus
-    the adapters saved by train.py --save_adapters: the trained model, unmerged. int8 bases are
-    quantised again first, as in training."""
+    the adapters saved by train.py --save_adapters (or by PEFT): the trained model, unmerged. int8 bases
+    are quantised again first, as in training. PEFT adapters without the score head keep the base's head."""
     config, state = read_adapters(adapter_dir)
     check_base(config, base_fingerprint(model), adapter_dir)
     if config.get("base_8bit"):
         model.quantize_8bit()
     add_lora(model, config["rank"], config["alpha"], config["dropout"], config["targets"])
+    if not any(n.startswith("head.") for n in state):
+        state = {**state, **{n: t for n, t in adapter_state_dict(model).items() if n.startswith("head.")}}
     load_adapter_state_dict(model, state, where=str(adapter_dir))
     return model.eval()

@@ -143,9 +143,9 @@ class Run:
         else:
             with checkpoint.disk_errors(out / "final_model"):
                 final_model.save_pretrained(out / "final_model")
-            if cfg.save_adapters:
+            if cfg.save_adapters:  # PEFT's layout where transformers has the model, else ours (said in one line)
                 with checkpoint.disk_errors(out / "final_adapters"):
-                    lora.save_adapters(self.model, out / "final_adapters")
+                    print0(lora.export_adapters(self.model, out / "final_adapters"))
             report = (report if report is not None else evaluate(final_model)) if held_out.items else None
         if report is not None:
             report.update(checkpoint=str(out / "final_model"), dataset=held_out.sources, split=cfg.eval_split,

@@ -1,5 +1,6 @@
 """LoRA (support/lora.py): exact start at the base model, gradients only on adapters, merged export = unmerged forward."""
 import copy
+import json
 
 import pytest
 import torch
@@ -296,13 +297,22 @@ def test_lora_resume_is_bitwise_exact(tmp_path, options):
     train(lora_cfg(tmp_path, "full", **kw))
     ckpt = tmp_path / "full" / "checkpoint_step_3"
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapters", "optimizer.json", "optimizer.safetensors", "trainer_state.json"]
-    adapters = load_file(ckpt / "adapters" / "adapter_model.safetensors")
+    adapters = load_file(ckpt / "adapters" / "rm_adapters.safetensors")
     assert adapters and all("lora_" in k or k.startswith("head.") for k in adapters)  # no base weights
     out = tmp_path / "resumed"
     as_if_stopped_at(tmp_path / "full", out)
     train(lora_cfg(tmp_path, "resumed", resume="latest", **kw))
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if not options:  # a checkpoint of an older train.py (adapter_model.safetensors + adapter_config.json) resumes
+        old = as_if_stopped_at(tmp_path / "full", tmp_path / "old")
+        (old / "checkpoint_step_3/adapters/rm_adapters.safetensors").rename(
+            old / "checkpoint_step_3/adapters/adapter_model.safetensors")
+        (old / "checkpoint_step_3/adapters/rm_adapter_config.json").rename(
+            old / "checkpoint_step_3/adapters/adapter_config.json")
+        train(lora_cfg(tmp_path, "old", resume="latest", **kw))
+        c = final_weights(old)
+        assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_adapters_moved_in_from_another_step_are_refused(tmp_path):
@@ -320,21 +330,21 @@ def test_adapters_moved_in_from_another_step_are_refused(tmp_path):
     before = {str(p): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
     with pytest.raises(UserError) as e:
         train(lora_cfg(tmp_path, "run", resume="latest", **kw))
-    assert str(e.value) == (f"--resume: {out / 'checkpoint_step_4' / 'adapters' / 'adapter_config.json'} is corrupt "
+    assert str(e.value) == (f"--resume: {out / 'checkpoint_step_4' / 'adapters' / 'rm_adapter_config.json'} is corrupt "
                             "or hand-edited (it belongs to step 2, not to this checkpoint's step 4: moved in from "
                             "another checkpoint); resume from another checkpoint_step_N with --resume PATH, or start "
                             "again with --overwrite_output_dir")
     assert {str(p): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))} == before
 
 
-def save_base(path, seed):
+def save_base(path, seed, head="mlp"):
     """A tiny reward model directory (the demo's shape and tokenizer) to train LoRA on."""
     import dataclasses
 
     from support.demo import demo_tokenizer
     from rm import RewardModel
     tok = demo_tokenizer()
-    model = RewardModel(dataclasses.replace(CFG, vocab_size=tok.vocab_size), head="mlp", pooling="last")
+    model = RewardModel(dataclasses.replace(CFG, vocab_size=tok.vocab_size), head=head, pooling="last")
     model.model.init_weights(seed=seed)
     model.init_head(seed)
     model.tokenizer = tok
@@ -426,3 +436,68 @@ def test_lora_ddp_on_two_processes_equals_one(tmp_path):
     launch(tmp_path / "ddp", "--batch_size", "2", *lora, cwd=tmp_path)
     assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "ddp")) < 1e-5
     assert (tmp_path / "ddp" / "checkpoint_step_2" / "adapters").is_dir()
+
+
+def test_save_adapters_are_peft_adapters_with_the_merged_models_rewards(tmp_path, capsys):
+    """--save_adapters of a linear/last model: PeftModel.from_pretrained on the base as transformers loads it gives
+    the merged final model's rewards (fp32, 1e-4); our loader reads the same directory; and adapters written by
+    PEFT itself load with apply_adapters, with PEFT's rewards."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from support.lora import apply_adapters
+    from rm import RewardModel
+    from train import train
+    base = save_base(tmp_path / "base", seed=0, head="linear")
+    train(lora_cfg(tmp_path, "run", model=str(base), from_scratch=False, lora_targets="q,v,gate",
+                   save_adapters=True, max_steps=3))
+    adapters = tmp_path / "run" / "final_adapters"
+    assert "in PEFT's layout" in capsys.readouterr().out
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "SEQ_CLS", 4, 8)
+    assert config["target_modules"] == ["gate_proj", "q_proj", "v_proj"] and config["modules_to_save"] == ["score"]
+    assert config["base_model_name_or_path"] == str(base)
+    ids, mask = padded_batch(pad_id=RewardModel.from_pretrained(str(base)).tokenizer.pad_id)
+    merged = RewardModel.from_pretrained(str(tmp_path / "run" / "final_model"))
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+    in_peft = peft.PeftModel.from_pretrained(hf_base, str(adapters)).eval()
+    ours = apply_adapters(RewardModel.from_pretrained(str(base)), adapters)
+    with torch.no_grad():
+        want = merged(ids, mask)
+        assert (want - RewardModel.from_pretrained(str(base))(ids, mask)).abs().max() > 1e-3  # it trained
+        torch.testing.assert_close(in_peft(input_ids=ids, attention_mask=mask).logits[:, 0], want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(ids, mask), want, atol=1e-5, rtol=0)
+
+    # PEFT's own adapters (nonzero B, a trained score head) read by our loader: PEFT's rewards
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+    written = peft.get_peft_model(hf_base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "down_proj"],
+                                                           task_type="SEQ_CLS", modules_to_save=["score"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in written.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    written.save_pretrained(tmp_path / "peft")
+    ours = apply_adapters(RewardModel.from_pretrained(str(base)), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask), written.eval()(input_ids=ids, attention_mask=mask).logits[:, 0],
+                                   atol=1e-4, rtol=0)
+
+
+def test_save_adapters_without_a_transformers_model_say_so_and_keep_our_layout(tmp_path, capsys):
+    """The mlp head (or mean pooling) has no transformers model: one line says so, and the files do not claim to be
+    PEFT's (no adapter_model.safetensors / adapter_config.json); apply_adapters reads them."""
+    from support.lora import apply_adapters
+    from rm import RewardModel
+    from train import train
+    base = save_base(tmp_path / "base", seed=0)
+    train(lora_cfg(tmp_path, "run", model=str(base), from_scratch=False, save_adapters=True, max_steps=2))
+    adapters = tmp_path / "run" / "final_adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == ["rm_adapter_config.json", "rm_adapters.safetensors"]
+    line = next(l for l in capsys.readouterr().out.splitlines() if "adapters saved to" in l)
+    assert "PEFT cannot load them" in line and "mlp head" in line
+    merged = RewardModel.from_pretrained(str(tmp_path / "run" / "final_model"))
+    ids, mask = padded_batch(pad_id=merged.tokenizer.pad_id)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_adapters(RewardModel.from_pretrained(str(base)), adapters)(ids, mask),
+                                   merged(ids, mask), atol=1e-5, rtol=0)

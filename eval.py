@@ -334,7 +334,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=cli.positive_int, default=16, help="pairs per forward pass (default: 16)")
     p.add_argument("--max_length", type=cli.positive_int, default=None,
                    help=f"tokens per sequence; longer pairs are dropped and counted (default: the training "
-                        f"max_length, else {DEFAULT_MAX_LENGTH})")
+                        f"max_length, else {DEFAULT_MAX_LENGTH}; with --benchmark, score()'s: else max_position_embeddings)")
     p.add_argument("--chat_template", default="auto", metavar="auto|none|PATH",
                    help="conversational rows (lists of messages): auto renders them with the model's chat "
                         "template (default), PATH with that .jinja file, none refuses them")

@@ -143,13 +143,15 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score(self, texts: list, batch_size: int = 8, max_length: int | None = None,
               normalize: bool = False) -> list[float]:
-        """Rewards, in input order, for whole transcripts ("\n\nHuman: ...\n\nAssistant: ...") or
+        """Rewards, in input order, for whole transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") or
         conversations (lists of {"role", "content"} messages, rendered with the model's chat template).
 
         The ids are those training sees (Tokenizer.sequence: a text gets the eos token appended unless it
-        ends with it, a conversation nothing); longer than max_length (default: the model's
-        max_position_embeddings) keeps the END (the response), as training does. Batches are formed by
-        length to waste little padding. normalize: (r - mean) / std with the saved reward_stats.
+        ends with it, a conversation nothing); longer than max_length keeps the END (the response), as
+        training does. max_length's default is the training max_length saved with the model (else its
+        max_position_embeddings): the same on every path, so tools.serve, eval.py --benchmark,
+        score_responses and reward_function give the same reward (scoring.scoring_length). Batches are
+        formed by length to waste little padding. normalize: (r - mean) / std with the saved reward_stats.
         """
         seqs = scoring.sequences(self, texts, max_length)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support import hub, readers
+from support import hub, readers, scoring
 from support import tokenizer as tokenizer_files
 from support import report as report_files
 from support.errors import UserError
@@ -397,7 +397,7 @@ def run(args, model_dir: Path, trained: dict, output: Path) -> dict:
     examples = read_examples(args.benchmark, args.dataset[0], skipped)[:args.max_samples]
     for example in examples[:max(args.show, 0)]:
         print(show_example(example, chat, model.tokenizer))
-    max_length = args.max_length or trained.get("max_length") or 1024
+    max_length = scoring.scoring_length(model, args.max_length)  # score()'s rule: one model, one reward
     rewards = score_examples(model, examples, chat, max_length, args.bf16, args.progress)
     result = {"name": args.benchmark, **SCORERS[args.benchmark](examples, rewards),
               "rendering": "chat template" if chat else "hh-rlhf transcript", "dataset": args.dataset[0],

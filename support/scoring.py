@@ -52,13 +52,24 @@ def joined(prompt, responses: list) -> list:
     return texts
 
 
+def scoring_length(model, max_length: int | None = None) -> int:
+    """THE rule for how many tokens of a text are scored, on every path (score, score_responses,
+    reward_function, tools.serve, eval.py --benchmark), so that one model gives one reward: max_length when
+    given; else the training max_length the model carries (config.json's "reward_model" entry: it never saw
+    longer texts); else, for a model without one (a transformers classifier), its max_position_embeddings.
+    A longer text keeps its END (the response), as training does."""
+    if max_length is None:
+        return model.provenance.get("max_length") or model.config.max_position_embeddings
+    return max_length
+
+
 def sequences(model, texts: list, max_length: int | None) -> list[list[int]]:
-    """The ids score() runs for each text (Tokenizer.sequence), at most max_length of them (default: the
-    model's max_position_embeddings), the END kept."""
+    """The ids score() runs for each text (Tokenizer.sequence), at most scoring_length(model, max_length) of
+    them, the END kept."""
     if model.tokenizer is None:
         raise UserError("this model has no tokenizer; load it with RewardModel.from_pretrained from a "
                         "directory holding tokenizer.json, or set model.tokenizer")
-    return [model.tokenizer.sequence(t, max_length or model.config.max_position_embeddings) for t in texts]
+    return [model.tokenizer.sequence(t, scoring_length(model, max_length)) for t in texts]
 
 
 @torch.no_grad()

@@ -51,6 +51,18 @@ def test_score_responses_equals_score_alone(bpe_tok, head, pooling):
     assert model.score_responses(conv, as_messages) == pytest.approx(alone, abs=1e-5)
 
 
+def test_scoring_length_is_one_rule(bpe_tok):
+    """How many tokens every scoring path keeps (scoring.scoring_length): max_length when given, else the training
+    max_length the model carries, else its max_position_embeddings. The paths themselves agree:
+    test_serve.py::test_one_long_text_gets_one_reward_on_every_path."""
+    model = tiny_rm(bpe_tok)
+    assert scoring.scoring_length(model) == model.config.max_position_embeddings == 2048  # a model without one
+    model.provenance = {"max_length": 48}
+    assert (scoring.scoring_length(model), scoring.scoring_length(model, 16)) == (48, 16)
+    text = PROMPT + " Paris is the capital." * 20
+    assert model.score([text]) == model.score([text], max_length=48) != model.score([text], max_length=2048)
+
+
 def test_prompt_is_computed_once_and_ids_are_the_whole_texts(bpe_tok):
     """The model's tokens hold the shared prefix once; each sequence is exactly the whole text's ids, also
     where the last prompt characters merge with the response's first ones (a token across the boundary)."""

@@ -155,8 +155,37 @@ def test_rewards_are_score_in_order_with_openrlhf_body(server, reference):
     status, answer = request(server, body={"query": tail})
     assert status == 200
     assert_rewards(answer, tail, expected)
-    assert abs(answer["rewards"][-1] - model.score([LONG])[0]) > 1e-3  # truncated: not the whole text's reward
+    assert abs(answer["rewards"][-1] - model.score([LONG], max_length=2048)[0]) > 1e-3  # truncated: not the whole text's reward
     assert request(server, body={"query": []}) == (200, {"rewards": [], "scores": []})
+
+
+def test_one_long_text_gets_one_reward_on_every_path(server, model_dir, tmp_path):
+    """One model, one reward: a text longer than the training max_length saved with the model gets the same
+    reward from score, score_responses, reward_function (lone and grouped), the server over HTTP and eval.py
+    --benchmark, none of them given a max_length (scoring.scoring_length decides for all). Before, score()
+    and reward_function cut at max_position_embeddings, the server and --benchmark at max_length."""
+    import eval as eval_cli
+    from support.benchmarks import REWARDS_FILE, transcript
+    model = RewardModel.from_pretrained(str(model_dir))
+    prompt, response = "tell me about cats." + " whiskers purring fur" * 40, "kitten"
+    text = transcript(prompt) + response                            # how --benchmark renders a row
+    assert len(model.tokenizer.sequence(text)) > MAX_LENGTH          # long enough that the cut matters
+    [reward] = model.score([text])
+    assert abs(reward - model.score([text], max_length=2048)[0]) > 1e-3  # ... and changes the reward
+    assert reward == pytest.approx(model.score([text], max_length=MAX_LENGTH)[0], abs=1e-6)
+    paths = {"score_responses": model.score_responses(transcript(prompt), [response])[0],
+             "reward_function, lone": model.reward_function()([transcript(prompt)], [response])[0],
+             "reward_function, grouped": model.reward_function()([transcript(prompt)] * 2, [response, "cat"])[0],
+             "server": request(server, body={"query": [text]})[1]["rewards"][0]}
+    row = {"prompt": prompt, "chosen": response, "chosen_model": "a", "rejected": "dog", "rejected_model": "b",
+           "subset": "alpacaeval-easy", "id": 0}
+    (tmp_path / "rb.jsonl").write_text(json.dumps(row) + "\n")
+    report = tmp_path / "out" / "evaluation_report.json"
+    eval_cli.main([str(model_dir), "--benchmark", "rewardbench", "--dataset", str(tmp_path / "rb.jsonl"),
+                   "--chat_template", "none", "--output", str(report), "--no_progress", "--device", "cpu"])
+    paths["eval.py --benchmark"] = json.loads((report.parent / REWARDS_FILE).read_text())["chosen"][0]
+    assert paths == pytest.approx({name: reward for name in paths}, abs=1e-5)
+    assert request(server, method="GET", path="/health")[1]["max_length"] == MAX_LENGTH
 
 
 def test_openrlhf_client_as_it_posts(server, reference):

@@ -421,12 +421,12 @@ def exposure_warning(host: str) -> str | None:
 def load_model(args):
     """(model, max_length, what /health reports) for CHECKPOINT, found and checked as eval.py does."""
     import torch
-    from eval import DEFAULT_MAX_LENGTH
+    from support.scoring import scoring_length
     from support.validate import trained_settings
     from rm import RewardModel
     from support.hub import find_model_dir
     model_dir, _ = find_model_dir(args.checkpoint)
-    trained = trained_settings(model_dir)  # a plain language model (a random head) is refused here
+    trained_settings(model_dir)  # a plain language model (a random head) is refused here
     tokenizer.require_file(model_dir)
     model = RewardModel.from_pretrained(str(model_dir), device=args.device,
                                         dtype=torch.bfloat16 if args.bf16 else torch.float32)
@@ -435,7 +435,7 @@ def load_model(args):
     if args.normalize and model.reward_stats is None:
         raise UserError(f"--normalize needs the reward mean and std in {model_dir}/config.json and it has none; "
                         f"save them with python eval.py {args.checkpoint} --save_reward_stats, or drop --normalize")
-    max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
+    max_length = scoring_length(model, args.max_length)  # score()'s rule: one model, one reward
     info = {"model": str(model_dir), "head": model.head_type, "pooling": model.pooling, "max_length": max_length,
             "batch_size": args.batch_size, "device": args.device,
             "normalize": model.reward_stats if args.normalize else None}
@@ -467,7 +467,8 @@ def parse_args(argv=None):
     p.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a batch waits for requests that are "
                    "being read when it is not full (default: 5)")
     p.add_argument("--max_length", type=positive_int, default=None, help="tokens per text: a longer one keeps its "
-                   "last max_length tokens, as training does (default: the training max_length, else 1024)")
+                   "last max_length tokens, as training does (default: the training max_length, else the model's "
+                   "max_position_embeddings, as score())")
     p.add_argument("--normalize", action="store_true", help="answer (reward - mean) / std with the statistics "
                    "saved in config.json (eval.py --save_reward_stats), as score(normalize=True)")
     p.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY_MB,

@@ -6,6 +6,9 @@
   which response is right) or on topic but rude (the other half). Both come from the same templates,
   so length says nothing; rudeness alone gives 75%, the rest needs the prompt.
 - The test split asks with (topic, question template) combinations never seen in training.
+- demo_ranked (demo_ranked_rows): the same prompts with K = 4 responses graded by those two notions, as
+  plain ranked rows {"prompt", "responses", "scores"}: polite on topic 3, rude on topic 2, polite on
+  another topic 1, rude on another topic 0, in a random order (position says nothing).
 - No files, no network: `data.iter_pairs("demo", split)` reads demo_rows; demo_tokenizer() is a
   word-level tokenizer (a few hundred words) that covers every word the generator writes.
 """
@@ -80,6 +83,23 @@ def demo_rows(split: str) -> Iterator[dict]:
             rejected = _demo_answer(rng, topic, DEMO_RUDE)
         made += 1
         yield {"chosen": prompt + chosen, "rejected": prompt + rejected}
+
+
+def demo_ranked_rows(split: str) -> Iterator[dict]:
+    """Plain ranked rows {"prompt", "responses", "scores"} of the demo's prompts, K = 4 (see the docstring)."""
+    rng = random.Random(f"demo_ranked/{split}")
+    made = 0
+    while made < DEMO_SIZES[split]:
+        topic, question = rng.randrange(len(DEMO_TOPICS)), rng.randrange(len(DEMO_QUESTIONS))
+        if ((3 * topic + question) % 5 == 0) != (split == "test"):  # held-out combinations
+            continue
+        other = rng.choice([t for t in range(len(DEMO_TOPICS)) if t != topic])
+        graded = [(3, topic, DEMO_POLITE), (2, topic, DEMO_RUDE), (1, other, DEMO_POLITE), (0, other, DEMO_RUDE)]
+        rng.shuffle(graded)
+        prompt = _demo_prompt(rng, topic, question)
+        made += 1
+        yield {"prompt": prompt, "responses": [_demo_answer(rng, t, style) for _, t, style in graded],
+               "scores": [score for score, _, _ in graded]}
 
 
 def _demo_prompt(rng: random.Random, topic: int, question: int) -> str:

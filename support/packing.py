@@ -282,15 +282,21 @@ def share_padded(seqs: list[list[int]], groups: list[list[int]], pad_id: int) ->
     return share_prefixes(seqs, groups, layout, [k * T for k in range(N)], pad_id, multiple_of=8)
 
 
-def collate_responses(seqs: list[list[int]], pad_id: int, packed: bool = False) -> tuple:
-    """N sequences of one prompt and N responses (best-of-N) -> (input_ids, Layout) that run the prompt's
-    tokens once, for RewardModel(input_ids, layout=...). The shared part is the sequences' longest common
-    prefix, so the ids are exactly the whole texts' ids: a token merged across the prompt/response boundary
-    simply belongs to the responses. Sequence layout: right-padded rows (N, T), or packed (one row)."""
+def share_groups(seqs: list[list[int]], groups: list[list[int]], pad_id: int, packed: bool = False) -> tuple:
+    """Sequences and the groups of them that share a prompt (lists of indices: a pair, or K responses) ->
+    (input_ids, Layout) that run each group's shared prefix once, for RewardModel(input_ids, layout=...).
+    The shared part is a group's longest common prefix, so the ids are exactly the whole texts' ids: a token
+    merged across the prompt/response boundary simply belongs to the responses. Sequence layout:
+    right-padded rows (N, T), or packed (one row)."""
     if not packed:
-        return share_padded(seqs, [list(range(len(seqs)))], pad_id)
+        return share_padded(seqs, groups, pad_id)
     input_ids, layout, start = pack_rows(seqs, pad_id)
-    return share_prefixes(seqs, [list(range(len(seqs)))], layout, start, pad_id, multiple_of=8)
+    return share_prefixes(seqs, groups, layout, start, pad_id, multiple_of=8)
+
+
+def collate_responses(seqs: list[list[int]], pad_id: int, packed: bool = False) -> tuple:
+    """N sequences of one prompt and N responses (best-of-N): share_groups with one group."""
+    return share_groups(seqs, [list(range(len(seqs)))], pad_id, packed)
 
 
 def pair_groups(B: int) -> list[list[int]]:

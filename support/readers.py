@@ -29,6 +29,9 @@ MAX_HEADER_VALUES = 4096      # Thrift values in one page header (a real one hol
 MAX_BATCH_BYTES = 256 << 20   # parquet rows decoded at once: fewer than 64 when the pages are large
 MAX_ROW_BYTES = 16 << 20      # a jsonl line / parquet row's text: 3 texts of over 1M tokens each, even escaped
 MAX_JSON_LIST_BYTES = 64 << 20  # a JSON list is parsed whole: ~5x its size in Python objects
+# Ranked layouts (support/ranked.py), recognised by their columns: UltraFeedback, Nectar, plain ranked rows
+RANKED_LAYOUTS = (("instruction", "completions"), ("prompt", "answers"), ("prompt", "responses", "scores"),
+                  ("prompt", "responses", "ranks"))
 SKIP_CHUNK = 1 << 20          # an over-long line is skipped this many bytes at a time
 BOM = b"\xef\xbb\xbf"         # a UTF-8 byte order mark, which some editors write at the start of a file
 
@@ -56,8 +59,8 @@ def row_columns(keys) -> list[str] | None:
         columns = ["prompt", "chosen", "rejected"]
     elif {"chosen", "rejected"} <= names:
         columns = ["chosen", "rejected"]
-    else:
-        return None
+    else:  # a ranked layout, or None
+        return next((list(layout) for layout in RANKED_LAYOUTS if set(layout) <= names), None)
     return columns + ["margin"] if "margin" in names else columns
 
 
@@ -66,7 +69,8 @@ def layout_columns(found: list[str], path: str) -> list[str]:
     columns = row_columns(found)
     if columns is None:
         raise UserError(f"{path}: has columns {sorted(set(found))}, expected prompt, chosen, rejected "
-                        f"(or chosen, rejected holding whole hh-rlhf transcripts); rename the columns")
+                        f"(or chosen, rejected holding whole hh-rlhf transcripts), or a ranked layout (instruction, "
+                        f"completions; prompt, answers; prompt, responses, scores or ranks); rename the columns")
     return columns
 
 
@@ -319,7 +323,7 @@ def object_rows(objects, path: str) -> Iterator[dict | Skip]:
 def source_files(source: str, split: str) -> set[str]:
     """What a source reads for `split`, comparable across sources without reading or downloading: local
     files by their real path, a Hub dataset or the demo by name and split."""
-    if source != "demo" and hub.is_local_source(source):
+    if source not in ("demo", "demo_ranked") and hub.is_local_source(source):
         return {os.path.realpath(p) for p in hub.local_files(source, split)}
     return {f"{source} ({split})"}
 

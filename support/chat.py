@@ -439,6 +439,9 @@ def _pair(prompt, chosen, rejected, template: str, **variables) -> tuple[str, st
     return full_c[:cut], full_c[cut:], full_r[cut:]
 
 
+NO_TEMPLATE = "conversation without a chat template"  # a skip reason where ChatFormat.count_missing is set
+
+
 @dataclass
 class ChatFormat:
     """How conversations become text: the template and the variables it gets (support.tokenizer.Tokenizer.chat_format).
@@ -448,6 +451,7 @@ class ChatFormat:
     why_none: str = "no chat template was given"
     rendered: int = 0  # conversations the template did not fail on, and those it failed on
     failed: int = 0
+    count_missing: bool = False  # no template: pair() returns the skip reason NO_TEMPLATE (tools.inspect_data counts)
 
     def _template(self, where: str) -> str:
         if self.template is None:
@@ -459,6 +463,8 @@ class ChatFormat:
         """conversation_pair with this template: (prompt_text, chosen_text, rejected_text) or a skip reason.
         A template that fails on each of the first FAIL_LIMIT conversations is refused (UserError), so a
         broken one is one line, not a run that skips every row at a time limit each."""
+        if self.template is None and self.count_missing:
+            return NO_TEMPLATE
         template = self._template(where)
         try:
             out = _pair(prompt, chosen, rejected, template, **self.variables)

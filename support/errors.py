@@ -86,7 +86,8 @@ class ArgumentParser(argparse.ArgumentParser):
     negative number after a flag is its value."""
 
     def error(self, message):
-        raise UserError(f"{message} (see python {self.prog} --help)")
+        command = self.prog if self.prog.startswith("python ") else f"python {self.prog}"  # prog: "python -m tools.X"
+        raise UserError(f"{message} (see {command} --help)")
 
     def parse_args(self, args=None, namespace=None):
         return super().parse_args(join_negative_values(sys.argv[1:] if args is None else list(args)), namespace)

@@ -868,3 +868,20 @@ def test_a_page_header_declaring_2_to_the_62_booleans_is_skipped_at_once(tmp_pat
     stats = DataStats()
     assert [p.chosen for p in data.iter_pairs(path, stats=stats)] == [" sure"]
     assert stats.skipped == {"page header too large": 1}
+
+
+def test_inspect_data_counts_conversations_it_cannot_render_and_names_itself_in_hints(tmp_path):
+    """A file mixing plain and conversational rows, no template: the plain pairs are reported and the
+    conversations counted with what to pass (it printed two pairs, then stopped with an error). The flag is
+    --max_samples as in train.py (the hyphen still works), and a bad flag's hint names the real command."""
+    conv = json.dumps({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}],
+                       "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]})
+    path = write_lines(tmp_path / "mixed.jsonl", [row(0), row(1), conv.encode(), row(2), conv.encode()])
+    report, out = inspect(path, "--show", 5)
+    assert (report["read"], report["kept"], report["skipped"]) == (5, 3, {"conversation without a chat template": 2})
+    assert out.count("--- pair") == 3
+    assert "2 conversational rows skipped: they need a chat template, but none was given; pass --model" in out
+    for flag in ("--max_samples", "--max-samples"):
+        assert inspect(path, flag, 1)[0]["read"] == 1
+    proc = run_inspect(path, "--max_sample", "x")
+    assert proc.returncode == 2 and "(see python -m tools.inspect_data --help)" in proc.stderr, proc.stderr

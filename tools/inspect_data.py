@@ -1,6 +1,6 @@
 """Stream a preference data source and report what was read, skipped and kept, and the peak memory growth.
 
-    python -m tools.inspect_data SOURCE [--split test] [--max-samples N]
+    python -m tools.inspect_data SOURCE [--split test] [--max_samples N]
     python -m tools.inspect_data SOURCE --model DIR [--max_length 1024] [--show N]
 
 SOURCE is what train.py's --dataset takes (demo, a Hub dataset id, a local file, directory or glob).
@@ -39,11 +39,12 @@ def reset_peak_rss():
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Stream a preference data source; print what was read, "
+    parser = ArgumentParser(prog="python -m tools.inspect_data", description="Stream a preference data source; print what was read, "
                                         "skipped and kept, and the peak memory growth.")
     parser.add_argument("source", help="demo, a Hub dataset id, or a local file/directory/glob")
     parser.add_argument("--split", default="train", help="train or test (default: train)")
-    parser.add_argument("--max-samples", type=int, default=None, help="stop after this many pairs")
+    parser.add_argument("--max_samples", "--max-samples", type=int, default=None,
+                        help="stop after this many pairs (as train.py's --max_samples)")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="a model directory: its tokenizer counts tokens and its chat template renders "
                              "conversational rows")
@@ -65,6 +66,7 @@ def main(argv=None):
     else:
         template = None if args.chat_template in ("auto", "none") else chat.load_chat_template(None, args.chat_template)
         chat_format = chat.ChatFormat(template, why_none="none was given; pass --model DIR or --chat_template PATH")
+    chat_format.count_missing = True  # a conversation without a template is counted (below), not the end of the report
     import pyarrow.parquet  # noqa: F401 (loaded now, not while reading: the growth is the reading's)
     reset_peak_rss()
     before = rss_mib("VmRSS")
@@ -81,6 +83,9 @@ def main(argv=None):
             report.pop(key)
     print(json.dumps(report, indent=1))
     print(f"peak RSS growth while reading: {rss_mib('VmHWM') - before:.1f} MiB")
+    if missing := stats.skipped.get(chat.NO_TEMPLATE):
+        print(f"{missing:,} conversational row{'s' * (missing != 1)} skipped: they need a chat template, but "
+              f"{chat_format.why_none}")
 
 
 def shown(text: str) -> str:

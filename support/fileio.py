@@ -4,6 +4,8 @@
   over its target (a rename within one directory is atomic).
 - A directory is built under a hidden temporary name (`atomic_dir`), and renamed into place only when
   complete; an older directory of that name is renamed aside first and deleted after.
+- Every file a directory holds follows the umask, as a file that open() creates does: safetensors writes
+  its files 0600, so a server run by another user could not read the model (`follow_umask`).
 - A directory is deleted by renaming it aside first, so a kill halfway never leaves a half-deleted tree
   under its real name.
 - The read side: `open_regular` opens a file for reading only if it is a regular file, and never blocks (a
@@ -89,6 +91,29 @@ def replace_dir(src: Path, dst: Path):
     remove(old)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (/proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: Path):
+    """Give each regular file under `directory` the mode open() would (0666 less the umask): libraries that
+    write their own files (safetensors: 0600) otherwise leave them unreadable to a teammate or a server."""
+    mode = 0o666 & ~umask()
+    for f in Path(directory).rglob("*"):
+        if f.is_file() and not f.is_symlink() and stat.S_IMODE(f.stat().st_mode) != mode:
+            os.chmod(f, mode)
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """`with atomic_dir(path) as tmp:` write into `tmp`; on success it becomes `path` in one rename, on any
@@ -99,6 +124,7 @@ def atomic_dir(final: Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        follow_umask(tmp)
         fsync_dir(tmp)
         replace_dir(tmp, final)
     except BaseException:

@@ -284,3 +284,21 @@ def test_resume_of_a_run_that_draws_random_numbers_is_exact(tmp_path, monkeypatc
     train(tiny_cfg(tmp_path, "resumed", resume="latest", **kw))
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_file_a_run_writes_follows_the_umask(tmp_path):
+    """Weights (model.safetensors, optimizer.safetensors, LoRA's adapter_model.safetensors) were written
+    0600 while every other file followed the umask: a server under another user could not read the model.
+    Under umask 027 every file of a run, checkpoints and final model included, is 0640 (not 0644 or 0600)."""
+    old = os.umask(0o027)
+    try:
+        train(tiny_cfg(tmp_path, "full", max_steps=2, save_steps=1, save_total_limit=1))
+        train(tiny_cfg(tmp_path, "lora", max_steps=2, save_steps=1, save_total_limit=1, lora_rank=2))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")
+             if p.is_file() and p.name != ".lock"}
+    for weights in ("full/final_model/model.safetensors", "full/checkpoint_step_1/optimizer.safetensors",
+                    "lora/checkpoint_step_1/adapters/adapter_model.safetensors", "lora/final_model/model.safetensors"):
+        assert weights in modes
+    assert set(modes.values()) == {"0o640"}, modes

@@ -20,7 +20,7 @@ import sys
 from typing import NamedTuple
 
 import data
-from support import readers
+from support import ranked, readers
 from support.errors import UserError
 
 # The share of the training pairs held out when the evaluation data would be the training files.
@@ -90,28 +90,33 @@ def training_files_in(plan: Plan, trained_dataset: list) -> list[str]:
 
 
 def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samples: int | None,
-         chat_format=None, with_training_pairs: bool = True) -> Loaded:
+         chat_format=None, with_training_pairs: bool = True, groups: bool = False) -> Loaded:
     """The training pairs of `dataset` (none unless with_training_pairs, or a held-out share needs them) and
     the held-out pairs of `plan`, each with its data.DataStats. A held-out share reads every training pair and
     splits them by content, so it does not depend on the sample limits; its pairs are counted as held-out
-    pairs, while what the reading skipped counts as training's. Either side may be empty."""
+    pairs, while what the reading skipped counts as training's. Either side may be empty. groups: ranked
+    groups instead of pairs (support/ranked.py; a pair row is a group of two), whole groups held out."""
     train_stats, held_stats = data.DataStats(), data.DataStats()
+    load_rows, split_held_out = (ranked.load_groups, ranked.split_held_out) if groups else \
+        (data.load_pairs, data.split_held_out)
 
     def read(sources, split, max_samples, stats):  # conversational rows are rendered with chat_format
-        return data.load_pairs(sources, split, max_samples, stats, chat_format=chat_format)
+        return load_rows(sources, split, max_samples, stats, chat_format=chat_format)
     if plan.fraction is None:
         train = read(dataset, "train", max_train_samples, train_stats) if with_training_pairs else []
         held = read(plan.sources, plan.split, max_eval_samples, held_stats) if plan.split != "none" else []
         return Loaded(train, train_stats, held, held_stats)
-    train, held = data.split_held_out(read(dataset, "train", None, train_stats), plan.fraction)
+    train, held = split_held_out(read(dataset, "train", None, train_stats), plan.fraction)
     held = held[:max_eval_samples]
     return Loaded(train[:max_train_samples], train_stats, held, data.DataStats.of_pairs(held))
 
 
 def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat_format=None):
     """eval.py's (pairs, stats) of `plan`: a held-out share is announced; other data that holds the model's
-    training files gets a note (its accuracy is not a held-out number)."""
-    loaded = load(plan, plan.sources, None, max_samples, chat_format, with_training_pairs=False)
+    training files gets a note (its accuracy is not a held-out number). A ranked source (support/ranked.py)
+    gives groups, whole groups held out."""
+    groups = ranked.is_ranked(plan.sources, plan.split)
+    loaded = load(plan, plan.sources, None, max_samples, chat_format, with_training_pairs=False, groups=groups)
     if plan.fraction:
         print(f"data: the {len(loaded.held_out)} pairs of {', '.join(plan.sources)} that train.py held out "
               f"(--eval_fraction {plan.fraction}, by content hash) and did not train on")

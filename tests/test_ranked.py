@@ -237,3 +237,15 @@ def test_ranking_report_by_hand():
     # group 2: rewards all tied: undefined
     assert got["kendall_tau"] == pytest.approx((1 - 0.5) / 2)
     assert ranked.kendall_tau_b([0.2, 0.2], [1, 0]) is None
+
+
+def test_inspect_data_shows_ranked_groups_as_the_model_reads_them(demo_tok, tmp_path, capsys):
+    from tools import inspect_data
+    demo_tok.save(str(tmp_path / "tok"))
+    inspect_data.main(["demo_ranked", "--model", str(tmp_path / "tok"), "--max-samples", "3", "--show", "1",
+                       "--max_length", "40"])
+    out = capsys.readouterr().out
+    assert "--- group 1 (demo_ranked, 4 responses" in out and "response 4 (level " in out and " tokens)" in out
+    report = json.loads(out[out.index("{"):out.index("peak RSS")])
+    assert (report["read"], report["kept"], report["tokenized"]) == (3, 3, 3)
+    assert "dropped_responses" in report

@@ -6,6 +6,7 @@
     python -m tools.bench --suite gpu --json results.json          # the GPU rows (one H100, ~2 minutes after start-up)
     python -m tools.bench --attention --config 0.6b --bf16 --lengths realistic   # packed attention alone
     python -m tools.bench --best_of_n 4,16                         # score_responses vs N full texts (inference)
+    python -m tools.bench --ranked 4 --lengths realistic           # a K=4 group's prompt once vs K-1 / C(K,2) pairs
 
 - One step is train.py's optimizer step less gradient clipping: chosen and rejected in one forward pass,
   rm.pairwise_loss, backward, optimizer step (train.make_optimizer), zero_grad, on random weights with the
@@ -31,11 +32,11 @@ import numpy as np
 import torch
 
 import data
-from support import export, hub, packing, tokenizer
+from support import export, hub, packing, ranked, tokenizer
 import qwen3
 from support.errors import ArgumentParser, UserError, run_cli
 from support.lora import TARGETS, add_lora, check_options
-from rm import RewardModel, pairwise_loss
+from rm import RewardModel, listwise_loss, pairwise_loss
 from support.metrics import peak_memory_gib
 from train import TrainConfig, make_optimizer
 
@@ -507,6 +508,61 @@ def bench_best_of_n(args, device) -> dict:
     return results
 
 
+def make_groups(n_groups: int, k: int, max_length: int, lengths: str, vocab: int, rng) -> list:
+    """Random ranked groups (ranked.TokenizedGroup, levels K-1..0): one prompt and K responses, each response's
+    length drawn as make_pairs draws the rejected one's (hh-rlhf-like with --lengths realistic)."""
+    groups = []
+    for _ in range(n_groups):
+        pairs = make_pairs(k - 1, max_length, lengths, vocab, rng)  # the first's prompt and chosen, K-1 rejected
+        prompt = pairs[0].chosen_ids[:pairs[0].prompt_len]
+        tails = [pairs[0].chosen_ids[pairs[0].prompt_len:]] + [p.rejected_ids[p.prompt_len:] for p in pairs]
+        ids = [(prompt + tail)[:max_length] for tail in tails]
+        groups.append(ranked.TokenizedGroup(ids, [float(k - 1 - i) for i in range(k)], "bench", len(prompt),
+                                            [len(i) - len(prompt) for i in ids]))
+    return groups
+
+
+def bench_ranked(args, device) -> dict:
+    """Training on ranked data: B = --pairs groups of K = --ranked responses per step, as one group batch with
+    each prompt run once (ranked.collate_groups, share_prompt; rm.listwise_loss), against the same comparisons
+    as K-1 pairs (the best against each other) or all C(K,2) pairs, each pair's sequences whole (padded
+    rows; --share_prompt: each pair's prompt once). Real tokens through the model per group, step time
+    (forward, backward, AdamW), groups/s."""
+    config, k = qwen3.Qwen3Config.from_name(args.config), args.ranked
+    pad_id, rng = config.vocab_size - 1, np.random.default_rng(args.seed)
+    groups = [make_groups(args.pairs, k, args.max_length, args.lengths, config.vocab_size, rng) for _ in range(args.batches)]
+    as_pairs = {f"{k - 1} pairs (best vs each)": [(0, j) for j in range(1, k)],
+                f"{k * (k - 1) // 2} pairs (all)": [(i, j) for i in range(k) for j in range(i + 1, k)]}
+    pair_collate, results = packing.choose_collate(args.packing, args.share_prompt), {}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    for way in ["group, prompt once", *as_pairs]:
+        model = build_ours(args, device).train()
+        optimizer = make_optimizer(train_config(args), model, device)
+        if way in as_pairs:
+            batches = [pair_collate([data.TokenizedPair(g.ids[i], g.ids[j], None, "bench", g.prompt_len,
+                                                        g.response_lens[i], g.response_lens[j])
+                                     for g in gs for i, j in as_pairs[way]], pad_id) for gs in groups]
+            forward = lambda b: pairwise_loss(*model(b.input_ids, b.attention_mask, b.layout).chunk(2))["loss"]  # noqa: E731
+        else:
+            batches = [ranked.collate_groups(gs, pad_id, packed=args.packing, share_prompt=True) for gs in groups]
+            forward = lambda b: listwise_loss(model(b.input_ids, b.attention_mask, b.layout), b.group, b.level,  # noqa: E731
+                                              b.num_groups)["loss"]
+        # real tokens through the model: a group's prompt once; a pair's twice, or once with --share_prompt
+        real = statistics.mean(sum(g.prompt_len + sum(g.response_lens) if way not in as_pairs else
+                                   sum(len(g.ids[i]) + len(g.ids[j]) - args.share_prompt * g.prompt_len
+                                       for i, j in as_pairs[way]) for g in gs) for gs in groups)
+        batches = [b.to(device) for b in batches]
+        times = time_steps(make_step(forward, optimizer, autocast(args, device)), batches, device, args.warmup, args.steps)
+        ms = 1000 * statistics.median(times)
+        results[way] = {"tokens_per_group": real / args.pairs, "ms": ms, "groups_per_s": args.pairs / ms * 1000}
+        print(f"{way:<24} {results[way]['tokens_per_group']:8,.0f} tokens/group | step {ms:9.1f} ms | "
+              f"{results[way]['groups_per_s']:7.2f} groups/s | {args.config}, {args.pairs} groups of K={k}, "
+              f"{args.lengths} lengths | {name}", flush=True)
+        del model, optimizer
+        gc.collect()
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -549,6 +605,9 @@ def parse_args(argv=None):
                    help="time the packed-attention implementations alone (one layer, forward + backward)")
     p.add_argument("--best_of_n", metavar="N,N", help="time score_responses (the prompt run once) against N full "
                    "texts at these N, inference only (e.g. 4,16)")
+    p.add_argument("--ranked", type=int, metavar="K", default=None,
+                   help="time training on --pairs groups of K ranked responses, each prompt once, against the same "
+                        "comparisons as K-1 or C(K,2) pairs (real tokens per group, step time, groups/s)")
     p.add_argument("--prompt_length", type=int, default=300, help="with --best_of_n: prompt tokens (default 300)")
     p.add_argument("--response_length", type=int, default=100,
                    help="with --best_of_n: tokens per response, +-20%% (default 100)")
@@ -583,6 +642,10 @@ def bench(args) -> dict:
         return bench_attention(args, device)
     if args.best_of_n:
         return bench_best_of_n(args, device)
+    if args.ranked:
+        if args.ranked < 2:
+            raise UserError("--ranked K needs K >= 2 responses per group")
+        return bench_ranked(args, device)
     if args.compile:  # each config, and ours vs transformers, is its own compiled graph
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     config = qwen3.Qwen3Config.from_name(args.config)

@@ -3,7 +3,9 @@
     python -m tools.inspect_data SOURCE [--split test] [--max_samples N]
     python -m tools.inspect_data SOURCE --model DIR [--max_length 1024] [--show N]
 
-SOURCE is what train.py's --dataset takes (demo, a Hub dataset id, a local file, directory or glob).
+SOURCE is what train.py's --dataset takes (demo, demo_ranked, a Hub dataset id, a local file, directory or
+glob). A ranked source (UltraFeedback, Nectar, plain prompt/responses/scores|ranks: support/ranked.py) is
+read as groups: `kept` counts groups, and --show prints each response with its level (higher is better).
 With --model, every pair is tokenised as training would (max_length cuts prompts from the left and drops
 pairs whose response does not fit: counted) and --show N prints the first N pairs as the model reads
 them, with their token counts. What the tokenizer is given is bounded (Tokenizer.char_cap), and a shown
@@ -13,7 +15,7 @@ terminal full of text.
 import json
 
 import data
-from support import chat
+from support import chat, ranked
 from support.errors import ArgumentParser, UserError, run_cli
 from support.tokenizer import Tokenizer
 
@@ -71,16 +73,25 @@ def main(argv=None):
     reset_peak_rss()
     before = rss_mib("VmRSS")
     stats = data.DataStats()
-    for n, pair in enumerate(data.iter_pairs(args.source, args.split, stats, chat_format), 1):
-        item = data.tokenize_pair(tok, pair, args.max_length, stats) if tok is not None else None
-        if n <= args.show:
-            show_pair(n, pair, tok, item, args.max_length)
+    grouped = ranked.is_ranked([args.source], args.split)
+    rows = ranked.iter_groups if grouped else data.iter_pairs
+    for n, pair in enumerate(rows(args.source, args.split, stats, chat_format), 1):
+        if grouped:
+            items = ranked.tokenize_groups([pair], tok, args.max_length, stats) if tok is not None else []
+            if n <= args.show:
+                show_group(n, pair, tok, items[0] if items else None, args.max_length)
+        else:
+            item = data.tokenize_pair(tok, pair, args.max_length, stats) if tok is not None else None
+            if n <= args.show:
+                show_pair(n, pair, tok, item, args.max_length)
         if args.max_samples is not None and n >= args.max_samples:
             break
     report = stats.report()
     if tok is None:  # nothing was tokenised: say so instead of counting zeros
         for key in ("tokenized", "truncated_prompt", "dropped_too_long"):
             report.pop(key)
+    elif grouped:
+        report["dropped_responses"] = getattr(stats, "dropped_responses", 0)
     print(json.dumps(report, indent=1))
     print(f"peak RSS growth while reading: {rss_mib('VmHWM') - before:.1f} MiB")
     if missing := stats.skipped.get(chat.NO_TEMPLATE):
@@ -108,6 +119,23 @@ def show_pair(n: int, pair: data.Pair, tok: Tokenizer | None, item: data.Tokeniz
     for name, text, count in zip(("prompt", "chosen", "rejected"), (pair.prompt, pair.chosen, pair.rejected), counts):
         print(f"{name}{count}: {shown(text)}")
     if not pair.eos:
+        print("then: nothing (a chat-template rendering ends as the template says)")
+    elif tok is not None:
+        print(f"then: {tok.eos_token!r}, unless the text ends with it already or eos == pad")
+
+
+def show_group(n: int, group: ranked.Group, tok: Tokenizer | None, item: ranked.TokenizedGroup | None,
+               max_length: int):
+    """One ranked group as the model reads it: the prompt, then each response with its level (and tokens)."""
+    print(f"--- group {n} ({group.source}, {len(group.responses)} responses, levels higher is better)")
+    if tok is not None and item is None:
+        print(f"(dropped: fewer than two levels fit in --max_length {max_length})")
+    print(f"prompt{'' if item is None else f' ({item.prompt_len} tokens)'}: {shown(group.prompt)}")
+    lens = dict(enumerate(item.response_lens)) if item is not None and len(item.ids) == len(group.responses) else {}
+    for i, (text, level) in enumerate(zip(group.responses, group.levels)):
+        count = f", {lens[i]} tokens" if i in lens else ""
+        print(f"response {i + 1} (level {level:g}{count}): {shown(text)}")
+    if not group.eos:
         print("then: nothing (a chat-template rendering ends as the template says)")
     elif tok is not None:
         print(f"then: {tok.eos_token!r}, unless the text ends with it already or eos == pad")

@@ -293,12 +293,14 @@ def test_every_file_a_run_writes_follows_the_umask(tmp_path):
     old = os.umask(0o027)
     try:
         train(tiny_cfg(tmp_path, "full", max_steps=2, save_steps=1, save_total_limit=1))
-        train(tiny_cfg(tmp_path, "lora", max_steps=2, save_steps=1, save_total_limit=1, lora_rank=2))
+        train(tiny_cfg(tmp_path, "lora", max_steps=2, save_steps=1, save_total_limit=1, lora_rank=2,
+                       save_adapters=True, head="linear"))
     finally:
         os.umask(old)
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")
              if p.is_file() and p.name != ".lock"}
     for weights in ("full/final_model/model.safetensors", "full/checkpoint_step_1/optimizer.safetensors",
-                    "lora/checkpoint_step_1/adapters/adapter_model.safetensors", "lora/final_model/model.safetensors"):
+                    "lora/checkpoint_step_1/adapters/rm_adapters.safetensors",
+                    "lora/final_adapters/adapter_model.safetensors", "lora/final_model/model.safetensors"):
         assert weights in modes
     assert set(modes.values()) == {"0o640"}, modes

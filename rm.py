@@ -90,18 +90,15 @@ def pairwise_loss(chosen, rejected, margin=None, center_rewards_coefficient: flo
 
 def group_pairs(rewards, group, level) -> tuple:
     """(N, N) r_i - r_j; whether i beats j (same group, higher level); accuracy and margin over those pairs."""
-    diff = rewards[:, None] - rewards[None, :]
     beats = (group[:, None] == group[None, :]) & (level[:, None] > level[None, :])
-    n = beats.sum().clamp(min=1)
+    diff, n = rewards[:, None] - rewards[None, :], beats.sum().clamp(min=1)
     return diff, beats, {"accuracy": ((diff > 0) & beats).sum() / n, "margin": (diff.detach() * beats).sum() / n}
 
 
 def listwise_loss(rewards, group, level, num_groups: int) -> dict:
-    """Plackett-Luce: -log P(ranking), picking the best response first, then the best of the rest, ..., each by
-    softmax over those left. rewards, group (which group), level (higher is better): (N,). With K = 2 the one
-    pick is exp(r_c) / (exp(r_c) + exp(r_r)) = sigmoid(r_c - r_r): Bradley-Terry IS Plackett-Luce with K = 2.
-    Ties (Breslow's rule): a response that beats another is picked from itself, its ties and all below it;
-    the lowest level picks nothing. Sum over a group's picks, mean over groups."""
+    """Plackett-Luce: -log P(ranking), each response picked by softmax over those not yet picked, best first. K = 2:
+    exp(r_c) / (exp(r_c) + exp(r_r)) = sigmoid(r_c - r_r): Bradley-Terry IS Plackett-Luce. Ties (Breslow): a response
+    that beats another is picked from itself, its ties and all below; the lowest level is not. Mean over groups."""
     _, beats, logged = group_pairs(rewards, group, level)
     left = (group[:, None] == group[None, :]) & (level[None, :] <= level[:, None])   # (N, N): i's choice set
     log_p = rewards - torch.logsumexp(rewards.expand(len(rewards), -1).masked_fill(~left, -math.inf), dim=1)

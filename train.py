@@ -10,6 +10,10 @@ pass -> rewards -> pairwise loss -> backward; clip the gradient norm, step AdamW
 (linear warmup, cosine decay to 0). A checkpoint holds everything needed to continue exactly, so a
 resumed run ends with the same weights as an uninterrupted one (bitwise on CPU).
 
+The flags to know first (TrainConfig, after the loop, has all of them): --config, --model, --dataset,
+--max_length, --batch_size, --gradient_accumulation_steps, --learning_rate, --num_epochs or --max_steps,
+--bf16, --output_dir (and --resume to continue a run).
+
 Output directory: final_model/, best_model_step_N/, checkpoint_step_N/ (the newest --save_total_limit),
 evaluation_report.json, train_config.json, log.jsonl. The machinery lives in support/: run (the output
 directory, resume, checkpoints, W&B), validate, heldout (which pairs are held out), metrics, cli (the flags,
@@ -17,8 +21,6 @@ from TrainConfig's fields), distributed (torchrun, DDP/FSDP2).
 """
 import dataclasses
 import math
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +37,238 @@ from support.errors import UserError, run_cli
 from support.cli import option
 
 
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: "TrainConfig") -> dict:
+    """Train as `cfg` says. Returns step, output_dir, final_model, eval_accuracy, report and history (the
+    records of log.jsonl); after a Ctrl-C or SIGTERM, stopped_at, checkpoint and signal instead."""
+    run = run_context.Run(cfg, validate.validate(cfg))  # torchrun, the output directory, the --resume checkpoint
+    rank, world, device = run.rank, run.world, run.device
+
+    # ---- the model and the data: pairs -> token ids, in an order fixed by the seed
+    model = build_model(cfg)
+    train_items, held_out, data_read = load_data(cfg, model.tokenizer)  # a --chat_template PATH becomes the tokenizer's
+    # what the run evaluates on, as train_config.json, the checkpoints, the report and config.json record it
+    cfg = dataclasses.replace(cfg, eval_split=held_out.split, eval_fraction=held_out.fraction)
+    step_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world  # pairs per optimizer step
+    batches = StepBatches(train_items, step_batch, cfg.seed)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(batches.steps_per_epoch * cfg.num_epochs))
+    model.provenance = {"dataset": list(cfg.dataset), "eval_dataset": held_out.sources, "eval_split": cfg.eval_split,
+                        "eval_fraction": cfg.eval_fraction, "max_length": cfg.max_length,
+                        "share_prompt": cfg.share_prompt}
+
+    # ---- what trains it: the (wrapped) model, the optimizer, the schedule; on --resume, their saved states
+    run.check_resume(cfg, step_batch, total_steps, data_read)  # before its weights load: another run is refused
+    train_model = prepare_model(model, cfg, device, world, run.resume_from)
+    optimizer = make_optimizer(cfg, train_model, device)
+    warmup_steps = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
+    step = run.start(cfg, model, train_model, optimizer, scheduler, total_steps, step_batch, data_read)
+
+    # ---- what the loop uses: the batch layout, bf16 autocast, the metrics since the last log line, Ctrl-C
+    collate = packing.choose_collate(cfg.packing, cfg.share_prompt)  # data.collate, or packed/shared-prompt rows
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    since_last_log, last_report = metrics.MetricsSinceLastLog(device), None  # last_report: the last step's report
+    stop = checkpoint.SignalStop()  # Ctrl-C / SIGTERM: finish the step, checkpoint, print a resume line
+    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True,
+               disable=not (cfg.progress and rank == 0))
+    try:
+        with stop, bar:
+            while step < total_steps:
+                # -- one optimizer step. One process without accumulation: one micro-batch, weight 1 (more
+                # micro-batches or processes: see StepBatches.micro_batches, the step still equals one batch).
+                micro_batches = batches.micro_batches(step, cfg.batch_size, rank, world)
+                sums = metrics.StepSums(device, world)  # loss, accuracy, margin, tokens
+                for i, (idx, weight) in enumerate(micro_batches):
+                    batch = collate([train_items[j] for j in idx], model.tokenizer.pad_id).to(device)
+                    with distributed.no_sync(train_model, sync=i == len(micro_batches) - 1), autocast:
+                        rewards = train_model(batch.input_ids, batch.attention_mask, batch.layout)  # (2B,)
+                    chosen, rejected = rewards.chunk(2)  # rows 0..B-1 are the chosen responses
+                    pairwise = pairwise_loss(chosen, rejected, batch.margin, cfg.center_rewards_coefficient)
+                    (pairwise["loss"] * weight).backward()
+                    sums.add(pairwise, batch, weight)
+                step_metrics = sums.over_processes()
+                run.stop_if_not_finite("loss", step_metrics.loss, step + 1)
+                grad_norm = clip_grad_norm(train_model, cfg.max_grad_norm)
+                # a finite loss can still have an overflowing gradient
+                run.stop_if_not_finite("gradient norm", float(grad_norm), step + 1, before_update=True)
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged, as TRL does)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                since_last_log.add(step_metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_metrics.loss:.4f}", acc=f"{step_metrics.accuracy:.3f}")
+
+                # -- log, evaluate (keeping the best model), checkpoint, stop on a signal
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    run.log(since_last_log.record(step, step / batches.steps_per_epoch, lr, grad_norm, device))
+                if held_out.items and (step % cfg.eval_steps == 0 or step == total_steps):
+                    last_report = run.evaluate_and_keep_best(step, lambda m: evaluate_held_out(m, held_out, cfg))
+                saved = step % cfg.save_steps == 0 and step < total_steps
+                if saved:
+                    run.save(step)
+                if stop.requested(world, device) and step < total_steps:
+                    path = run.out / f"checkpoint_step_{step}" if saved else run.save(step)  # not the same one twice
+                    print0(checkpoint.stopped_message(stop.signal, path, step, total_steps))
+                    return {"stopped_at": step, "checkpoint": str(path), "signal": stop.signal}
+        final_report = last_report if step == total_steps else None  # scored at the last step: not again
+        return run.finish(step, held_out, final_report,  # final_model/, evaluation_report.json
+                          lambda m: evaluate_held_out(m, held_out, cfg, progress=cfg.progress))
+    except checkpoint.ForcedStop:  # a second Ctrl-C: out at once, saying which checkpoint is intact
+        raise run.forced_stop(step, stop.signal) from None
+    finally:
+        run.release()  # the next run may take the directory (rank 0 holds it from the claim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces: the model, the data and its order, the optimizer and the schedule, clipping, evaluation
+
+
+def build_model(cfg: "TrainConfig") -> RewardModel:
+    """From scratch (the demo: a qwen3.SHAPES shape, the demo tokenizer's vocabulary), or a checkpoint."""
+    if cfg.from_scratch:
+        from support import demo
+        tokenizer = demo.demo_tokenizer()
+        config = dataclasses.replace(MODEL_SHAPES[cfg.model], vocab_size=tokenizer.vocab_size)
+        torch.manual_seed(cfg.seed)
+        model = RewardModel(config, head=cfg.head or "mlp", pooling=cfg.pooling or "mean")
+        model.model.init_weights(seed=cfg.seed)
+        model.init_head(cfg.seed)
+        model.tokenizer = tokenizer
+        return model
+    model = RewardModel.from_pretrained(cfg.model, head=cfg.head, pooling=cfg.pooling, seed=cfg.seed)
+    if model.tokenizer is None:
+        raise UserError(f"{cfg.model} has no tokenizer.json; a model directory must hold its tokenizer files")
+    return model
+
+
+def load_data(cfg: "TrainConfig", tokenizer) -> tuple[list, heldout.HeldOut, dict]:
+    """Pairs -> token ids, for training and held out (support/heldout.py decides which pairs are held out);
+    every skipped or dropped pair is counted and reported. Also returns what was read (pairs and files), for
+    a resume to notice data that changed."""
+    plan = heldout.plan_training(cfg.dataset, cfg.eval_dataset, cfg.eval_split, cfg.eval_fraction)
+    chat_format = tokenizer.chat_format(cfg.chat_template)  # renders conversational rows
+    pairs = heldout.load(plan, cfg.dataset, cfg.max_train_samples, cfg.max_eval_samples, chat_format)
+    train_items = data.tokenize_pairs(pairs.train, tokenizer, cfg.max_length, pairs.train_stats)
+    # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.
+    eval_items = data.tokenize_pairs(pairs.held_out, tokenizer, cfg.max_length, pairs.held_out_stats) \
+        if plan.split != "none" else []
+    validate.check_pairs_left(pairs, train_items, eval_items, plan, cfg.dataset, cfg.max_length)
+    held = f" (held out of the training pairs by content hash: --eval_fraction {plan.fraction})" \
+        if plan.fraction else ""
+    print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
+           f"train {pairs.train_stats.report()} | eval {pairs.held_out_stats.report()}")
+    read = {"train_pairs": len(pairs.train), "train_digest": data.pairs_digest(pairs.train),
+            "files": {**readers.file_fingerprints(cfg.dataset, "train"),
+                      **(readers.file_fingerprints(plan.sources, plan.split) if plan.split != "none" else {})}}
+    return train_items, heldout.HeldOut(eval_items, pairs.held_out_stats, *plan), read
+
+
+class StepBatches:
+    """Which pairs each optimizer step trains on. One step consumes one "step batch" of batch_size x
+    accumulation x processes pairs, and the order of step batches depends only on the seed and the epoch:
+    1 process x batch 8, 2 processes x batch 4 and batch 4 x 2 accumulation steps all see exactly the same
+    pairs at every step, and a resumed run picks the data order up at its step."""
+    def __init__(self, items: list, step_batch: int, seed: int):
+        self.lengths = [len(it.chosen_ids) + len(it.rejected_ids) for it in items]
+        self.step_batch, self.seed = step_batch, seed
+        self.steps_per_epoch = math.ceil(len(items) / step_batch)
+        self.epoch, self.order = None, None
+
+    def micro_batches(self, step: int, batch_size: int, rank: int, world: int) -> list[tuple[list[int], float]]:
+        """This process's micro-batches of optimizer step `step`: (indices into the items, weight). The weight
+        is the micro-batch's share of the step's pairs, times the processes (DDP averages the gradients over
+        them), so that accumulation and data parallelism equal one big batch exactly; one process without
+        accumulation: weight 1. A process whose slice of a short last batch is empty still runs, on a stand-in
+        pair (index 0) of weight 0, because every process must join each gradient all-reduce."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, data.batch_order(self.lengths, self.step_batch, self.seed, epoch)
+        idx = self.order[j]
+        per_micro = batch_size * world
+        slices = [idx[i:i + per_micro][rank::world] for i in range(0, len(idx), per_micro)]
+        return [(mine or [0], len(mine) / len(idx) * world) for mine in slices]
+
+
+def prepare_model(model: RewardModel, cfg: "TrainConfig", device, world: int, resume_from: Path | None):
+    """The model as it trains: resumed weights, on the device, int8, LoRA adapters, frozen layers,
+    recomputed activations, compiled blocks; returned wrapped for DDP/FSDP under torchrun (`model`
+    itself stays the one to save)."""
+    if cfg.lora_rank is not None:  # the base as loaded, before int8 or bf16 change it: what adapters need
+        fingerprint = lora.base_fingerprint(model)
+    if resume_from is not None:  # weights first, then the options that change the modules
+        adapters = run_context.resume_weights(model, cfg, resume_from,
+                                              fingerprint if cfg.lora_rank is not None else None)
+    model.to(device)
+    if device.type == "cpu":
+        run_context.use_one_thread_if_tiny(model)
+    if cfg.model_8bit:  # after the move: bitsandbytes quantises while placing the weights on the device
+        model.quantize_8bit()
+    if cfg.lora_rank is not None:  # frozen fp32 / bf16 (--bf16) / int8 (--8bit_model) base, adapters on top
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed,
+                      base_dtype=torch.bfloat16 if cfg.bf16 else None)
+        model.lora_config.update(base_model=cfg.model, base_fingerprint=fingerprint, base_8bit=cfg.model_8bit)
+        if resume_from is not None:
+            lora.load_adapter_state_dict(model, adapters, where=str(resume_from / "adapters"))
+    model.freeze_layers(cfg.freeze_layers)
+    model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    train_model = distributed.wrap(model, cfg.fsdp, device, world)
+    if cfg.compile:  # each block compiled in place: one compilation for all of them (see Qwen3.compile_blocks)
+        model.model.compile_blocks()
+    return train_model
+
+
+def make_optimizer(cfg: "TrainConfig", model, device):
+    """AdamW with weight decay on matrices only (not on norms and biases). Frozen parameters get no state."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.optim_8bit:
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """The share of the peak learning rate at `step`: linear warmup, (step + 1) / (warmup_steps + 1) (the
+    first step trains at 1/(warmup_steps + 1) of the peak, not at 0), then cosine decay to 0 at total_steps."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def clip_grad_norm(model, max_norm: float):
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def evaluate_held_out(model, held_out: heldout.HeldOut, cfg: "TrainConfig", progress: bool = False) -> dict:
+    """eval.py's report on the held-out pairs (tokenised once, before training)."""
+    from eval import evaluate
+    return evaluate(model, held_out.items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
+                    progress=progress, stats=held_out.stats, share_prompt=cfg.share_prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# The settings: every flag, with its help; the ones to know first are in the docstring at the top
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run; each field is a flag of the same name (support/cli.py), its help here."""
     # model
-    model: str = option("Qwen/Qwen3-0.6B", "Hub repo id or local checkpoint directory",
-                        flags=["--model", "--model_name"])
+    model: str = option("Qwen/Qwen3-0.6B", "Hub repo id or local checkpoint dir", flags=["--model", "--model_name"])
     from_scratch: bool = option(False, "random init of a qwen3.SHAPES shape (tiny, 0.6b, 1.7b) with the demo's "
                                        "tokenizer: for the demo and tests")
     head: str | None = option(None, "reward head (default: the checkpoint's, else mlp)", choices=HEADS)
@@ -106,14 +334,13 @@ class TrainConfig:
     device: str | None = option(None, "cuda, cpu, ... (default: cuda if available)")
     use_wandb: bool = option(False, "log to Weights & Biases")
     wandb_project: str = option("qwen3-rm", "W&B project name")
-    progress: bool = option(True, "no progress bar")
+    progress: bool = option(True, "show a progress bar (the flag is --no_progress: no bar)")
 
 
 # Named configurations: --config NAME starts from these values, and any flag given overrides them.
 MODELS = {"qwen3_0.6b": dict(model="Qwen/Qwen3-0.6B", batch_size=8, learning_rate=5e-6, num_epochs=3),
           "qwen3_1.7b": dict(model="Qwen/Qwen3-1.7B", batch_size=4, learning_rate=3e-6, num_epochs=3)}
-SIZES = {"": dict(max_train_samples=5000, max_length=1024),
-         "_small": dict(max_train_samples=1000, max_length=512),
+SIZES = {"": dict(max_train_samples=5000, max_length=1024), "_small": dict(max_train_samples=1000, max_length=512),
          "_medium": dict(max_train_samples=20000, max_length=1024),
          "_large": dict(max_train_samples=None, max_length=2048)}
 RUN_CONFIGS = {
@@ -130,242 +357,7 @@ RUN_CONFIGS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says. Returns step, output_dir, final_model, eval_accuracy, report and history (the
-    records of log.jsonl); after a Ctrl-C or SIGTERM, stopped_at, checkpoint and signal instead."""
-    run = run_context.Run(cfg, validate.validate(cfg))  # torchrun, the output directory, the --resume checkpoint
-    rank, world, device = run.rank, run.world, run.device
-
-    # ---- the model and the data: pairs -> token ids, in an order fixed by the seed
-    model = build_model(cfg)
-    train_items, held_out, data_read = load_data(cfg, model.tokenizer)  # a --chat_template PATH becomes the tokenizer's
-    # what the run evaluates on, as train_config.json, the checkpoints and the report record it
-    cfg = dataclasses.replace(cfg, eval_split=held_out.split, eval_fraction=held_out.fraction)
-    step_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world  # pairs per optimizer step
-    batches = StepBatches(train_items, step_batch, cfg.seed)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(batches.steps_per_epoch * cfg.num_epochs))
-    model.provenance = {"dataset": list(cfg.dataset), "eval_dataset": held_out.sources, "eval_split": cfg.eval_split,
-                        "eval_fraction": cfg.eval_fraction, "max_length": cfg.max_length,
-                        "share_prompt": cfg.share_prompt}
-
-    # ---- what trains it: the (wrapped) model, the optimizer, the schedule; on --resume, their saved states
-    run.check_resume(cfg, step_batch, total_steps, data_read)  # before its weights load: another run is refused
-    train_model = prepare_model(model, cfg, device, world, run.resume_from)
-    optimizer = make_optimizer(cfg, train_model, device)
-    warmup_steps = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"model: {cfg.model} | head {model.head_type}, pooling {model.pooling} | {n_trainable / 1e6:.2f}M of "
-           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters train | device {device}, "
-           f"{world} process(es)")
-    step = run.start(cfg, model, train_model, optimizer, scheduler, total_steps, step_batch, data_read)
-
-    collate = packing.choose_collate(cfg.packing, cfg.share_prompt)  # padded, packed and/or shared-prompt batches
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    since_last_log, last_report = metrics.MetricsSinceLastLog(device), None  # last_report: the last step's report
-    stop = checkpoint.SignalStop()  # Ctrl-C / SIGTERM: finish the step, checkpoint, print a resume line
-    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True,
-               disable=not (cfg.progress and rank == 0))
-    try:
-        with stop, bar:
-            while step < total_steps:
-                # -- one optimizer step over gradient_accumulation_steps micro-batches
-                micro_batches = batches.micro_batches(step, cfg.batch_size, rank, world)
-                pairs_in_step = sum(n for _, n in micro_batches)  # over all micro-batches and processes
-                sums = torch.zeros(len(metrics.StepMetrics._fields), device=device)  # loss, accuracy, margin, tokens
-                for i, (idx, _) in enumerate(micro_batches):
-                    # Weight each micro-batch by its share of the step's pairs, so accumulation (and data
-                    # parallelism, which averages over processes) equals one big batch exactly. A process
-                    # whose slice of a short last batch is empty still runs (on a stand-in pair, weight 0),
-                    # because every process must join each gradient all-reduce.
-                    weight = len(idx) / pairs_in_step * world
-                    items = [train_items[j] for j in idx] or [train_items[0]]
-                    batch = collate(items, model.tokenizer.pad_id).to(device)
-                    with distributed.no_sync(train_model, sync=i == len(micro_batches) - 1), autocast:
-                        rewards = train_model(batch.input_ids, batch.attention_mask, batch.layout)
-                    chosen, rejected = rewards.chunk(2)  # rows 0..B-1 are the chosen responses
-                    pairwise = pairwise_loss(chosen, rejected, batch.margin, cfg.center_rewards_coefficient)
-                    (pairwise["loss"] * weight).backward()
-                    sums += torch.stack([pairwise["loss"].detach() * weight, pairwise["accuracy"] * weight,
-                                         pairwise["margin"].detach() * weight,
-                                         batch.num_tokens() * world * (len(idx) > 0)])
-                step_metrics = metrics.StepMetrics(*distributed.all_reduce_mean(sums, world).tolist())
-                run.stop_if_not_finite("loss", step_metrics.loss, step + 1)
-                grad_norm = clip_grad_norm(train_model, cfg.max_grad_norm)
-                # a finite loss can still have an overflowing gradient
-                run.stop_if_not_finite("gradient norm", float(grad_norm), step + 1, before_update=True)
-                lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged, as TRL does)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                since_last_log.add(step_metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_metrics.loss:.4f}", acc=f"{step_metrics.accuracy:.3f}")
-
-                # -- log, evaluate (keeping the best model), checkpoint, stop on a signal
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    run.log(since_last_log.record(step, step / batches.steps_per_epoch, lr, grad_norm, device))
-                if held_out.items and (step % cfg.eval_steps == 0 or step == total_steps):
-                    last_report = run.evaluate_and_keep_best(step, lambda m: evaluate_held_out(m, held_out, cfg))
-                saved = step % cfg.save_steps == 0 and step < total_steps
-                if saved:
-                    run.save(step)
-                if stop.requested(world, device) and step < total_steps:
-                    path = run.out / f"checkpoint_step_{step}" if saved else run.save(step)  # not the same one twice
-                    print0(checkpoint.stopped_message(stop.signal, path, step, total_steps))
-                    return {"stopped_at": step, "checkpoint": str(path), "signal": stop.signal}
-        final_report = last_report if step == total_steps else None  # scored at the last step: not again
-        return run.finish(step, held_out, final_report,  # final_model/, evaluation_report.json
-                          lambda m: evaluate_held_out(m, held_out, cfg, progress=cfg.progress))
-    except checkpoint.ForcedStop:  # a second Ctrl-C: out at once, saying which checkpoint is intact
-        raise run.forced_stop(step, stop.signal) from None
-    finally:
-        run.release()  # the next run may take the directory (rank 0 holds it from the claim)
-
-
-# ----------------------------------------------------------------------------------------------
-# The pieces: the model, the data and its order, the optimizer and the schedule
-
-
-def build_model(cfg: TrainConfig) -> RewardModel:
-    """From scratch (the demo: a qwen3.SHAPES shape, the demo tokenizer's vocabulary), or a checkpoint."""
-    if cfg.from_scratch:
-        from support import demo
-        tokenizer = demo.demo_tokenizer()
-        config = dataclasses.replace(MODEL_SHAPES[cfg.model], vocab_size=tokenizer.vocab_size)
-        torch.manual_seed(cfg.seed)
-        model = RewardModel(config, head=cfg.head or "mlp", pooling=cfg.pooling or "mean")
-        model.model.init_weights(seed=cfg.seed)
-        model.init_head(cfg.seed)
-        model.tokenizer = tokenizer
-        return model
-    model = RewardModel.from_pretrained(cfg.model, head=cfg.head, pooling=cfg.pooling, seed=cfg.seed)
-    if model.tokenizer is None:
-        raise UserError(f"{cfg.model} has no tokenizer.json; a model directory must hold its tokenizer files")
-    return model
-
-
-def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, heldout.HeldOut, dict]:
-    """Pairs -> token ids, for training and held out (support/heldout.py decides which pairs are held out);
-    every skipped or dropped pair is counted and reported. Also returns what was read (pairs and files), for
-    a resume to notice data that changed."""
-    plan = heldout.plan_training(cfg.dataset, cfg.eval_dataset, cfg.eval_split, cfg.eval_fraction)
-    chat_format = tokenizer.chat_format(cfg.chat_template)  # renders conversational rows
-    pairs = heldout.load(plan, cfg.dataset, cfg.max_train_samples, cfg.max_eval_samples, chat_format)
-    train_items = data.tokenize_pairs(pairs.train, tokenizer, cfg.max_length, pairs.train_stats)
-    # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.
-    eval_items = data.tokenize_pairs(pairs.held_out, tokenizer, cfg.max_length, pairs.held_out_stats) \
-        if plan.split != "none" else []
-    validate.check_pairs_left(pairs, train_items, eval_items, plan, cfg.dataset, cfg.max_length)
-    held = f" (held out of the training pairs by content hash: --eval_fraction {plan.fraction})" \
-        if plan.fraction else ""
-    print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
-           f"train {pairs.train_stats.report()} | eval {pairs.held_out_stats.report()}")
-    read = {"train_pairs": len(pairs.train), "train_digest": data.pairs_digest(pairs.train),
-            "files": {**readers.file_fingerprints(cfg.dataset, "train"),
-                      **(readers.file_fingerprints(plan.sources, plan.split) if plan.split != "none" else {})}}
-    return train_items, heldout.HeldOut(eval_items, pairs.held_out_stats, *plan), read
-
-
-class StepBatches:
-    """Which pairs each optimizer step trains on. One step consumes one "step batch" of batch_size x
-    accumulation x processes pairs, and the order of step batches depends only on the seed and the epoch:
-    1 process x batch 8, 2 processes x batch 4 and batch 4 x 2 accumulation steps all see exactly the same
-    pairs at every step, and a resumed run picks the data order up at its step."""
-    def __init__(self, items: list, step_batch: int, seed: int):
-        self.lengths = [len(it.chosen_ids) + len(it.rejected_ids) for it in items]
-        self.step_batch, self.seed = step_batch, seed
-        self.steps_per_epoch = math.ceil(len(items) / step_batch)
-        self.epoch, self.order = None, None
-
-    def micro_batches(self, step: int, batch_size: int, rank: int, world: int) -> list[tuple[list[int], int]]:
-        """This process's micro-batches of optimizer step `step` (indices into the items), each with the
-        number of pairs in the whole micro-step (all processes)."""
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self.epoch:
-            self.epoch, self.order = epoch, data.batch_order(self.lengths, self.step_batch, self.seed, epoch)
-        idx = self.order[j]
-        per_micro = batch_size * world
-        chunks = [idx[i:i + per_micro] for i in range(0, len(idx), per_micro)]
-        return [(chunk[rank::world], len(chunk)) for chunk in chunks]
-
-
-def prepare_model(model: RewardModel, cfg: TrainConfig, device, world: int, resume_from: Path | None):
-    """The model as it trains: resumed weights, on the device, int8, LoRA adapters, frozen layers,
-    recomputed activations, compiled blocks; returned wrapped for DDP/FSDP under torchrun (`model`
-    itself stays the one to save)."""
-    if cfg.lora_rank is not None:  # the base as loaded, before int8 or bf16 change it: what adapters need
-        fingerprint = lora.base_fingerprint(model)
-    if resume_from is not None:  # weights first, then the options that change the modules
-        adapters = run_context.resume_weights(model, cfg, resume_from,
-                                              fingerprint if cfg.lora_rank is not None else None)
-    model.to(device)
-    if device.type == "cpu":
-        run_context.use_one_thread_if_tiny(model)
-    if cfg.model_8bit:  # after the move: bitsandbytes quantises while placing the weights on the device
-        model.quantize_8bit()
-    if cfg.lora_rank is not None:  # frozen fp32 / bf16 (--bf16) / int8 (--8bit_model) base, adapters on top
-        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed,
-                      base_dtype=torch.bfloat16 if cfg.bf16 else None)
-        model.lora_config.update(base_model=cfg.model, base_fingerprint=fingerprint, base_8bit=cfg.model_8bit)
-        if resume_from is not None:
-            lora.load_adapter_state_dict(model, adapters, where=str(resume_from / "adapters"))
-    model.freeze_layers(cfg.freeze_layers)
-    model.model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    train_model = distributed.wrap(model, cfg.fsdp, device, world)
-    if cfg.compile:  # each block compiled in place: one compilation for all of them (see Qwen3.compile_blocks)
-        model.model.compile_blocks()
-    return train_model
-
-
-def make_optimizer(cfg: TrainConfig, model, device):
-    """AdamW with weight decay on matrices only (not on norms and biases). Frozen parameters get no state."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if cfg.optim_8bit:
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             fused=device.type == "cuda")
-
-
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warmup from 0, then cosine decay to 0."""
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-# ----------------------------------------------------------------------------------------------
-# What the loop calls: clipping, evaluation
-
-
-def clip_grad_norm(model, max_norm: float):
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
-
-
-def evaluate_held_out(model, held_out: heldout.HeldOut, cfg: TrainConfig, progress: bool = False) -> dict:
-    """eval.py's report on the held-out pairs (tokenised once, before training)."""
-    from eval import evaluate
-    return evaluate(model, held_out.items, batch_size=cfg.batch_size * 2, max_length=cfg.max_length, bf16=cfg.bf16,
-                    progress=progress, stats=held_out.stats, share_prompt=cfg.share_prompt)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: one flag per TrainConfig field (support/cli.py); the named config supplies defaults, flags
-# override them.
+# Command line: one flag per TrainConfig field (support/cli.py); --config NAME supplies defaults, flags override
 
 
 def parse_command_line(argv=None) -> cli.CommandLine:
@@ -378,15 +370,7 @@ def main(argv=None):
     if eval_only:  # exactly eval.py
         import eval as eval_cli
         return eval_cli.main(cli.eval_only_args(cfg, model_path, given))
-    try:
-        result = train(cfg)
-    except checkpoint.ForcedStop as e:  # like the first Ctrl-C: exit status 130, not 0
-        if str(e):
-            print(e, file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
-    # Stopped by a signal, checkpoint saved: not a finished run (`train.py && eval.py` must not go on).
-    if "stopped_at" in result:
-        sys.exit(128 + signal.Signals[result["signal"]].value)
+    checkpoint.exit_if_stopped(lambda: train(cfg))  # stopped by a signal: exit status 128 + its number, not 0
 
 
 if __name__ == "__main__":

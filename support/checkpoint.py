@@ -13,7 +13,8 @@
   (every read bounded, every bad file one line). Nothing in a checkpoint is pickle, so loading one
   cannot run code. The data order is a pure function of seed and step, so a resumed run is exact.
 - SignalStop: Ctrl-C / SIGTERM finish the step, checkpoint and print a resume line; a second Ctrl-C
-  raises ForcedStop at once, and forced_stop says what is left on disk.
+  raises ForcedStop at once, and forced_stop says what is left on disk; exit_if_stopped gives a stopped
+  run its exit status.
 Every write goes through fileio: under a temporary name, renamed into place when complete.
 """
 import dataclasses
@@ -743,6 +744,21 @@ def resume_args(argv: list[str]) -> list[str]:
         if not a.startswith("--resume="):
             args.append(a)
     return args
+
+
+def exit_if_stopped(train):
+    """train.py's main: runs train(). A run stopped by a signal, its checkpoint saved, is not a finished run
+    (`train.py && eval.py` must not go on): exit status 128 + the signal's number; a second Ctrl-C (ForcedStop)
+    exits 130, as the first would."""
+    try:
+        result = train()
+    except ForcedStop as e:
+        if str(e):
+            print(e, file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    if "stopped_at" in result:
+        sys.exit(128 + signal.Signals[result["signal"]].value)
+    return result
 
 
 def stopped_message(signal_name: str, checkpoint: Path, step: int, total_steps: int) -> str:

@@ -3,6 +3,8 @@ goes to log.jsonl, W&B and the console.
 
 - StepMetrics: one optimizer step's loss, accuracy and margin (averaged over its pairs, every process's
   included) and its tokens (summed over processes).
+- StepSums: the step's metrics summed as its micro-batches come (each weighted as its loss is), then over
+  the processes: what makes them those of one big batch, out of train.py's loop.
 - MetricsSinceLastLog: the steps since the last log line, averaged into the next record (numbers to six
   significant digits, so that 1.16e-5 stays 1.16e-5; the learning rate too).
 - peak_memory_gib: the peak memory of the device (CUDA) or the process (CPU); tools/bench.py uses it too.
@@ -14,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from support import checkpoint
+from support import checkpoint, distributed
 from support.distributed import is_main_process, print0
 
 
@@ -25,6 +27,23 @@ class StepMetrics(NamedTuple):
     accuracy: float
     margin: float
     tokens: float
+
+
+class StepSums:
+    """One optimizer step's metrics, added up over its micro-batches: loss, accuracy and margin each times
+    the micro-batch's weight (its share of the step's pairs, times the processes: train.StepBatches), so
+    they average over the step's pairs as the gradient does; tokens times the processes, and none from a
+    stand-in micro-batch (weight 0). over_processes() averages the processes' sums (a collective)."""
+    def __init__(self, device: torch.device, world: int):
+        self.world, self.sums = world, torch.zeros(len(StepMetrics._fields), device=device)
+
+    def add(self, pairwise: dict, batch, weight: float):
+        """One micro-batch: rm.pairwise_loss's dict for it, its data.Batch and its weight."""
+        self.sums += torch.stack([pairwise["loss"].detach() * weight, pairwise["accuracy"] * weight,
+                                  pairwise["margin"].detach() * weight, batch.num_tokens() * self.world * (weight > 0)])
+
+    def over_processes(self) -> StepMetrics:
+        return StepMetrics(*distributed.all_reduce_mean(self.sums, self.world).tolist())
 
 
 class MetricsSinceLastLog:

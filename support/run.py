@@ -49,13 +49,18 @@ class Run:
 
     def start(self, cfg, model, train_model, optimizer, scheduler, total_steps: int, step_batch: int,
               data_read: dict) -> int:
-        """The run begins: on --resume the saved optimizer, schedule and RNG states come back; then the first
-        write into the output directory (every input has been checked by now), and W&B. `cfg` is the
-        configuration as the run records it. Returns the first step to train."""
+        """The run begins: a line on the model (the parameters that train); on --resume the saved optimizer,
+        schedule and RNG states come back; then the first write into the output directory (every input has
+        been checked by now), and W&B. `cfg` is the configuration as the run records it. Returns the first
+        step to train."""
         self.cfg, self.model, self.train_model, self.optimizer, self.scheduler = \
             cfg, model, train_model, optimizer, scheduler
         self.total_steps, self.step_batch, self.data_read = total_steps, step_batch, data_read
         step, self.best_accuracy = 0, -1.0
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f"model: {cfg.model} | head {model.head_type}, pooling {model.pooling} | {n_trainable / 1e6:.2f}M of "
+               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters train | device {self.device}, "
+               f"{self.world} process(es)")
         if self.resume_from is not None:
             step, self.best_accuracy, changed = resume_training(self.resume_from, cfg, optimizer, scheduler,
                                                                 train_model)

@@ -246,6 +246,11 @@ def test_accumulation_with_a_short_last_micro_batch_equals_one_big_batch(tmp_pat
     items = train_module.load_data(cfg, model.tokenizer)[0]
     batches = train_module.StepBatches(items, 12, cfg.seed)
     assert [len(idx) for idx, _ in batches.micro_batches(3, 4, 0, 1)] == [4, 4, 2]
+    assert [w for _, w in batches.micro_batches(3, 4, 0, 1)] == [0.4, 0.4, 0.2]  # shares of the step's 10 pairs
+    # 2 processes x batch 4 (8 pairs per micro-step): the step's 10 pairs as 8 + 2; rank 1's slice of the
+    # short one is 1 pair. 3 processes x batch 3: 9 + 1, and rank 2 has none of the 1: a stand-in pair, weight 0
+    assert [w for _, w in batches.micro_batches(3, 4, 1, 2)] == [4 / 10 * 2, 1 / 10 * 2]
+    assert batches.micro_batches(3, 3, 2, 3)[-1] == ([0], 0.0)
     (idx, _), = batches.micro_batches(3, 12, 0, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     params = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]  # make_optimizer's order

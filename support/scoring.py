@@ -23,6 +23,7 @@ from support.errors import UserError
 from support.fileio import write_json_atomic
 from support.hub import read_json
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest reward a float32 forward can give
 MIN_STD = 1e-8  # as OpenRLHF clamps it: constant rewards must not divide by zero
 
 
@@ -137,6 +138,7 @@ def valid_stats(stats) -> bool:
     """Whether a saved "reward_stats" entry is usable: finite mean, std > 0, n a whole number."""
     return (isinstance(stats, dict) and all(type(stats.get(k)) in (int, float) for k in ("mean", "std"))
             and math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0
+            and math.isfinite((abs(stats["mean"]) + FLOAT32_MAX) / stats["std"])  # (r - mean) / std of any reward
             and type(stats.get("n")) is int and stats["n"] >= 2)
 
 

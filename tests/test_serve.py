@@ -230,6 +230,10 @@ BAD = {  # name: (raw request bytes, status, words of the error)
     "query item an object": (b'{"query": [{"role": "user"}]}', 400, "query[0]"),
     "message without content": (b'{"query": [[{"role": "user"}]]}', 400, "query[0]"),
     "unpaired surrogate": (b'{"query": ["\\ud800"]}', 400, "surrogates"),
+    "unpaired surrogate in a conversation": (b'{"query": [[{"role": "user", "content": "a\\udc00"}]]}', 400,
+                                             "a conversation with unpaired surrogates"),
+    "more JSON values than texts can need": (b'{"query": ["a"], "labels": [' + b"0," * 2000 + b'0]}', 400,
+                                             f"over {64 * MAX_TEXTS:,} JSON values"),
     "invalid UTF-8": (b'{"query": ["\xff\xfe"]}', 400, "not valid JSON"),
     "deep nesting": (b"[" * 50_000, 400, "not valid JSON"),
     "too many texts": (json.dumps({"query": ["a"] * (MAX_TEXTS + 1)}).encode(), 400, "--max_texts"),
@@ -260,6 +264,17 @@ HEADER_CASES = {  # name: (raw request, status, words)
     "PUT /get_reward": (post_bytes(b"{}").replace(b"POST", b"PUT"), 405, "takes POST"),
     "unknown method": (b"BREW /get_reward HTTP/1.1\r\n\r\n", 501, "Unsupported method"),
     "garbage request line": (b"\x00\x01 nonsense\r\n\r\n", 400, "Bad"),
+    "malformed request target": (post_bytes(b"{}").replace(b"/get_reward", b"http://[::1/get_reward"), 400,
+                                 "is not a path"),
+    "malformed target, Expect: 100-continue": (post_bytes(b"{}", extra="Expect: 100-continue\r\n").replace(
+        b"/get_reward", b"http://[::1/get_reward"), 400, "is not a path"),
+    "Transfer-Encoding gzip with a Content-Length": (post_bytes(b'{"query": ["a"]}', extra="Transfer-Encoding: "
+                                                                "gzip\r\n"), 501, "'gzip' is not supported"),
+    "request line too long": (b"GET /" + b"a" * 65_600 + b" HTTP/1.1\r\n\r\n", 414,
+                              "the request line is over 65,536 bytes, the limit"),
+    "headers over 64 KiB": (b"GET /health HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 1000 + b"\r\n" * 1
+                            + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(75)) + b"\r\n", 431,
+                            "request line and headers are over 65,536 bytes"),
 }
 
 
@@ -269,6 +284,24 @@ def test_bad_request_gets_its_status_and_the_server_stays_up(server, reference, 
     got, answer = raw_request(server, data)
     assert got == status and words in answer["error"], (got, answer)
     assert_healthy(server, reference[1])
+
+
+def test_a_body_of_exactly_the_limit_is_served_and_head_health_has_no_body(server, reference):
+    item = ITEMS[0]
+    body = json.dumps({"query": [item]}).encode().ljust(int(MAX_BODY_MB * 2**20))  # JSON, then spaces
+    status, answer = request(server, body=body)
+    assert status == 200
+    assert_rewards(answer, [item], reference[1])
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=TIMEOUT)
+    try:
+        conn.request("HEAD", "/health")
+        response = conn.getresponse()
+        assert response.status == 200 and int(response.headers["Content-Length"]) > 0
+        assert response.read() == b""
+    finally:
+        conn.close()
+    status, health = request(server, "GET", "/health")
+    assert health["normalize"] is False and "reward_stats" not in health  # (with --normalize: true, and the stats)
 
 
 def test_expect_100_continue_over_the_limit_is_refused_before_the_body_is_sent(server, reference):
@@ -328,9 +361,9 @@ def test_signal_answers_requests_in_flight_and_exits_0(model_dir, reference, tmp
 # ---- in process: the scoring thread with a stand-in model ----------------------------------------
 
 
-def in_process_server(score, batch_size=8, max_wait_ms=20):
-    args = argparse.Namespace(host="127.0.0.1", port=0, batch_size=batch_size, max_wait_ms=max_wait_ms,
-                              max_body_mb=1, max_texts=64, quiet=True)
+def in_process_server(score, batch_size=8, max_wait_ms=20, **limits):
+    args = argparse.Namespace(**{"host": "127.0.0.1", "port": 0, "batch_size": batch_size, "max_wait_ms": max_wait_ms,
+                                 "max_body_mb": 1, "max_texts": 64, "quiet": True, **limits})
     server = serve.make_server(score, {"model": "stand-in"}, args).start()
     return server, server.server_address[1]
 
@@ -396,8 +429,8 @@ def test_a_lone_client_is_not_kept_waiting():
 
 
 def test_only_loopback_hosts_go_without_a_warning():
-    assert not any(map(serve.exposure_warning, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
-    for host in ["0.0.0.0", "::", "192.168.1.2", "example.com"]:
+    assert not any(map(serve.exposure_warning, ["127.0.0.1", "127.0.0.2", "::1", "localhost", "127.1", "127.0.1"]))
+    for host in ["0.0.0.0", "::", "192.168.1.2", "example.com", "10.1", "128.1"]:
         assert serve.exposure_warning(host).startswith(f"warning: listening on {host}, beyond this machine, with "
                                                        "no authentication")
 
@@ -414,6 +447,12 @@ def test_startup_mistakes_are_one_line(hf_tiny, model_dir, tmp_path):
     (no_stats / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="^--normalize needs the reward mean and std in .*save_reward_stats"):
         serve.main([str(no_stats), "--port", "0", "--normalize"])
+    # a std with which (r - mean) / std is not finite: refused at load (it answered 500 to every request)
+    config["reward_model"]["reward_stats"] = {"mean": 0.0, "std": 5e-324, "n": 10}
+    (no_stats / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="reward_stats") as refused:
+        serve.main([str(no_stats), "--port", "0", "--normalize"])
+    assert "\n" not in str(refused.value)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -421,3 +460,151 @@ def test_startup_mistakes_are_one_line(hf_tiny, model_dir, tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("error: cannot listen on 127.0.0.1:"), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_signal_during_a_batch_exits_130_never_abort(model_dir, tmp_path):
+    """Long texts at a larger --max_length keep the scoring thread inside forward passes for seconds; a second
+    SIGTERM then leaves at once with 130, without the interpreter's shutdown under the running forward pass
+    (that was SIGABRT, "terminate called without an active exception"). One signal: the tests above."""
+    long_text = "\n\nHuman: tell me about cats." + " whiskers purring fur" * 600 + "\n\nAssistant: kitten"
+    body = json.dumps({"query": [long_text + f" {i}" for i in range(MAX_TEXTS)]}).encode()
+    log_path = tmp_path / "server.log"
+    proc, port = start_server(model_dir, log_path, "--max_length", "500", "--max_body_mb", "1")  # ~0.7 s a batch
+    try:
+        with ThreadPoolExecutor(4) as pool:  # 8 batches of 8 texts to score
+            answers = [pool.submit(lambda: request(port, body=body)) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while request(port, "GET", "/health")[1]["batches"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)   # until the first forward passes run
+            for _ in range(2):
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+            status = proc.wait(timeout=30)
+            log = log_path.read_text()
+            assert status == 130 and "stopped at once" in log, (status, log)
+            assert "terminate called" not in log and "Traceback" not in log, log
+            for a in answers:  # answered or cut off: never left hanging
+                try:
+                    a.result(timeout=30)
+                except (ConnectionError, http.client.HTTPException):
+                    pass
+    finally:
+        proc.kill()
+
+
+def test_json_amplification_is_refused_before_parsing_and_health_does_not_stall():
+    """11 million query items in 22 MB (under a 32 MiB --max_body_mb): refused from a count of their commas,
+    without json.loads (which took 10 s and 1 GB, holding every thread); four at once, while /health is
+    asked every 50 ms and answers in well under a second each time."""
+    server, port = in_process_server(lambda texts: [0.0] * len(texts), max_body_mb=32)
+    body = b'{"query": [' + b"0," * 11_000_000 + b"0]}"
+    latencies, done = [], threading.Event()
+
+    def probe():
+        while not done.is_set():
+            start = time.monotonic()
+            assert request(port, "GET", "/health")[0] == 200
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.05)
+    try:
+        prober = threading.Thread(target=probe)
+        prober.start()
+        start = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: request(port, body=body), range(4), timeout=60))
+        elapsed = time.monotonic() - start
+        done.set()
+        prober.join(30)
+        for status, answer in answers:
+            assert status == 400 and "JSON values" in answer["error"], answer
+        assert elapsed < 10 and max(latencies) < 1.5, (elapsed, max(latencies))
+        assert request(port, body={"query": ["after"]})[0] == 200
+    finally:
+        done.set()
+        server.stop(5)
+
+
+def trickle(port, prefix: bytes, limit_s: float = 4.0) -> float:
+    """Send prefix, then a byte every 0.2 s: seconds until the server closes the connection (limit_s: never)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(prefix)
+        start = time.monotonic()
+        s.settimeout(0.2)
+        while time.monotonic() - start < limit_s:
+            try:
+                s.sendall(b"a")
+                if s.recv(65536) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+        return time.monotonic() - start
+
+
+def test_slow_clients_are_cut_off_at_the_request_deadline_and_others_go_on():
+    """Slowloris: a byte every 0.2 s keeps a socket timeout from ever firing, in the head or in the body; the
+    request deadline (--request_timeout, here 1 s) closes both, while the other clients are served."""
+    server, port = in_process_server(lambda texts: [1.0] * len(texts), request_timeout=1.0)
+    try:
+        for prefix in (b"POST /get_reward HTTP/1.1\r\nX-Slow: ", b"POST /get_reward HTTP/1.1\r\nContent-Length: 100\r\n\r\n"):
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(trickle, port, prefix)
+                while not slow.done():
+                    assert request(port, body={"query": ["x"]}) == (200, {"rewards": [1.0], "scores": [1.0]})
+                    time.sleep(0.1)
+                assert slow.result() < 3, slow.result()  # the 1 s deadline; it would have gone on for 4 s
+    finally:
+        server.stop(5)
+
+
+def test_connections_are_bounded_and_one_more_is_answered_503_at_once():
+    """--max_connections (here 4): four stalled clients hold four threads; a fifth connection is answered 503
+    at once (not a fifth thread), and once the four have gone the server serves again."""
+    server, port = in_process_server(lambda texts: [1.0] * len(texts), max_connections=4)
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(4)]
+    try:
+        for s in stalled:
+            s.sendall(b"POST /get_reward HTTP/1.1\r\nContent-")
+        time.sleep(0.3)
+        threads = threading.active_count()
+        start = time.monotonic()
+        status, answer = request(port, "GET", "/health")
+        assert status == 503 and "--max_connections" in answer["error"] and time.monotonic() - start < 2
+        assert threading.active_count() <= threads
+    finally:
+        for s in stalled:
+            s.close()
+    try:
+        deadline = time.monotonic() + 10
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert request(port, body={"query": ["x"]}) == (200, {"rewards": [1.0], "scores": [1.0]})
+    finally:
+        server.stop(5)
+
+
+def test_a_client_that_left_is_not_scored_and_keeps_nobody_waiting():
+    """Three clients send 48 texts each and leave; the next client's one text is answered at once (it waited
+    for all 144 texts: 39-72 s on a real model), and the texts of the clients that left are dropped."""
+    sizes = []
+
+    def score(texts):
+        sizes.append(len(texts))
+        time.sleep(0.02 * len(texts))   # 20 ms a text: all 144 would take 2.9 s
+        return [1.0] * len(texts)
+
+    server, port = in_process_server(score, batch_size=4)
+    try:
+        body = json.dumps({"query": [f"text {i}" for i in range(48)]}).encode()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+                s.sendall(post_bytes(body))
+        time.sleep(0.1)
+        start = time.monotonic()
+        assert request(port, body={"query": ["x"]}) == (200, {"rewards": [1.0], "scores": [1.0]})
+        assert time.monotonic() - start < 1.0
+        health = request(port, "GET", "/health")[1]
+        assert health["dropped"] == 3 and sum(sizes) <= 1 + 3 * 4, (health, sizes)
+    finally:
+        server.stop(5)

@@ -17,21 +17,31 @@
   (Batcher) runs the model. It takes every request waiting, and while more are being read it waits for
   them up to --max_wait_ms, until it holds --batch_size texts: clients that ask together are scored in
   the same forward passes. A lone client is never kept waiting for company.
+  A request is scored in pieces of at most --batch_size texts, and before each piece the scoring thread
+  drops the requests whose client has gone: a client that left never keeps the others waiting.
 - It never falls over: every refusal is a JSON {"error": "..."} with its status code (docs/serving.md
   lists them and the limits); a failure inside the model answers 500 only to the requests whose texts fail.
-  SIGTERM or Ctrl-C stops accepting, answers the requests in flight and exits 0 (a second one: at once).
+  What a client can hold is bounded: connections (--max_connections), the time to send a request
+  (--request_timeout, from its first byte), the bytes of its head, the body's bytes and JSON values, and
+  the bodies held at once (BODY_BUDGET bodies of --max_body_mb).
+  SIGTERM or Ctrl-C stops accepting, answers the requests in flight and exits 0 (a second one: at once, 130).
 - No authentication: bind to loopback (the default) or put it behind something that checks clients.
 """
 import collections
+import io
 import ipaddress
 import json
+import os
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -43,10 +53,18 @@ from support.errors import ArgumentParser, UserError, run_cli
 ROUTES = {"/get_reward": "POST", "/health": "GET"}   # path -> the one method it takes
 DEFAULT_MAX_BODY_MB = 32         # a body over this is refused (413) from its Content-Length, unread
 DEFAULT_MAX_TEXTS = 1024         # texts per request
+JSON_VALUES_PER_TEXT = 64        # a body's JSON may hold this many values (commas) per --max_texts: what a
+                                 # conversation of ~30 messages needs, and bounded before parsing
+DEFAULT_MAX_CONNECTIONS = 128    # connections at once; more are answered 503 at once
+DEFAULT_REQUEST_TIMEOUT_S = 60   # a request (line, headers, body) must arrive whole this long after its first byte
+MAX_HEAD_BYTES = 64 * 1024       # request line and headers together
+MAX_LINE = 65536                 # http.server's own limit on the request line (414 above it)
+BODY_BUDGET = 4                  # request bodies held at once, in --max_body_mb: more wait outside (503)
 ANSWER_TIMEOUT_S = 600           # a request waits this long for its scores at most (then 503)
 IDLE_TIMEOUT_S = 30              # a connection silent this long (idle keep-alive, a stalled body) is closed
 DISCARD_MAX = 1 << 20           # a refused request's unread body up to this size is read before answering
 GRACE_S = 10                     # on SIGTERM/Ctrl-C, how long the requests in flight have to finish
+STOP_S = 5                       # then how long the piece being scored has to finish (else exit under it)
 
 
 class Refusal(Exception):
@@ -58,24 +76,45 @@ class Refusal(Exception):
 
 
 class Disconnected(Exception):
-    """The client went away before its request was read whole: nothing to answer."""
+    """The client went away before its request was read whole, or before it was scored: nothing to answer."""
+
+
+class HeadTooLarge(Exception):
+    """The request line and headers are over MAX_HEAD_BYTES."""
 
 
 # ----------------------------------------------------------------------------------------------
 # The scoring thread
 
 
+@dataclass(eq=False)  # a Job is itself (found in the queue by identity)
+class Job:
+    """One request's texts, scored in pieces of at most batch_size; gone() says whether its client has left."""
+    texts: list
+    gone: object = lambda: False
+    future: Future = field(default_factory=Future)
+    rewards: list = field(default_factory=list)   # of the texts scored so far, in order
+
+    def answer(self, result=None, error: Exception | None = None):
+        """Set the Future once: a request dropped (stop, client gone) meanwhile keeps its first outcome."""
+        try:
+            self.future.set_exception(error) if error else self.future.set_result(result)
+        except InvalidStateError:
+            pass
+
+
 class Batcher:
     """The one thread that runs the model. Handler threads submit() a request's texts and wait on the
-    Future; the thread scores the texts of every request waiting together (score(texts) -> rewards)."""
+    Future; the thread scores pieces of the waiting requests together (score(texts) -> rewards), at most
+    batch_size texts per call, in arrival order, and before each call drops the requests whose client left."""
 
     def __init__(self, score, batch_size: int, max_wait_s: float):
         self.score, self.batch_size, self.max_wait_s = score, batch_size, max_wait_s
         self.cond = threading.Condition()
-        self.waiting = collections.deque()      # (texts, Future) in arrival order
+        self.waiting = collections.deque()      # Jobs in arrival order; the first may be partly scored
         self.arriving = 0                       # requests being read: worth a short wait
         self.stopping = False
-        self.counts = {"requests": 0, "texts": 0, "batches": 0}
+        self.counts = {"requests": 0, "texts": 0, "batches": 0, "dropped": 0}
         self.thread = threading.Thread(target=self.run, name="scorer", daemon=True)
 
     def arrive(self):
@@ -88,68 +127,92 @@ class Batcher:
             self.arriving -= 1
             self.cond.notify()
 
-    def submit(self, texts: list) -> Future:
-        future = Future()
+    def submit(self, texts: list, gone=lambda: False) -> Future:
+        job = Job(texts, gone)
         with self.cond:
             self.arriving -= 1
-            self.waiting.append((texts, future))
+            self.waiting.append(job)
             self.cond.notify()
-        return future
+        return job.future
 
     def stop(self):
-        """Finish what is waiting, then end the thread."""
+        """Drop what is still waiting (its requests get 503), finish the piece being scored, end the thread."""
         with self.cond:
             self.stopping = True
+            while self.waiting:
+                self.waiting.popleft().answer(error=Refusal(503, "the server stopped before scoring this request; "
+                                                                 "send it again"))
             self.cond.notify()
 
+    def drop_gone(self):
+        """(cond held) Drop the waiting requests whose client has gone: nobody would read their rewards."""
+        for job in [job for job in self.waiting if job.gone()]:
+            self.waiting.remove(job)
+            self.counts["dropped"] += 1
+            job.answer(error=Disconnected())
+
     def next_batch(self) -> list | None:
-        """The requests to score together: all waiting ones, and those arriving within max_wait_s, until
-        batch_size texts. None once stopped with nothing left."""
+        """Pieces (job, start, end) to score together, at most batch_size texts: the waiting requests in order,
+        and those arriving within max_wait_s. None once stopped."""
         with self.cond:
-            while not self.waiting:
+            while True:
                 if self.stopping:
                     return None
+                self.drop_gone()
+                if self.waiting:
+                    break
                 self.cond.wait()
             deadline = time.monotonic() + self.max_wait_s
-            batch, n = [], 0
+            pieces, n = [], 0
             while n < self.batch_size:
                 if self.waiting:
-                    batch.append(self.waiting.popleft())
-                    n += len(batch[-1][0])
+                    job = self.waiting[0]
+                    start = len(job.rewards)
+                    end = min(len(job.texts), start + self.batch_size - n)
+                    pieces.append((job, start, end))
+                    n += end - start
+                    if end == len(job.texts):
+                        self.waiting.popleft()
                     continue
                 left = deadline - time.monotonic()
                 if not self.arriving or left <= 0 or self.stopping:
                     break
                 self.cond.wait(left)
-            return batch
+                self.drop_gone()
+            return pieces
 
     def run(self):
-        while (batch := self.next_batch()) is not None:
+        while (pieces := self.next_batch()) is not None:
             self.counts["batches"] += 1
-            self.counts["requests"] += len(batch)
-            self.counts["texts"] += sum(len(texts) for texts, _ in batch)
-            self.score_batch(batch)
+            self.counts["texts"] += sum(end - start for _, start, end in pieces)
+            self.score_batch(pieces)
 
-    def score_batch(self, batch: list):
-        """Score the batch's texts in one call and hand each request its share. If that fails, each request
-        is scored alone, so that only the one whose text broke it gets the error: a UserError (a
-        conversation the chat template refuses, ...) is the request's fault, 400; anything else is 500."""
+    def score_batch(self, pieces: list):
+        """Score the pieces' texts in one call and hand each request its share; a request whose texts are all
+        scored gets its rewards. If the call fails, each piece is scored alone, so that only the request whose
+        text broke it gets the error (and loses its other pieces): a UserError (a conversation the chat
+        template refuses, ...) is the request's fault, 400; anything else is 500."""
         try:
-            rewards = self.score([t for texts, _ in batch for t in texts])
+            rewards = self.score([t for job, start, end in pieces for t in job.texts[start:end]])
         except Exception as e:
-            if len(batch) > 1:
-                for job in batch:
-                    self.score_batch([job])
+            if len(pieces) > 1:
+                for piece in pieces:
+                    self.score_batch([piece])
                 return
-            if isinstance(e, UserError):
-                batch[0][1].set_exception(Refusal(400, str(e)))
-            else:
-                batch[0][1].set_exception(Refusal(500, f"scoring failed ({type(e).__name__}: {e}"[:500] + ")"))
+            job = pieces[0][0]
+            with self.cond:
+                if job in self.waiting:
+                    self.waiting.remove(job)
+            job.answer(error=Refusal(400, str(e)) if isinstance(e, UserError) else
+                       Refusal(500, f"scoring failed ({type(e).__name__}: {e}"[:500] + ")"))
             return
-        start = 0
-        for texts, future in batch:
-            future.set_result(rewards[start:start + len(texts)])
-            start += len(texts)
+        offset = 0
+        for job, start, end in pieces:
+            job.rewards.extend(rewards[offset:offset + end - start])
+            offset += end - start
+            if len(job.rewards) == len(job.texts):
+                self.counts["requests"] += 1
+                job.answer(job.rewards)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +221,12 @@ class Batcher:
 
 def content_length(headers, max_body: int) -> int:
     """The body's size from its headers, refused before a byte of it is read when over max_body."""
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+    coding = ", ".join(headers.get_all("Transfer-Encoding") or [])
+    if "chunked" in coding.lower():
         raise Refusal(411, "chunked bodies are not accepted; send the body with a Content-Length header")
+    if coding:  # gzip, ...: the body is not what Content-Length counts as JSON; never read it as plain
+        raise Refusal(501, f"Transfer-Encoding {coding!r:.60} is not supported; send the JSON body as it is, "
+                           "with a Content-Length header")
     values = headers.get_all("Content-Length") or []
     if not values:
         raise Refusal(411, "a POST needs a Content-Length header")
@@ -172,9 +239,33 @@ def content_length(headers, max_body: int) -> int:
     return length
 
 
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')   # a JSON string, escapes included
+
+
+def json_values_at_most(body: bytes, limit: int) -> bool:
+    """Whether the JSON text holds at most about `limit` values, from its commas outside strings (a
+    container's values but its first, an object's keys) without parsing: json.loads of a body of empty
+    lists costs ~30x its bytes in memory and seconds that hold every thread. Nesting is bounded by
+    json.loads itself (RecursionError). Commas inside strings are skipped string by string only when the
+    plain count is over, and that walk stops after `limit` of them."""
+    if body.count(b",") <= limit:
+        return True
+    commas, pos = 0, 0
+    for string in JSON_STRING.finditer(body):
+        commas += body.count(b",", pos, string.start())
+        if commas > limit:
+            return False
+        pos = string.end()
+    return commas + body.count(b",", pos) <= limit
+
+
 def parse_query(body: bytes, max_texts: int) -> list:
     """The "query" of an OpenRLHF request body: a list of texts (strings) and conversations."""
     usage = 'send {"query": [texts or conversations]}'
+    max_values = JSON_VALUES_PER_TEXT * max_texts
+    if not json_values_at_most(body, max_values):
+        raise Refusal(400, f"the body holds over {max_values:,} JSON values ({JSON_VALUES_PER_TEXT} per text of "
+                           f"--max_texts {max_texts:,}); {usage}, split into several requests")
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -191,7 +282,9 @@ def parse_query(body: bytes, max_texts: int) -> list:
         if isinstance(item, str):
             problem = None if item.isascii() or is_utf8(item) else "a string with unpaired surrogates"
         elif isinstance(item, list):
-            problem = None if chat.is_conversation(item) else "a list that is not a conversation"
+            problem = ("a list that is not a conversation" if not chat.is_conversation(item) else
+                       "a conversation with unpaired surrogates" if not is_utf8(json.dumps(item, ensure_ascii=False))
+                       else None)
         else:
             problem = JSON_TYPES.get(type(item), "not a text")
         if problem:
@@ -215,6 +308,48 @@ def is_utf8(text: str) -> bool:
 # HTTP
 
 
+class RequestReader(io.RawIOBase):
+    """A connection's socket as its handler reads it, with two bounds a socket timeout lacks: a request
+    must arrive whole within `timeout_s` of its first byte (a client sending a byte every few seconds never
+    trips the idle timeout), and its head (request line and headers) within MAX_HEAD_BYTES (http.server
+    alone allows 100 header lines of 64 KiB). The idle timeout still closes a silent connection."""
+
+    def __init__(self, sock, timeout_s: float):
+        self.sock, self.timeout_s = sock, timeout_s
+        self.next_request()
+
+    def next_request(self):
+        self.sock.settimeout(IDLE_TIMEOUT_S)            # (the last request's read may have shortened it)
+        self.deadline = None                            # set by the request's first byte
+        self.head_left = MAX_HEAD_BYTES + io.DEFAULT_BUFFER_SIZE   # (a buffered read may take some body too)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the request did not arrive whole within {self.timeout_s:g} s")
+            self.sock.settimeout(min(IDLE_TIMEOUT_S, left))
+        n = self.sock.recv_into(buffer)
+        if n and self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+        if self.head_left is not None:
+            self.head_left -= n
+            if self.head_left < 0:
+                raise HeadTooLarge
+        return n
+
+
+def path_of(target: str) -> str | None:
+    """The path of a request target, None when it is not one (`http://[::1/x`: urlsplit raises)."""
+    try:
+        return urlsplit(target).path
+    except ValueError:
+        return None
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive: a client may send many requests on one connection
     default_request_version = "HTTP/1.0"  # so that the answer to a garbled request line has a status line
@@ -222,6 +357,34 @@ class Handler(BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT_S
     body_read = False               # set per request: whether its body has been read (refuse() reads a small one)
     disable_nagle_algorithm = True  # TCP_NODELAY: else a small answer waits ~40 ms for the client's delayed ACK
+
+    def setup(self):
+        super().setup()
+        self.reader = RequestReader(self.connection, self.server.request_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        """http.server's, with the request's bounds: its head over MAX_HEAD_BYTES is answered 431; a request
+        not whole in time, or a client gone, closes the connection (one log line, never a traceback)."""
+        self.reader.next_request()
+        try:
+            super().handle_one_request()
+        except HeadTooLarge:
+            self.requestline = getattr(self, "requestline", "")
+            self.send_error(431, f"the request line and headers are over {MAX_HEAD_BYTES:,} bytes, the limit; "
+                                 "send the texts in the body")
+        except (ConnectionError, TimeoutError) as e:
+            self.log_message("connection closed: %s", e)
+            self.close_connection = True
+
+    def client_gone(self) -> bool:
+        """Whether the client has closed its connection while it waits for its answer (the scoring thread asks)."""
+        try:
+            poll = select.poll()
+            poll.register(self.connection, select.POLLIN)
+            return bool(poll.poll(0)) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def do_GET(self):
         self.dispatch("GET")
@@ -248,10 +411,14 @@ class Handler(BaseHTTPRequestHandler):
         """Route the request and answer it; every failure becomes a JSON error, never a dead thread."""
         server = self.server
         self.body_read = False
+        self.reader.head_left = None   # the head is read: what follows is the body
         with server.lock:
             server.in_flight += 1
         try:
-            path = urlsplit(self.path).path
+            path = path_of(self.path)
+            if path is None:
+                raise Refusal(400, f"the request target {self.path!r:.100} is not a path; use POST /get_reward or "
+                                   "GET /health")
             allowed = ROUTES.get(path)
             if allowed is None:
                 raise Refusal(404, f"no such path {path!r:.100}; use POST /get_reward or GET /health")
@@ -275,7 +442,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self):
         """A client that asks before sending its body (curl does above 1 MiB) hears of a 413 before sending it."""
-        if self.command == "POST" and urlsplit(self.path).path == "/get_reward":
+        if self.command == "POST" and path_of(self.path) == "/get_reward":
             try:
                 content_length(self.headers, self.server.max_body)
             except Refusal as e:
@@ -303,23 +470,32 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_and_score(self) -> list:
         server, batcher = self.server, self.server.batcher
-        batcher.arrive()  # (while stopping too: a request that got here is in flight, and answered)
+        length = content_length(self.headers, server.max_body)
+        if not server.hold(length):
+            raise Refusal(503, f"the server holds {BODY_BUDGET} bodies' worth of requests (--max_body_mb) already; "
+                               "send it again shortly", {"Retry-After": "1"})
         try:
-            length = content_length(self.headers, server.max_body)
-            body = self.rfile.read(length)
-            self.body_read = True
-            if len(body) < length:
-                raise Disconnected
-            texts = parse_query(body, server.max_texts)
-        except BaseException:
-            batcher.leave()
-            raise
-        future = batcher.submit(texts)
-        try:
-            rewards = future.result(timeout=ANSWER_TIMEOUT_S)
-        except FutureTimeout:
-            raise Refusal(503, f"no scores after {ANSWER_TIMEOUT_S} s; the server is overloaded or stuck") from None
-        return rewards
+            batcher.arrive()  # (while stopping too: a request that got here is in flight, and answered)
+            try:
+                body = self.rfile.read(length)
+                self.body_read = True
+                if len(body) < length:
+                    raise Disconnected
+                texts = parse_query(body, server.max_texts)
+                del body
+            except BaseException:
+                batcher.leave()
+                raise
+            if not texts:
+                batcher.leave()
+                return []
+            future = batcher.submit(texts, self.client_gone)
+            try:
+                return future.result(timeout=ANSWER_TIMEOUT_S)
+            except FutureTimeout:
+                raise Refusal(503, f"no scores after {ANSWER_TIMEOUT_S} s; the server is overloaded or stuck") from None
+        finally:
+            server.hold(-length)
 
     def send_json(self, status: int, obj: dict, headers: dict | None = None, close: bool = False,
                   body: bool = True):
@@ -344,11 +520,25 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's own refusals (an unknown method: 501, a malformed request line, headers too long)
         as JSON too."""
         self.close_connection = True
-        self.log_message("%s -> %d: %s", self.requestline[:200], code, message)
+        if code == 414:  # http.server's own says just "414"
+            message = (f"the request line is over {MAX_LINE:,} bytes, the limit; send the texts in the body of "
+                       "POST /get_reward")
+        self.log_message("%s -> %d: %s", getattr(self, "requestline", "")[:200], code, message)
         try:
             self.send_json(code, {"error": message or str(code)}, close=True)
+            if code in (414, 431):
+                self.drain()
         except (ConnectionError, TimeoutError):
             pass
+
+    def drain(self):
+        """Read and drop, briefly, what the client has sent beyond what we read (a head over the limit):
+        closing over unread data resets the connection, and the client would see the reset, not our answer."""
+        self.wfile.flush()
+        self.connection.settimeout(0.2)
+        for _ in range(16):
+            if not self.connection.recv(65536):
+                return
 
     def log_request(self, code="-", size="-"):
         pass  # answers are not logged (a busy server would drown its log); refusals are, by refuse()
@@ -363,14 +553,59 @@ class RewardServer(ThreadingHTTPServer):
     daemon_threads = True          # a stalled connection never keeps the process alive
     request_queue_size = 128       # listen backlog: many clients connecting at once are not refused
 
-    def __init__(self, address, batcher: Batcher, info: dict, max_body: int, max_texts: int, quiet=False):
+    def __init__(self, address, batcher: Batcher, info: dict, max_body: int, max_texts: int, quiet=False,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S):
         super().__init__(address, Handler)
         self.batcher, self.info, self.max_body, self.max_texts, self.quiet = batcher, info, max_body, max_texts, quiet
+        self.max_connections, self.request_timeout = max_connections, request_timeout
         self.lock = threading.Lock()
-        self.in_flight = 0
+        self.in_flight = self.connections = self.held = 0   # requests being answered, connections, body bytes
         self.stopping = False
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
                                        name="http", daemon=True)
+
+    def hold(self, nbytes: int) -> bool:
+        """Count nbytes of request bodies as held (negative: released); False, counting nothing, when that
+        would take the bodies held at once over BODY_BUDGET * max_body."""
+        with self.lock:
+            if nbytes > 0 and self.held + nbytes > BODY_BUDGET * self.max_body:
+                return False
+            self.held += nbytes
+            return True
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to max_connections; one more is answered 503 at once and closed."""
+        with self.lock:
+            full = self.connections >= self.max_connections
+            self.connections += not full
+        if not full:
+            return super().process_request(request, client_address)
+        body = json.dumps({"error": f"the server has {self.max_connections} connections open (--max_connections); "
+                                    "send it again shortly"}).encode()
+        try:
+            request.setblocking(False)
+            request.recv(65536)   # what the client sent already: closing over unread data would reset
+        except OSError:
+            pass
+        try:
+            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.connections -= 1
+
+    def handle_error(self, request, client_address):
+        """A connection's thread ended by an exception we did not expect: one line, never a traceback."""
+        if not self.quiet:
+            e = sys.exc_info()[1]
+            sys.stderr.write(f"serve: {client_address[0]} connection ended: {type(e).__name__}: {e}"[:300] + "\n")
 
     def health(self) -> tuple[int, dict]:
         if self.stopping:
@@ -385,17 +620,22 @@ class RewardServer(ThreadingHTTPServer):
         return self
 
     def stop(self, grace_s: float = GRACE_S) -> int:
-        """Stop accepting, give the requests in flight grace_s to be answered, stop the scoring thread.
-        Returns how many requests were still in flight (0: all answered)."""
+        """Stop accepting, give the requests in flight grace_s to be answered, then drop the rest (503) and
+        stop the scoring thread after the piece it is scoring (up to STOP_S more). Returns how many requests
+        were not answered with their rewards (0: all were)."""
         self.stopping = True
         self.shutdown()                # the accept loop ends; handler threads go on
         self.server_close()            # new connections are refused, not left waiting in the backlog
         deadline = time.monotonic() + grace_s
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
+        left = self.in_flight
         self.batcher.stop()
-        self.batcher.thread.join(max(0.0, deadline - time.monotonic()))
-        return self.in_flight
+        self.batcher.thread.join(STOP_S)
+        deadline = time.monotonic() + 1  # the dropped requests' 503s are on their way
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return left
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,11 +643,16 @@ class RewardServer(ThreadingHTTPServer):
 
 
 def is_loopback(host: str) -> bool:
+    """Whether an address is this machine only: localhost, 127.x.y.z in any form inet_aton takes (127.1), ::1."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host)).is_loopback
+    except OSError:
         return False
 
 
@@ -437,8 +682,8 @@ def load_model(args):
                         f"save them with python eval.py {args.checkpoint} --save_reward_stats, or drop --normalize")
     max_length = scoring_length(model, args.max_length)  # score()'s rule: one model, one reward
     info = {"model": str(model_dir), "head": model.head_type, "pooling": model.pooling, "max_length": max_length,
-            "batch_size": args.batch_size, "device": args.device,
-            "normalize": model.reward_stats if args.normalize else None}
+            "batch_size": args.batch_size, "device": args.device, "normalize": args.normalize,
+            **({"reward_stats": model.reward_stats} if args.normalize else {})}
     return model, max_length, info
 
 
@@ -447,7 +692,9 @@ def make_server(score, info: dict, args) -> RewardServer:
     batcher = Batcher(score, args.batch_size, args.max_wait_ms / 1000)
     try:
         return RewardServer((args.host, args.port), batcher, info, max_body=int(args.max_body_mb * 2**20),
-                            max_texts=args.max_texts, quiet=getattr(args, "quiet", False))
+                            max_texts=args.max_texts, quiet=getattr(args, "quiet", False),
+                            max_connections=getattr(args, "max_connections", DEFAULT_MAX_CONNECTIONS),
+                            request_timeout=getattr(args, "request_timeout", DEFAULT_REQUEST_TIMEOUT_S))
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                         "or --host") from None
@@ -475,6 +722,11 @@ def parse_args(argv=None):
                    help=f"larger request bodies are refused with 413, unread (default: {DEFAULT_MAX_BODY_MB})")
     p.add_argument("--max_texts", type=positive_int, default=DEFAULT_MAX_TEXTS,
                    help=f"most texts per request (default: {DEFAULT_MAX_TEXTS})")
+    p.add_argument("--max_connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"connections at once; one more is answered 503 (default: {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--request_timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="SECONDS",
+                   help="a request (line, headers, body) must arrive whole within this of its first byte, else the "
+                        f"connection is closed (default: {DEFAULT_REQUEST_TIMEOUT_S})")
     p.add_argument("--chat_template", default=None, metavar="PATH",
                    help="render conversations with this .jinja file instead of the model's chat template")
     p.add_argument("--bf16", action="store_true", help="load the weights in bfloat16")
@@ -488,6 +740,8 @@ def parse_args(argv=None):
         raise UserError(f"--max_length {args.max_length} is too small; use at least 2 (one token + eos)")
     if not (0 <= args.max_wait_ms <= 10_000):
         raise UserError(f"--max_wait_ms {args.max_wait_ms} must be from 0 to 10000")
+    if not (0 < args.request_timeout <= 3600):
+        raise UserError(f"--request_timeout {args.request_timeout} must be above 0 and at most 3600 seconds")
     if not (0 < args.max_body_mb <= 4096):
         raise UserError(f"--max_body_mb {args.max_body_mb} must be above 0 and at most 4096")
     if args.chat_template is not None and not Path(args.chat_template).is_file():
@@ -516,7 +770,7 @@ def main(argv=None):
     def on_signal(signum, frame):
         if stop.is_set():  # the second one: at once
             print("serve: stopped at once (second signal)", file=sys.stderr, flush=True)
-            sys.exit(130)
+            leave(130)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -524,7 +778,7 @@ def main(argv=None):
     server.start()
     print(f"serving {info['model']} ({info['head']} head, max_length {info['max_length']}, batch_size {args.batch_size}, "
           f"{args.device}) on http://{host}:{port}/get_reward", flush=True)
-    if warning := exposure_warning(args.host):
+    if exposure_warning(host) and (warning := exposure_warning(args.host)):  # (host: the address it bound)
         print(warning, file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
@@ -533,6 +787,19 @@ def main(argv=None):
     if left:
         print(f"serve: {left} request(s) still unanswered after {GRACE_S} s were dropped", file=sys.stderr, flush=True)
     print("serve: stopped", flush=True)
+    if server.batcher.thread.is_alive():
+        leave(0)
+
+
+def leave(status: int):
+    """Exit now, without the interpreter's shutdown: it would tear the process down under a forward pass
+    still running in the scoring thread (C++ std::terminate, SIGABRT)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 if __name__ == "__main__":

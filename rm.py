@@ -170,13 +170,12 @@ class RewardModel(nn.Module):
         """Rewards, in input order, for whole transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") or
         conversations (lists of {"role", "content"} messages, rendered with the model's chat template).
 
-        The ids are those training sees (Tokenizer.sequence: a text gets the eos token appended unless it
-        ends with it, a conversation nothing); longer than max_length keeps the END (the response), as
-        training does. max_length's default is the training max_length saved with the model (else its
-        max_position_embeddings): the same on every path, so tools.serve, eval.py --benchmark,
-        score_responses and reward_function give the same reward (scoring.scoring_length). Batches are
-        formed by length to waste little padding. normalize: (r - mean) / std with the saved reward_stats.
+        The ids are those training sees (Tokenizer.sequence: eos appended to a text unless it ends with it,
+        nothing to a conversation); longer than max_length (default: the training max_length saved with the
+        model, else max_position_embeddings: scoring.scoring_length, one rule on every scoring path) keeps
+        the END, as training does. Batches are formed by length. normalize: (r - mean) / std, reward_stats.
         """
+        scoring.check_arguments("score", "texts", texts, batch_size, max_length, normalize)  # a str is not a list
         seqs = scoring.sequences(self, texts, max_length)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         batches = [order[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
@@ -188,6 +187,7 @@ class RewardModel(nn.Module):
         """One reward per response to the same prompt (best-of-N), equal to score() of each whole text
         (scoring.joined: prompt + response, or a conversation plus the assistant's turn), with the prompt's
         tokens run once per batch_size responses (packing.collate_responses)."""
+        scoring.check_arguments("score_responses", "responses", responses, batch_size, max_length, normalize)
         seqs = scoring.sequences(self, scoring.joined(prompt, responses), max_length)
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
         return scoring.run_batches(self, seqs, batches, normalize, shared=True)

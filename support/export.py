@@ -12,6 +12,7 @@
 - `quantize_linears_8bit`: the LLM.int8() layers of `RewardModel.quantize_8bit`.
 The RewardModel class itself stays in rm.py: these functions take it (or an instance) as an argument.
 """
+import os
 from pathlib import Path
 
 import torch
@@ -123,6 +124,11 @@ def save(model, out_dir, extra_files: dict | None = None) -> Path:
     """Write model.safetensors, config.json and the tokenizer files into a temporary sibling directory
     that is renamed into place only when complete (fileio.atomic_dir)."""
     from safetensors.torch import save_file
+    check_path("save_pretrained", "out_dir", out_dir)
+    if extra_files is not None and not (isinstance(extra_files, dict) and all(
+            isinstance(name, str) and callable(write) for name, write in extra_files.items())):
+        raise UserError("save_pretrained: extra_files must be None or a dict {file name: function(path) that "
+                        "writes it}, e.g. {\"notes.txt\": lambda path: path.write_text(\"...\")}")
     with atomic_dir(out_dir) as tmp:
         save_file(export_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
         if model.tokenizer is not None:
@@ -136,7 +142,8 @@ def save(model, out_dir, extra_files: dict | None = None) -> Path:
 def load(reward_model_class, name_or_path: str, head: str | None, pooling: str | None, dtype, device, seed: int):
     """RewardModel.from_pretrained: one of three kinds of checkpoint, each checked before a model is built
     (a plain language model gets a fresh head, seeded)."""
-    model_dir = hub.resolve_model_dir(name_or_path)
+    check_load_arguments(name_or_path, head, pooling, dtype, device, seed)
+    model_dir = hub.resolve_model_dir(str(name_or_path))
     raw = weights.read_config(model_dir)
     saved = reward_model_config(raw, model_dir)
     backbone = {**raw, "model_type": "qwen3"} if saved and raw.get("model_type") == REWARD_MODEL_TYPE else raw
@@ -145,7 +152,7 @@ def load(reward_model_class, name_or_path: str, head: str | None, pooling: str |
         for what, asked in (("head", head), ("pooling", pooling)):
             if asked is not None and asked != saved[what]:
                 raise UserError(f"{model_dir} was saved with {what} {saved[what]!r}; it cannot be loaded "
-                                f"with {what} {asked!r} (drop the option)")
+                                f"with {what} {asked!r}; leave {what} unset (config.json says it)")
         head, pooling = saved["head"], saved["pooling"]
     header = weights.read_header(model_dir, config)  # weights that disagree with config.json: refused, nothing built
     with torch.device("meta"):
@@ -168,6 +175,32 @@ def load(reward_model_class, name_or_path: str, head: str | None, pooling: str |
                             f"vocab_size is {config.vocab_size}: the tokenizer belongs to another model; "
                             "copy the base model's tokenizer files there")
     return model.to(device)
+
+
+def check_path(call: str, name: str, value):
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise UserError(f"{call}: {name}={value!r:.100} must be a directory path (a str or a pathlib.Path)")
+
+
+def check_load_arguments(name_or_path, head, pooling, dtype, device, seed):
+    """RewardModel.from_pretrained's arguments, each refused in one line naming it, before anything is read."""
+    check_path("from_pretrained", "name_or_path", name_or_path)
+    for name, value, choices in (("head", head, HEADS), ("pooling", pooling, POOLINGS)):
+        if value is not None and value not in choices:
+            raise UserError(f"from_pretrained: {name}={value!r} is not one of {choices}; or leave it None (a saved "
+                            f"reward model says its own)")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UserError(f"from_pretrained: dtype={dtype!r} must be a floating-point torch dtype, e.g. torch.float32 "
+                        "or torch.bfloat16")
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UserError(f"from_pretrained: device={device!r} is not a torch device; use \"cpu\", \"cuda\", "
+                        "\"cuda:1\" or a torch.device") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"from_pretrained: device={device!r} but torch sees no CUDA GPU; use device=\"cpu\"")
+    if not scoring.is_whole(seed):
+        raise UserError(f"from_pretrained: seed={seed!r} must be an int (it seeds a fresh head)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ RewardModel keeps thin methods (score, score_responses, reward_function, reward_
 - `reward_function`: TRL GRPOTrainer's `reward_funcs` signature, f(prompts, completions, **kwargs).
 """
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -27,6 +28,50 @@ FLOAT32_MAX = 3.4028234663852886e38  # the largest reward a float32 forward can 
 MIN_STD = 1e-8  # as OpenRLHF clamps it: constant rewards must not divide by zero
 
 
+# ----------------------------------------------------------------------------------------------
+# The public API's arguments, checked before any work: one error naming the argument and the fix, in
+# Python terms. A str where a list belongs above all: it would be scored one character at a time.
+
+
+def check_arguments(call: str, name: str, items, batch_size, max_length, normalize):
+    """score(texts, ...) and score_responses(prompt, responses, ...): `items` (called `name`) a list of texts
+    or conversations (responses: also single messages), batch_size >= 1, max_length None or >= 2, normalize
+    True or False."""
+    check_list(call, name, items)
+    for i, item in enumerate(items):
+        if name == "texts" and isinstance(item, dict):
+            raise UserError(f"{call}: texts[{i}] is a message (a dict); a conversation is a list of messages, and "
+                            f"texts a list of those: {call}([[{{\"role\": ..., \"content\": ...}}, ...]])")
+        if not isinstance(item, (str, list, tuple, dict)):
+            raise UserError(f"{call}: {name}[{i}] is {type(item).__name__}; each is a text (str) or a conversation "
+                            f"(a list of {{\"role\", \"content\"}} messages)")
+    if not is_whole(batch_size) or batch_size < 1:
+        raise UserError(f"{call}: batch_size={batch_size!r} must be a whole number >= 1 (texts per forward pass)")
+    if max_length is not None and (not is_whole(max_length) or max_length < 2):
+        raise UserError(f"{call}: max_length={max_length!r} must be a whole number >= 2 (the tokens a text keeps, "
+                        f"its end), or None for the model's own (scoring_length)")
+    check_flag(call, "normalize", normalize)
+
+
+def check_list(call: str, name: str, value):
+    if isinstance(value, (str, bytes)):
+        raise UserError(f"{call}: {name} is one {type(value).__name__}, not a list (it would be scored one character "
+                        f"at a time); wrap it in a list: [{name[:-1]}]")
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{call}: {name} is {type(value).__name__}; pass a list of texts (str) or conversations "
+                        f"(lists of {{\"role\", \"content\"}} messages)")
+
+
+def check_flag(call: str, name: str, value):
+    if not isinstance(value, bool):
+        raise UserError(f"{call}: {name}={value!r} must be True or False")
+
+
+def is_whole(value) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def joined(prompt, responses: list) -> list:
     """The whole texts of one prompt answered by each response: prompt + response for a string prompt (an
     hh-rlhf transcript ending in "\\n\\nAssistant:", or any text); for a conversation (a list of messages),
@@ -39,7 +84,7 @@ def joined(prompt, responses: list) -> list:
         return [prompt + r for r in responses]
     if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
         raise UserError(f"a prompt is a string or a list of {{\"role\", \"content\"}} messages, not "
-                        f"{type(prompt).__name__}")
+                        f"{type(prompt).__name__ if not isinstance(prompt, list) else 'a list of other things'}")
     texts = []
     for r in responses:
         if isinstance(r, str):
@@ -70,6 +115,10 @@ def sequences(model, texts: list, max_length: int | None) -> list[list[int]]:
     if model.tokenizer is None:
         raise UserError("this model has no tokenizer; load it with RewardModel.from_pretrained from a "
                         "directory holding tokenizer.json, or set model.tokenizer")
+    if model.tokenizer.chat_template is None and any(not isinstance(t, str) for t in texts):
+        raise UserError("score: conversations (lists of {\"role\", \"content\"} messages) need a chat template "
+                        "and this model's tokenizer has none; give it one: model.tokenizer.chat_format(\"PATH\") "
+                        "with a .jinja file (e.g. the instruct model's chat_template.jinja), or score whole texts")
     return [model.tokenizer.sequence(t, scoring_length(model, max_length)) for t in texts]
 
 
@@ -112,9 +161,12 @@ def reward_function(model, normalize: bool = False):
     """f(prompts, completions, **kwargs) -> one reward per completion, for TRL GRPOTrainer(reward_funcs=[f]).
     Strings or conversations. A run of equal consecutive prompts (GRPO lists each prompt's completions
     together) is scored with score_responses, its prompt computed once; lone prompts are batched in score."""
+    check_flag("reward_function", "normalize", normalize)
     normalizer(model.reward_stats, normalize)  # no statistics: fail now, not at the first training step
 
     def reward(prompts: list, completions: list, **kwargs) -> list[float]:
+        check_list("reward_function()(prompts, completions)", "prompts", prompts)
+        check_list("reward_function()(prompts, completions)", "completions", completions)
         if len(prompts) != len(completions):
             raise UserError(f"{len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion")
         rewards, lone = [0.0] * len(prompts), []

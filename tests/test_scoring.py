@@ -3,6 +3,7 @@ config.json, TRL's reward function, and score()'s bounded tokenisation.
 
 References: score() of each whole text alone (itself checked against forward and transformers in test_rm),
 hand computations of the statistics, transformers loading the export."""
+import copy
 import functools
 import json
 import math
@@ -107,6 +108,79 @@ def test_wrong_kinds_of_responses_are_one_line(bpe_tok):
 
 # ----------------------------------------------------------------------------------------------
 # Normalisation statistics
+
+
+CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+# (call, what the error must say): each a mistake that gave a silent wrong answer or a bare Python error
+BAD_CALLS = {
+    "score(str)": (lambda m, d: m.score("one text"), "score: texts is one str, not a list"),
+    "score(None)": (lambda m, d: m.score(None), "score: texts is NoneType; pass a list"),
+    "score([int])": (lambda m, d: m.score(["ok", 3]), "score: texts[1] is int"),
+    "score(one conversation)": (lambda m, d: m.score(CONVERSATION), "score: texts[0] is a message (a dict)"),
+    "score(batch_size=-1)": (lambda m, d: m.score(["a"], batch_size=-1), "score: batch_size=-1 must be a whole"),
+    "score(batch_size=0)": (lambda m, d: m.score(["a"], batch_size=0), "score: batch_size=0 must be a whole"),
+    "score(batch_size=2.0)": (lambda m, d: m.score(["a"], batch_size=2.0), "batch_size=2.0 must be a whole"),
+    "score(batch_size=True)": (lambda m, d: m.score(["a"], batch_size=True), "batch_size=True must be a whole"),
+    "score(max_length=0)": (lambda m, d: m.score(["a"], max_length=0), "score: max_length=0 must be a whole number >= 2"),
+    "score(max_length=-5)": (lambda m, d: m.score(["a"], max_length=-5), "max_length=-5 must be a whole number >= 2"),
+    "score(max_length=1)": (lambda m, d: m.score(["a"], max_length=1), "max_length=1 must be a whole number >= 2"),
+    "score(normalize='yes')": (lambda m, d: m.score(["a"], normalize="yes"), "normalize='yes' must be True or False"),
+    "score(conversation, no template)": (lambda m, d: m.score([CONVERSATION]),
+                                         "need a chat template and this model's tokenizer has none; give it one: "
+                                         "model.tokenizer.chat_format(\"PATH\")"),
+    "score_responses(str)": (lambda m, d: m.score_responses(PROMPT, " Paris."), "responses is one str, not a list"),
+    "score_responses(None)": (lambda m, d: m.score_responses(PROMPT, None), "responses is NoneType"),
+    "score_responses(batch_size=0)": (lambda m, d: m.score_responses(PROMPT, ["a"], batch_size=0), "batch_size=0"),
+    "score_responses(max_length=0)": (lambda m, d: m.score_responses(PROMPT, ["a"], max_length=0), "max_length=0"),
+    "reward_function(normalize='x')": (lambda m, d: m.reward_function(normalize="x"), "normalize='x' must be True"),
+    "reward_function()(None, ...)": (lambda m, d: m.reward_function()(None, ["a"]), "prompts is NoneType"),
+    "reward_function()(..., None)": (lambda m, d: m.reward_function()([PROMPT], None), "completions is NoneType"),
+    "reward_function()(str, str)": (lambda m, d: m.reward_function()(PROMPT, " Paris."), "prompts is one str"),
+    "from_pretrained(None)": (lambda m, d: RewardModel.from_pretrained(None), "name_or_path=None must be a directory"),
+    "from_pretrained(dtype='float32')": (lambda m, d: RewardModel.from_pretrained(d, dtype="float32"),
+                                         "dtype='float32' must be a floating-point torch dtype"),
+    "from_pretrained(dtype=int8)": (lambda m, d: RewardModel.from_pretrained(d, dtype=torch.int8), "dtype=torch.int8"),
+    "from_pretrained(device='gpu')": (lambda m, d: RewardModel.from_pretrained(d, device="gpu"),
+                                      "device='gpu' is not a torch device"),
+    "from_pretrained(head='x')": (lambda m, d: RewardModel.from_pretrained(d, head="x"), "head='x' is not one of"),
+    "from_pretrained(seed='1')": (lambda m, d: RewardModel.from_pretrained(d, seed="1"), "seed='1' must be an int"),
+    "save_pretrained(None)": (lambda m, d: m.save_pretrained(None), "out_dir=None must be a directory path"),
+    "save_pretrained(extra_files=str)": (lambda m, d: m.save_pretrained(d.parent / "x", extra_files={"a": "text"}),
+                                         "extra_files must be None or a dict"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, bpe_tok):
+    """A tiny model whose tokenizer has no chat template, and its saved directory."""
+    model = tiny_rm(bpe_tok)
+    model.tokenizer = copy.copy(bpe_tok)
+    model.tokenizer.chat_template = None
+    return model, model.save_pretrained(tmp_path_factory.mktemp("api") / "model")
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_public_api_refuses_bad_arguments_in_one_line(saved, case):
+    """The public API checks its arguments: one UserError naming the argument and the fix, in Python terms
+    (never a command-line flag), never a silent wrong answer (score("text") gave one reward per character,
+    batch_size=-1 [0.0], max_length=0 no limit) nor an error from deep inside."""
+    call, expected = BAD_CALLS[case]
+    with pytest.raises(UserError) as e:
+        call(*saved)
+    assert expected in str(e.value) and "\n" not in str(e.value) and "--" not in str(e.value), str(e.value)
+    assert not (saved[1].parent / "x").exists()
+
+
+def test_public_api_takes_what_it_documents(saved):
+    """The checks refuse nothing the API promises: tuples, numpy ints, a pathlib.Path, a torch.device; and
+    help(RewardModel.score) shows the transcript format as written, "\\n\\nHuman: ..."."""
+    import numpy as np
+    model, path = saved
+    assert model.score(("a", "b"), batch_size=np.int64(1), max_length=np.int32(8)) == \
+        pytest.approx(model.score(["a", "b"], max_length=8), abs=1e-6)
+    assert RewardModel.from_pretrained(path, device=torch.device("cpu"), seed=np.int64(0)).score(["a"]) == \
+        pytest.approx(model.score(["a"]), abs=1e-6)
+    assert '("\\n\\nHuman: ...\\n\\nAssistant: ...")' in RewardModel.score.__doc__
 
 
 def test_stats_from_report_equal_stats_of_all_rewards():

@@ -57,7 +57,7 @@ def train(cfg: "TrainConfig") -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(batches.steps_per_epoch * cfg.num_epochs))
     model.provenance = {"dataset": list(cfg.dataset), "eval_dataset": held_out.sources, "eval_split": cfg.eval_split,
                         "eval_fraction": cfg.eval_fraction, "max_length": cfg.max_length,
-                        "share_prompt": cfg.share_prompt}
+                        "share_prompt": cfg.share_prompt, "dedup": cfg.dedup}
 
     # ---- what trains it: the (wrapped) model, the optimizer, the schedule; on --resume, their saved states
     run.check_resume(cfg, step_batch, total_steps, data_read)  # before its weights load: another run is refused
@@ -152,7 +152,8 @@ def load_data(cfg: "TrainConfig", tokenizer) -> tuple[list, heldout.HeldOut, dic
     a resume to notice data that changed."""
     plan = heldout.plan_training(cfg.dataset, cfg.eval_dataset, cfg.eval_split, cfg.eval_fraction)
     chat_format = tokenizer.chat_format(cfg.chat_template)  # renders conversational rows
-    pairs = heldout.load(plan, cfg.dataset, cfg.max_train_samples, cfg.max_eval_samples, chat_format)
+    pairs = heldout.load(plan, cfg.dataset, cfg.max_train_samples, cfg.max_eval_samples, chat_format,
+                         dedup=cfg.dedup, decontaminate=cfg.decontaminate)
     train_items = data.tokenize_pairs(pairs.train, tokenizer, cfg.max_length, pairs.train_stats)
     # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.
     eval_items = data.tokenize_pairs(pairs.held_out, tokenizer, cfg.max_length, pairs.held_out_stats) \
@@ -161,8 +162,8 @@ def load_data(cfg: "TrainConfig", tokenizer) -> tuple[list, heldout.HeldOut, dic
     held = f" (held out of the training pairs by content hash: --eval_fraction {plan.fraction})" \
         if plan.fraction else ""
     print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
-           f"train {pairs.train_stats.report()} | eval {pairs.held_out_stats.report()}")
-    read = {"train_pairs": len(pairs.train), "train_digest": data.pairs_digest(pairs.train),
+           f"train {pairs.train_stats.report()} | eval {pairs.held_out_stats.report()}{pairs.removal}")
+    read = {"train_pairs": len(pairs.train), "train_digest": data.pairs_digest(pairs.train), "removed": pairs.removed,
             "files": {**readers.file_fingerprints(cfg.dataset, "train"),
                       **(readers.file_fingerprints(plan.sources, plan.split) if plan.split != "none" else {})}}
     return train_items, heldout.HeldOut(eval_items, pairs.held_out_stats, *plan), read
@@ -284,6 +285,9 @@ class TrainConfig:
     max_train_samples: int | None = option(None, "use at most this many training pairs")
     max_eval_samples: int | None = option(1000, "evaluate on at most this many pairs")
     max_length: int = option(1024, "max tokens per sequence (prompt cut from the left)")
+    dedup: bool = option(False, "drop repeated and reversed pairs (up to case, spaces), before the held-out split")
+    decontaminate: list | None = option(None, "drop training pairs whose prompt shares a 13-gram of words with a "
+                                              "prompt of these benchmark files", metavar="PATH")
     chat_template: str = option("auto", "conversational rows (lists of messages): auto renders them with the model's "
                                 "chat template, PATH with that .jinja file (saved with the model), none refuses "
                                 "them", metavar="auto|none|PATH")

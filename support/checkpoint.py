@@ -407,7 +407,9 @@ def check_data_record(data):
     """trainer_state.json's "data" (load_data's record of the training pairs read), or None (older runs)."""
     if data is None:
         return
-    if not (isinstance(data, dict) and data.keys() == {"train_pairs", "train_digest", "files"}
+    removed = data.get("removed") if isinstance(data, dict) else None  # --dedup, --decontaminate: counts
+    if not (isinstance(data, dict) and data.keys() - {"removed"} == {"train_pairs", "train_digest", "files"}
+            and (removed is None or isinstance(removed, dict) and all(type(n) is int for n in removed.values()))
             and type(data["train_pairs"]) is int and isinstance(data["train_digest"], str)
             and isinstance(data["files"], dict)
             and all(isinstance(v, list) and len(v) == 2 and all(type(x) in (int, float) for x in v)
@@ -634,7 +636,8 @@ def unreadable(file: Path, e: Exception) -> UserError:
 # (the best model is picked on them), the optimizer's kind. Another value is refused in one line.
 SAME_RUN = ("model", "from_scratch", "head", "pooling", "dataset", "eval_split", "eval_dataset", "eval_fraction",
             "max_train_samples", "max_eval_samples", "max_length", "seed", "freeze_layers", "model_8bit",
-            "optim_8bit", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "chat_template")
+            "optim_8bit", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "chat_template", "dedup",
+            "decontaminate")
 # MAY_CHANGE: honoured from the resumed step on and recorded in train_config.json. The schedule
 # (learning_rate, num_epochs, max_steps, warmup_ratio: each later step gets the new schedule's rate),
 # the update (weight_decay, max_grad_norm, center_rewards_coefficient), how the same pairs per step are

@@ -9,8 +9,11 @@
   training files is refused. The plan is returned, never written into the configuration.
 - plan_evaluation(...): eval.py's plan: a model trained with a held-out share is evaluated on that share
   unless --dataset or --split says otherwise.
-- load(...): the training pairs (if asked for) and the held-out pairs of a plan, with what loading skipped;
-  load_for_evaluation(...): eval.py's pairs, saying which they are.
+- load(...): the training pairs (if asked for) and the held-out pairs of a plan, with what loading skipped
+  and, with dedup / decontaminate (support/audit.py), removed; load_for_evaluation(...): eval.py's pairs,
+  saying which they are. Duplicates go before a held-out share is taken, so the same pair (up to whitespace
+  and case) is never on both sides; without dedup, held-out pairs that are training pairs too are counted
+  and reported (a note), not removed.
 - HeldOut: the held-out pairs as train.py keeps them through a run, tokenised once.
 
 The pairs themselves (data.load_pairs, data.split_held_out, data.DataStats) belong to the lesson's data.py,
@@ -20,7 +23,8 @@ import sys
 from typing import NamedTuple
 
 import data
-from support import ranked, readers
+from support import audit, ranked, readers
+from support.distributed import print0
 from support.errors import UserError
 
 # The share of the training pairs held out when the evaluation data would be the training files.
@@ -48,6 +52,12 @@ class Loaded(NamedTuple):
     train_stats: data.DataStats
     held_out: list
     held_out_stats: data.DataStats
+    removed: dict | None = None  # {"duplicate": n, "conflicting": n} with dedup, "contaminated": n with decontaminate
+
+    @property
+    def removal(self) -> str:
+        """What was removed, for the data: line: " | removed: 3 duplicate, 1 conflicting", or ""."""
+        return audit.removed_line(self.removed or {})
 
 
 def files_of(sources: list, split: str) -> set[str]:
@@ -90,25 +100,54 @@ def training_files_in(plan: Plan, trained_dataset: list) -> list[str]:
 
 
 def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samples: int | None,
-         chat_format=None, with_training_pairs: bool = True, groups: bool = False) -> Loaded:
+         chat_format=None, with_training_pairs: bool = True, groups: bool = False, dedup: bool = False,
+         decontaminate: list | None = None) -> Loaded:
     """The training pairs of `dataset` (none unless with_training_pairs, or a held-out share needs them) and
     the held-out pairs of `plan`, each with its data.DataStats. A held-out share reads every training pair and
     splits them by content, so it does not depend on the sample limits; its pairs are counted as held-out
     pairs, while what the reading skipped counts as training's. Either side may be empty. groups: ranked
-    groups instead of pairs (support/ranked.py; a pair row is a group of two), whole groups held out."""
+    groups instead of pairs (support/ranked.py; a pair row is a group of two), whole groups held out.
+    dedup drops repeated and contradicting pairs (groups) of those read (audit.dedup; before the held-out
+    share is taken), decontaminate (benchmark files) the training pairs sharing a 13-gram with their
+    prompts; what each removed is in Loaded.removed."""
     train_stats, held_stats = data.DataStats(), data.DataStats()
     load_rows, split_held_out = (ranked.load_groups, ranked.split_held_out) if groups else \
         (data.load_pairs, data.split_held_out)
+    removed = {}
+    benchmarks = audit.load_benchmarks(decontaminate) if decontaminate else None  # checked before any reading
 
-    def read(sources, split, max_samples, stats):  # conversational rows are rendered with chat_format
-        return load_rows(sources, split, max_samples, stats, chat_format=chat_format)
+    def read(sources, split, max_samples, stats, training=False):  # conversational rows: rendered with chat_format
+        rows = load_rows(sources, split, max_samples, stats, chat_format=chat_format)
+        if dedup and training:
+            rows, counts = audit.dedup(rows)
+            removed.update(counts)
+        return rows
+
+    def clean(train):  # the training side only: held-out pairs are evaluated as they are
+        if benchmarks is None:
+            return train
+        train, removed["contaminated"] = audit.decontaminate(train, benchmarks)
+        return train
     if plan.fraction is None:
-        train = read(dataset, "train", max_train_samples, train_stats) if with_training_pairs else []
+        train = clean(read(dataset, "train", max_train_samples, train_stats, True)) if with_training_pairs else []
         held = read(plan.sources, plan.split, max_eval_samples, held_stats) if plan.split != "none" else []
-        return Loaded(train, train_stats, held, held_stats)
-    train, held = split_held_out(read(dataset, "train", None, train_stats), plan.fraction)
+        report_overlap(train, held, dedup)
+        return Loaded(train, train_stats, held, held_stats, removed or None)
+    train, held = split_held_out(read(dataset, "train", None, train_stats, True), plan.fraction)
     held = held[:max_eval_samples]
-    return Loaded(train[:max_train_samples], train_stats, held, data.DataStats.of_pairs(held))
+    report_overlap(train, held, dedup)
+    return Loaded(clean(train)[:max_train_samples], train_stats, held, data.DataStats.of_pairs(held), removed or None)
+
+
+def report_overlap(train: list, held: list, dedup: bool):
+    """A note when held-out pairs (or their prompts) are training pairs too (audit.overlap); never fixed here."""
+    if not (train and held):
+        return
+    overlap = audit.overlap(train, held)
+    if overlap["pairs"] or overlap["prompts"]:
+        fix = "" if dedup else "; --dedup removes duplicates before a held-out share is taken"
+        print0(f"note: of the {len(held)} held-out pairs, {overlap['pairs']} are also training pairs and "
+               f"{overlap['prompts']} have a prompt that training has (up to whitespace and case){fix}")
 
 
 def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat_format=None):
@@ -116,7 +155,9 @@ def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat
     training files gets a note (its accuracy is not a held-out number). A ranked source (support/ranked.py)
     gives groups, whole groups held out."""
     groups = ranked.is_ranked(plan.sources, plan.split)
-    loaded = load(plan, plan.sources, None, max_samples, chat_format, with_training_pairs=False, groups=groups)
+    # a share held out after deduplication (--dedup): the same duplicates go first, so it is the same share
+    loaded = load(plan, plan.sources, None, max_samples, chat_format, with_training_pairs=False, groups=groups,
+                  dedup=bool(plan.fraction and trained.get("dedup")))
     if plan.fraction:
         print(f"data: the {len(loaded.held_out)} pairs of {', '.join(plan.sources)} that train.py held out "
               f"(--eval_fraction {plan.fraction}, by content hash) and did not train on")

@@ -71,7 +71,9 @@ class Run:
                 checkpoint.claim_output_dir(self.out, replace_previous_run=cfg.overwrite_output_dir and not cfg.resume,
                                             resume_step=step if self.resume_from is not None else None)
                 with checkpoint.disk_errors(self.out / "train_config.json"):
-                    write_json_atomic(self.out / "train_config.json", asdict(cfg))
+                    removed = data_read.get("removed")  # --dedup, --decontaminate: counts, beside the settings
+                    write_json_atomic(self.out / "train_config.json",
+                                      {**asdict(cfg), **({"removed": removed} if removed else {})})
         self.wandb = distributed.init_wandb(cfg.use_wandb, cfg.wandb_project, asdict(cfg))  # a stand-in if off
         return step
 
@@ -153,9 +155,10 @@ class Run:
                     print0(lora.export_adapters(self.model, out / "final_adapters"))
             report = (report if report is not None else evaluate(final_model)) if held_out.items else None
         if report is not None:
+            removed = self.data_read.get("removed")  # --dedup, --decontaminate: what the training data lost
             report.update(checkpoint=str(out / "final_model"), dataset=held_out.sources, split=cfg.eval_split,
                           eval_fraction=cfg.eval_fraction, max_length=cfg.max_length,
-                          max_samples=cfg.max_eval_samples)
+                          max_samples=cfg.max_eval_samples, **({"removed": removed} if removed else {}))
             with checkpoint.disk_errors(out / "evaluation_report.json"):  # reward mean/std for normalize=True
                 report["reward_stats"] = scoring.save_reward_stats(out / "final_model", report)
                 write_json_atomic(out / "evaluation_report.json", report)

@@ -21,6 +21,10 @@ every training example sharing a 13-gram with a benchmark prompt), as the report
   a benchmark prompt of fewer than 13 words matches nothing.
 - length: the share of all pairs whose chosen response is strictly longer (characters, or tokens when the
   caller gives lengths): the accuracy of "pick the longer one" on this data.
+Ranked groups (support/ranked.py) count as one each: a group is its prompt and its ranking (the responses
+level by level, best first), so a duplicate is the same ranking of the same texts, a conflict the ranking
+upside down (for a group of two: the reversed pair), and the length share is over each group's strictly
+ordered pairs.
 Memory: hashes, never texts: about 100 bytes per pair (three sets of 16-byte digests), plus the
 benchmarks' 13-gram hashes (8 bytes each) and at most EXAMPLES cut texts per finding. 13-grams are compared
 by a 64-bit hash of their words (a false match between two different 13-grams: ~2^-64 per comparison).
@@ -50,10 +54,26 @@ def digest(text: str) -> bytes:
     return hashlib.blake2b(normalise(text).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def pair_digests(pair) -> tuple[bytes, bytes, bytes]:
-    """(prompt, pair, reversed pair) digests of a pair's normalised texts."""
-    p, c, r = digest(pair.prompt), digest(pair.chosen), digest(pair.rejected)
-    return p, hashlib.blake2b(p + c + r, digest_size=16).digest(), hashlib.blake2b(p + r + c, digest_size=16).digest()
+def ranking(item) -> tuple[str, list, list]:
+    """(prompt, responses, levels) of a data.Pair (chosen level 1, rejected 0) or a ranked.Group."""
+    if hasattr(item, "responses"):
+        return item.prompt, item.responses, item.levels
+    return item.prompt, [item.chosen, item.rejected], [1, 0]
+
+
+def digests(item) -> tuple[bytes, bytes, bytes]:
+    """(prompt, whole, reversed) digests of a pair or a ranked group, from its normalised texts. A group is
+    its ranking: the responses level by level, best first (the order within a level does not matter), so the
+    same ranking in another row order is the same group, and a pair is the ranking chosen > rejected; its
+    reverse is the ranking upside down."""
+    prompt, responses, levels = ranking(item)
+    tiers = {}
+    for text, level in zip(responses, levels):
+        tiers.setdefault(level, []).append(digest(text))
+    ordered = [len(t).to_bytes(4, "big") + b"".join(sorted(t)) for _, t in sorted(tiers.items(), reverse=True)]
+    p = digest(prompt)
+    return (p, hashlib.blake2b(p + b"".join(ordered), digest_size=16).digest(),
+            hashlib.blake2b(p + b"".join(reversed(ordered)), digest_size=16).digest())
 
 
 def words(text: str) -> list[str]:
@@ -68,11 +88,12 @@ def cut(text: str) -> str:
     return f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
 
 
-def example(pair, number: int, **extra) -> dict:
+def example(item, number: int, **extra) -> dict:
     """A finding's instance as the report shows it: where it is (its number in reading order, from 1), its
-    source and its texts, cut."""
-    return {"pair": number, "source": pair.source, **extra, "prompt": cut(pair.prompt), "chosen": cut(pair.chosen),
-            "rejected": cut(pair.rejected)}
+    source and its texts, cut (a ranked group: its responses and levels)."""
+    texts = {"responses": [cut(r) for r in item.responses], "levels": item.levels} if hasattr(item, "responses") \
+        else {"chosen": cut(item.chosen), "rejected": cut(item.rejected)}
+    return {"pair": number, "source": item.source, **extra, "prompt": cut(item.prompt), **texts}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +190,9 @@ class Audit:
         self.overlap = {"pairs": 0, "prompts": 0}
         self.held_out = 0
         self.contaminated = dict.fromkeys(benchmarks.names, 0) if benchmarks else {}
-        self.longer, self.length_unit = 0, "characters"
+        self.longer, self.ordered, self.length_unit = 0, 0, "characters"
         self.examples = {key: [] for key in FINDINGS}
+        self.ranked = False  # a ranked group was seen: "pairs" counts groups
         self.pending = []  # (number, pair) waiting for the benchmark check, at most CHUNK
 
     def keep_example(self, finding: str, pair, number: int, **extra):
@@ -178,15 +200,19 @@ class Audit:
             self.examples[finding].append(example(pair, number, **extra))
 
     def add(self, pair, lengths: tuple[int, int] | None = None) -> str | None:
-        """One training pair, in reading order. Returns what dedup drops it as ("duplicate", "conflicting"),
-        else None. lengths: (chosen, rejected) in tokens, instead of characters."""
+        """One training pair (or ranked group: counted as one), in reading order. Returns what dedup drops it
+        as ("duplicate", "conflicting"), else None. lengths: (chosen, rejected) in tokens, not characters."""
         self.counts["pairs"] += 1
+        self.ranked |= hasattr(pair, "responses")
         number = self.counts["pairs"]
-        prompt, key, reverse = pair_digests(pair)
+        prompt, key, reverse = digests(pair)
         if lengths is not None:
             self.length_unit = "tokens"
-        chosen_len, rejected_len = lengths if lengths is not None else (len(pair.chosen), len(pair.rejected))
-        self.longer += chosen_len > rejected_len
+        _, responses, levels = ranking(pair)
+        sizes = lengths if lengths is not None else [len(r) for r in responses]
+        for i, j in ((i, j) for i in range(len(levels)) for j in range(len(levels)) if levels[i] > levels[j]):
+            self.ordered += 1  # a group: each of its strictly ordered pairs
+            self.longer += sizes[i] > sizes[j]
         if self.benchmarks is not None:
             self.pending.append((number, pair))
             if len(self.pending) >= CHUNK:
@@ -219,7 +245,7 @@ class Audit:
     def add_held_out(self, pair):
         """One held-out pair, after every training pair."""
         self.held_out += 1
-        prompt, key, _ = pair_digests(pair)
+        prompt, key, _ = digests(pair)
         if key in self.pairs_seen:
             self.overlap["pairs"] += 1
         if prompt in self.prompts_seen:
@@ -231,11 +257,11 @@ class Audit:
         if self.pending:
             self.check_pending()
         pairs = self.counts["pairs"]
-        return {"rows": rows, **self.counts,
+        return {"rows": rows, **self.counts, "ranked": self.ranked,
                 "held_out_pairs": self.held_out if held_out else None,
                 "train_eval_overlap": dict(self.overlap) if held_out else None,
                 "contaminated": dict(self.contaminated),
-                "length": self.longer / pairs if pairs else None, "length_unit": self.length_unit,
+                "length": self.longer / self.ordered if self.ordered else None, "length_unit": self.length_unit,
                 "examples": {k: v for k, v in self.examples.items() if v}}
 
 

@@ -69,7 +69,7 @@ def test_planted_counts_every_key(planted, tmp_path, capsys):
     assert json.loads(out.read_text()) == found
     longer = sum(len(c) > len(r) for _, c, r in TRAIN)
     assert longer == 8  # by hand: pairs 1, 2, 3, 5, 7, 8, 9, 11 have the longer chosen response
-    expected = {"rows": 12, "pairs": 11, "duplicate_pairs": 3, "conflicting_pairs": 2, "duplicate_prompts": 2,
+    expected = {"rows": 12, "pairs": 11, "ranked": False, "duplicate_pairs": 3, "conflicting_pairs": 2, "duplicate_prompts": 2,
                 "held_out_pairs": 4, "train_eval_overlap": {"pairs": 2, "prompts": 3},
                 "contaminated": {"bench.jsonl": 2, "rb2.jsonl": 0}, "length": longer / 11,
                 "length_unit": "characters"}
@@ -162,8 +162,33 @@ def test_held_out_share_is_taken_after_dedup_and_eval_takes_the_same(planted):
     plan = heldout.Plan([train_file], "train", 0.5)
     loaded = heldout.load(plan, [train_file], None, None, dedup=True)
     assert loaded.removed == {"duplicate": 3, "conflicting": 2} and len(loaded.train) + len(loaded.held_out) == 6
-    keys = lambda pairs: {audit.pair_digests(p)[1] for p in pairs}  # noqa: E731
+    keys = lambda pairs: {audit.digests(p)[1] for p in pairs}  # noqa: E731
     assert loaded.train and loaded.held_out and not keys(loaded.train) & keys(loaded.held_out)
     # eval.py on a model trained so: the same held-out pairs (the duplicates removed first again)
     held, _ = heldout.load_for_evaluation(plan, {"dedup": True, "eval_fraction": 0.5}, None)
     assert held == loaded.held_out
+
+
+def test_ranked_groups_count_per_group(tmp_path):
+    """A group is its prompt and its ranking: the same ranking in another row order is a duplicate, the
+    ranking upside down a conflict; the length share is over each group's strictly ordered pairs."""
+    a, b, c, d, x, y = "aaaa", "bb", "cccccc", "d", "xxx", "y"
+    rows = [dict(prompt="P1", responses=[a, b, c], scores=[3, 2, 1]),   # 1 new
+            dict(prompt="P1", responses=[c, a, b], scores=[1, 3, 2]),   # 2 duplicate: the same ranking
+            dict(prompt="p1 ", responses=[c, b, a], scores=[3, 2, 1]),  # 3 conflicting: upside down
+            dict(prompt="P1", responses=[a, b, d], scores=[3, 2, 1]),   # 4 duplicate prompt
+            dict(prompt="P2", responses=[x, y], scores=[1, 0])]         # 5 new
+    train = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    held = write_jsonl(tmp_path / "held.jsonl", [dict(prompt="P1", responses=[b, a, c], scores=[2, 3, 1]),
+                                                 dict(prompt="P3", responses=[x, y], scores=[0, 1])])
+    found = inspect_data.main([train, "--audit", "--eval", held])
+    # longer and better, of the ordered pairs: 1 of 3, 1 of 3, 2 of 3 (c > b, c > a), 3 of 3, 1 of 1
+    assert {k: v for k, v in found.items() if k != "examples"} == {
+        "rows": 5, "pairs": 5, "ranked": True, "duplicate_pairs": 1, "conflicting_pairs": 1, "duplicate_prompts": 1,
+        "held_out_pairs": 2, "train_eval_overlap": {"pairs": 1, "prompts": 1}, "contaminated": {},
+        "length": 8 / 13, "length_unit": "characters"}
+    assert found["examples"]["conflicting_pairs"][0]["responses"] == [c, b, a]
+    from support import ranked
+    groups = ranked.load_groups([train])
+    kept, removed = audit.dedup(groups)
+    assert removed == {"duplicate": 1, "conflicting": 1} and kept == [groups[0], groups[3], groups[4]]

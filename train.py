@@ -336,7 +336,9 @@ class TrainConfig:
               "run's schedule)", nargs="?", const="latest")
     seed: int = option(42, "random seed (init, data order)")
     device: str | None = option(None, "cuda, cpu, ... (default: cuda if available)")
-    use_wandb: bool = option(False, "log to Weights & Biases")
+    use_wandb: bool = option(False, "log to Weights & Biases (as --report_to wandb)")
+    report_to: str = option("none", "also log each record to: tensorboard (event files in OUTPUT_DIR/tensorboard), "
+                                    "wandb, both comma-separated, or none", metavar="none|tensorboard|wandb")
     wandb_project: str = option("qwen3-rm", "W&B project name")
     progress: bool = option(True, "show a progress bar (the flag is --no_progress: no bar)")
 

@@ -40,7 +40,7 @@ from support.fileio import (NotRegularFile, atomic_dir, file_kind, open_regular,
 from support.lora import save_adapters, settings_file
 
 RUN_FILES = re.compile(r"^(checkpoint_step_\d+|best_model_step_\d+|final_model|final_adapters|evaluation_report\.json|"
-                       r"train_config\.json|log\.jsonl)$")
+                       r"train_config\.json|log\.jsonl|tensorboard)$")
 
 # What a killed write leaves behind: temporary siblings of the files above (fileio's atomic writes, the
 # write probe). Never complete, never read; removed when the next run starts.
@@ -646,7 +646,7 @@ MAY_CHANGE = ("learning_rate", "num_epochs", "max_steps", "warmup_ratio", "weigh
               "center_rewards_coefficient", "batch_size", "gradient_accumulation_steps", "bf16",
               "gradient_checkpointing", "compile", "packing", "share_prompt", "fsdp", "eval_steps", "save_steps",
               "save_total_limit", "logging_steps", "output_dir", "overwrite_output_dir", "resume", "device",
-              "use_wandb", "wandb_project", "progress", "save_adapters")
+              "use_wandb", "wandb_project", "report_to", "progress", "save_adapters")
 
 
 def check_same_run(saved: dict, cfg, step_batch: int):

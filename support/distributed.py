@@ -1,8 +1,7 @@
 """torchrun plumbing: with one process every function here is a plain passthrough.
 
 - setup_distributed: the process group from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (none set: one process).
-- print0 (nanochat's): print on rank 0 only, above the progress bar; DummyWandb / init_wandb: a
-  do-nothing W&B run where there is no real one, so the loop logs without asking which rank it is.
+- print0 (nanochat's): print on rank 0 only, above the progress bar.
 - any_process, all_reduce_mean, rank_0_errors: agreeing across processes (a stop, the step's metrics,
   rank 0's refusal, which must end every process at once rather than leave them waiting).
 - wrap (DDP, or FSDP2 with --fsdp), no_sync (skip the gradient all-reduce until the last micro-batch),
@@ -39,23 +38,6 @@ def print0(*args, **kwargs):
     if is_main_process():
         from tqdm import tqdm
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
-
-
-class DummyWandb:
-    """Stands in for a W&B run on other ranks and without --use_wandb: logging is a no-op."""
-    def log(self, *args, **kwargs):
-        pass
-
-    def finish(self):
-        pass
-
-
-def init_wandb(use_wandb: bool, project: str, config: dict):
-    """A real W&B run on rank 0 with --use_wandb, a DummyWandb everywhere else."""
-    if not (use_wandb and is_main_process()):
-        return DummyWandb()
-    import wandb
-    return wandb.init(project=project, config=config)
 
 
 def any_process(flag: bool, device) -> bool:

@@ -1,5 +1,5 @@
 """What a training run logs: each step's metrics, their average since the last log line, the record that
-goes to log.jsonl, W&B and the console.
+goes to log.jsonl, W&B, TensorBoard and the console.
 
 - StepMetrics: one optimizer step's loss, accuracy and margin (averaged over its pairs, every process's
   included) and its tokens (summed over processes).
@@ -8,7 +8,8 @@ goes to log.jsonl, W&B and the console.
 - MetricsSinceLastLog: the steps since the last log line, averaged into the next record (numbers to six
   significant digits, so that 1.16e-5 stays 1.16e-5; the learning rate too).
 - peak_memory_gib: the peak memory of the device (CUDA) or the process (CPU); tools/bench.py uses it too.
-- log_record: a record to log.jsonl (rank 0) and W&B, and a line to the console.
+- init_trackers: where records go besides log.jsonl (rank 0): W&B, TensorBoard (--report_to).
+- log_record: a record to log.jsonl (rank 0) and the trackers, and a line to the console.
 """
 import time
 from pathlib import Path
@@ -94,12 +95,52 @@ def peak_memory_gib(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # also KiB on Linux
 
 
-def log_record(out: Path, record: dict, wandb_run, line: str | None = None):
-    """A record to log.jsonl and W&B, and a line to the console (rank 0 only)."""
+REPORT_TO = ("none", "tensorboard", "wandb")  # --report_to, comma-separated
+
+
+def report_to_names(report_to: str) -> list[str]:
+    """--report_to "tensorboard,wandb" -> ["tensorboard", "wandb"]; "none" -> []."""
+    return [name for name in (n.strip() for n in report_to.split(",")) if name != "none"]
+
+
+class TensorBoardLog:
+    """--report_to tensorboard: each log.jsonl record's numbers as scalars of the same names at the same step,
+    in event files under OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`). On --resume
+    the events after the checkpoint's step are purged, as log.jsonl is cut back to it."""
+    def __init__(self, log_dir: Path, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def log(self, record: dict, step: int):
+        for name, value in record.items():
+            if name != "step" and type(value) in (int, float):  # not None, not a bool
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # a killed run keeps what was logged
+
+    def finish(self):
+        self.writer.close()
+
+
+def init_trackers(cfg, out: Path, config: dict, resume_step: int | None) -> list:
+    """The trackers every record also goes to, on rank 0 only: W&B (--report_to wandb, or --use_wandb) and
+    TensorBoard. Each has log(record, step=) and finish()."""
+    names = report_to_names(cfg.report_to)
+    if not is_main_process():
+        return []
+    trackers = []
+    if "wandb" in names or cfg.use_wandb:
+        import wandb
+        trackers.append(wandb.init(project=cfg.wandb_project, config=config))
+    if "tensorboard" in names:
+        trackers.append(TensorBoardLog(out / "tensorboard", resume_step))
+    return trackers
+
+
+def log_record(out: Path, record: dict, trackers: list, line: str | None = None):
+    """A record to log.jsonl and the trackers, and a line to the console (rank 0 only)."""
     if is_main_process():
         with checkpoint.disk_errors(out / "log.jsonl"):
             checkpoint.append_log(out, record)
-    wandb_run.log(record, step=record["step"])
+    for tracker in trackers:
+        tracker.log(record, step=record["step"])
     print0(line or " | ".join(f"{k} {v}" for k, v in record.items()))
-
-

@@ -1,10 +1,10 @@
 """A training run's plumbing around train.py's loop (a run context): the output directory, resuming,
-checkpoints, the best model, logging, W&B, and the end of the run. With one process, every collective here
+checkpoints, the best model, logging (W&B, TensorBoard), and the end of the run. With one process, every collective here
 is a plain passthrough; under torchrun, rank 0 writes and every process hears of its failures.
 
     run = Run(cfg, device)          # torchrun; the output directory checked (nothing written); --resume found
     run.check_resume(...)           # before any weights load: another run's checkpoint is refused by name
-    step = run.start(cfg, ...)      # resumed states; the directory claimed, train_config.json; W&B
+    step = run.start(cfg, ...)      # resumed states; the directory claimed, train_config.json; trackers
     run.log(record) / run.save(step) / run.evaluate_and_keep_best(step, evaluate) / run.finish(...)
 
 - check_resume, resume_training, resume_weights: what --resume refuses (checkpoint.SAME_RUN, the pairs per
@@ -26,7 +26,7 @@ from support import checkpoint, distributed, export, lora, scoring, weights
 from support.distributed import is_main_process, print0
 from support.errors import UserError
 from support.fileio import remove, write_json_atomic
-from support.metrics import log_record
+from support.metrics import init_trackers, log_record
 
 
 class Run:
@@ -51,7 +51,7 @@ class Run:
               data_read: dict) -> int:
         """The run begins: a line on the model (the parameters that train); on --resume the saved optimizer,
         schedule and RNG states come back; then the first write into the output directory (every input has
-        been checked by now), and W&B. `cfg` is the configuration as the run records it. Returns the first
+        been checked by now), and the trackers (W&B, TensorBoard). `cfg` is the configuration as the run records it. Returns the first
         step to train."""
         self.cfg, self.model, self.train_model, self.optimizer, self.scheduler = \
             cfg, model, train_model, optimizer, scheduler
@@ -74,11 +74,11 @@ class Run:
                     removed = data_read.get("removed")  # --dedup, --decontaminate: counts, beside the settings
                     write_json_atomic(self.out / "train_config.json",
                                       {**asdict(cfg), **({"removed": removed} if removed else {})})
-        self.wandb = distributed.init_wandb(cfg.use_wandb, cfg.wandb_project, asdict(cfg))  # a stand-in if off
+        self.trackers = init_trackers(cfg, self.out, asdict(cfg), step if self.resume_from is not None else None)
         return step
 
     def log(self, record: dict, line: str | None = None):
-        log_record(self.out, record, self.wandb, line)
+        log_record(self.out, record, self.trackers, line)
 
     def log_eval(self, step: int, report: dict):
         record = {"step": step, "eval_accuracy": report["accuracy"], "eval_loss": report["loss"],
@@ -167,7 +167,8 @@ class Run:
                    f"model saved to {out / 'final_model'}")
         elif final_model is not None:
             print0(f"final: model saved to {out / 'final_model'} (no evaluation: --eval_split none)")
-        self.wandb.finish()
+        for tracker in self.trackers:  # W&B, TensorBoard
+            tracker.finish()
         # Not under rank_0_errors: one more collective right before destroy_process_group let gloo abort at exit
         # now and then (1 run in 18 under load); a failure here ends rank 0, and torchrun then stops the others.
         distributed.end_distributed(self.world)

@@ -20,7 +20,7 @@ import torch
 
 from qwen3 import SHAPES as MODEL_SHAPES
 from rm import HEADS, POOLINGS
-from support import export, hub, lora
+from support import export, hub, lora, metrics
 from support import report as report_files
 from support.errors import UserError
 
@@ -83,12 +83,31 @@ def validate(cfg) -> torch.device:
                         "drop --bf16")
     if cfg.optim_8bit or cfg.model_8bit:
         hub.import_bitsandbytes()  # quietly, and without the Hub
-    if cfg.use_wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)") from None
+    check_report_to(cfg)
     return device
+
+
+def check_report_to(cfg):
+    """--report_to and --use_wandb: known names, and their packages installed (needed only when asked for)."""
+    names = metrics.report_to_names(cfg.report_to) if isinstance(cfg.report_to, str) else None
+    if names is None or any(n not in metrics.REPORT_TO for n in names) or not cfg.report_to.strip():
+        raise UserError(f"--report_to {cfg.report_to!r:.60}: choose from {', '.join(metrics.REPORT_TO)}, "
+                        "comma-separated (tensorboard,wandb)")
+    if "tensorboard" in names:
+        if (Path(cfg.output_dir) / "tensorboard").is_symlink():
+            raise UserError(f"{Path(cfg.output_dir) / 'tensorboard'} is a link; --report_to tensorboard writes only "
+                            "inside --output_dir: remove the link")
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
+        except ImportError:
+            raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard (or "
+                            "drop --report_to tensorboard)") from None
+    for flag, asked in (("--use_wandb", cfg.use_wandb), ("--report_to wandb", "wandb" in names)):
+        if asked:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise UserError(f"{flag} needs the wandb package: pip install wandb (or drop {flag})") from None
 
 
 def check_device(name: str | None) -> torch.device:

@@ -340,6 +340,8 @@ CASES = [
      ["need bitsandbytes", "pip install bitsandbytes"]),
     ("--use_wandb without wandb", "train:wandb", lambda fx, o: [*DEMO, "--use_wandb"],
      ["--use_wandb needs the wandb package", "pip install wandb (or drop --use_wandb)"]),
+    ("--report_to tensorboard without tensorboard", "train:tensorboard", lambda fx, o: [*DEMO, "--report_to", "tensorboard"],
+     ["--report_to tensorboard needs the tensorboard package", "pip install tensorboard"]),
     ("--freeze_layers beyond the model", "train", lambda fx, o: [*DEMO, "--freeze_layers", "9"],
      ["--freeze_layers 9 is out of range: the model has 2 layers; use 0 to 2"]),
     # -- eval.py

@@ -309,3 +309,53 @@ def test_every_file_a_run_writes_follows_the_umask(tmp_path):
                     "lora/final_adapters/adapter_model.safetensors", "lora/final_model/model.safetensors"):
         assert weights in modes
     assert set(modes.values()) == {"0o640"}, modes
+
+
+def tensorboard_scalars(log_dir) -> dict:
+    """{tag: [(step, value), ...]} as TensorBoard shows them (purged steps left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def log_scalars(out) -> dict:
+    """log.jsonl as {name: [(step, value), ...]}: the numbers TensorBoard should show."""
+    scalars = {}
+    for line in (out / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for name, value in record.items():
+            if name != "step" and type(value) in (int, float):
+                scalars.setdefault(name, []).append((record["step"], value))
+    return scalars
+
+
+def assert_same_scalars(tensorboard: dict, log: dict):
+    assert tensorboard.keys() == log.keys() and "loss" in log and "eval_accuracy" in log
+    for name, points in log.items():  # event files hold float32
+        assert [s for s, _ in tensorboard[name]] == [s for s, _ in points], name
+        assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for (_, a), (_, b) in zip(tensorboard[name], points)), name
+
+
+def test_report_to_tensorboard_scalars_equal_log_jsonl_and_a_resume_purges_the_steps_it_trains_again(tmp_path):
+    pytest.importorskip("tensorboard")
+    kw = dict(report_to="tensorboard", max_steps=6, save_steps=3, eval_steps=3, logging_steps=2)
+    train(tiny_cfg(tmp_path, "full", **kw))
+    full = tmp_path / "full"
+    assert_same_scalars(tensorboard_scalars(full / "tensorboard"), log_scalars(full))
+    # killed after step 6 logged, resumed from checkpoint_step_3: steps 4-6 are trained and logged again, once
+    resumed = as_if_stopped_at(full, tmp_path / "resumed")
+    import shutil
+    shutil.copytree(full / "tensorboard", resumed / "tensorboard")
+    shutil.copy(full / "log.jsonl", resumed / "log.jsonl")
+    train(tiny_cfg(tmp_path, "resumed", resume="latest", **kw))
+    assert_same_scalars(tensorboard_scalars(resumed / "tensorboard"), log_scalars(resumed))
+    assert [step for step, _ in tensorboard_scalars(resumed / "tensorboard")["loss"]] == [2, 4, 6]  # no step twice
+
+
+@pytest.mark.parametrize("report_to", ["tensorbord", "", "none,tensorboard,x"])
+def test_report_to_an_unknown_name_is_one_line(tmp_path, report_to):
+    from support.errors import UserError
+    with pytest.raises(UserError, match="--report_to .*choose from none, tensorboard, wandb") as e:
+        train(tiny_cfg(tmp_path, report_to=report_to))
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()

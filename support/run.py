@@ -51,8 +51,8 @@ class Run:
               data_read: dict) -> int:
         """The run begins: a line on the model (the parameters that train); on --resume the saved optimizer,
         schedule and RNG states come back; then the first write into the output directory (every input has
-        been checked by now), and the trackers (W&B, TensorBoard). `cfg` is the configuration as the run records it. Returns the first
-        step to train."""
+        been checked by now), and the trackers (W&B, TensorBoard). `cfg` is the configuration as the run
+        records it. Returns the first step to train."""
         self.cfg, self.model, self.train_model, self.optimizer, self.scheduler = \
             cfg, model, train_model, optimizer, scheduler
         self.total_steps, self.step_batch, self.data_read = total_steps, step_batch, data_read

@@ -25,7 +25,7 @@ Ranked groups (support/ranked.py) count as one each: a group is its prompt and i
 level by level, best first), so a duplicate is the same ranking of the same texts, a conflict the ranking
 upside down (for a group of two: the reversed pair), and the length share is over each group's strictly
 ordered pairs.
-Memory: hashes, never texts: about 100 bytes per pair (three sets of 16-byte digests), plus the
+Memory: hashes, never texts: about 300 bytes per pair (three sets of 16-byte digests), plus the
 benchmarks' 13-gram hashes (8 bytes each) and at most EXAMPLES cut texts per finding. 13-grams are compared
 by a 64-bit hash of their words (a false match between two different 13-grams: ~2^-64 per comparison).
 """

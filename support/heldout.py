@@ -131,21 +131,21 @@ def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samp
     if plan.fraction is None:
         train = clean(read(dataset, "train", max_train_samples, train_stats, True)) if with_training_pairs else []
         held = read(plan.sources, plan.split, max_eval_samples, held_stats) if plan.split != "none" else []
-        report_overlap(train, held, dedup)
+        report_overlap(train, held, "")  # other files: what they share is shown, not fixed, by --audit
         return Loaded(train, train_stats, held, held_stats, removed or None)
     train, held = split_held_out(read(dataset, "train", None, train_stats, True), plan.fraction)
     held = held[:max_eval_samples]
-    report_overlap(train, held, dedup)
+    report_overlap(train, held, "" if dedup else "; --dedup removes duplicates before a held-out share is taken")
     return Loaded(clean(train)[:max_train_samples], train_stats, held, data.DataStats.of_pairs(held), removed or None)
 
 
-def report_overlap(train: list, held: list, dedup: bool):
+def report_overlap(train: list, held: list, fix: str):
     """A note when held-out pairs (or their prompts) are training pairs too (audit.overlap); never fixed here."""
     if not (train and held):
         return
     overlap = audit.overlap(train, held)
     if overlap["pairs"] or overlap["prompts"]:
-        fix = "" if dedup else "; --dedup removes duplicates before a held-out share is taken"
+        fix = fix or "; python -m tools.inspect_data TRAIN --audit --eval HELD_OUT shows them"
         print0(f"note: of the {len(held)} held-out pairs, {overlap['pairs']} are also training pairs and "
                f"{overlap['prompts']} have a prompt that training has (up to whitespace and case){fix}")
 

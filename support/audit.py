@@ -77,8 +77,9 @@ def digests(item) -> tuple[bytes, bytes, bytes]:
 
 
 def words(text: str) -> list[str]:
-    """The words n-grams are made of: lower-cased, punctuation removed ("Don't!" -> "dont")."""
-    return PUNCTUATION.sub("", text.lower()).split()
+    """The words n-grams are made of: lower-cased (case-folded, as normalise does, so that prompts equal up to
+    case have the same words), punctuation removed ("Don't!" -> "dont")."""
+    return PUNCTUATION.sub("", text.casefold()).split()
 
 
 def cut(text: str) -> str:
@@ -193,7 +194,8 @@ class Audit:
         self.longer, self.ordered, self.length_unit = 0, 0, "characters"
         self.examples = {key: [] for key in FINDINGS}
         self.ranked = False  # a ranked group was seen: "pairs" counts groups
-        self.pending = []  # (number, pair) waiting for the benchmark check, at most CHUNK
+        self.pending = []  # (number, pair, prompt digest, first time seen) waiting for the benchmark check
+        self.prompt_hits = {}  # prompt digest -> the benchmarks it shares a 13-gram with (contaminated ones only)
 
     def keep_example(self, finding: str, pair, number: int, **extra):
         if len(self.examples[finding]) < EXAMPLES:
@@ -213,8 +215,8 @@ class Audit:
         for i, j in ((i, j) for i in range(len(levels)) for j in range(len(levels)) if levels[i] > levels[j]):
             self.ordered += 1  # a group: each of its strictly ordered pairs
             self.longer += sizes[i] > sizes[j]
-        if self.benchmarks is not None:
-            self.pending.append((number, pair))
+        if self.benchmarks is not None:  # a prompt seen before (normalised) has the same words: checked once
+            self.pending.append((number, pair, prompt, prompt not in self.prompts_seen))
             if len(self.pending) >= CHUNK:
                 self.check_pending()
         finding = None
@@ -237,8 +239,12 @@ class Audit:
     def check_pending(self):
         """The pending training prompts against the benchmarks' 13-grams."""
         pending, self.pending = self.pending, []
-        for (number, pair), names in zip(pending, self.benchmarks.contaminated([p.prompt for _, p in pending])):
-            for name in names:
+        new = [(prompt, pair.prompt) for _, pair, prompt, is_new in pending if is_new]
+        for (prompt, _), names in zip(new, self.benchmarks.contaminated([text for _, text in new])):
+            if names:
+                self.prompt_hits[prompt] = names
+        for number, pair, prompt, _ in pending:
+            for name in self.prompt_hits.get(prompt, ()):
                 self.contaminated[name] += 1
                 self.keep_example("contaminated", pair, number, benchmark=name)
 
@@ -284,10 +290,11 @@ def dedup(pairs: list) -> tuple[list, dict]:
 
 def decontaminate(pairs: list, benchmarks: Benchmarks) -> tuple[list, int]:
     """(the pairs whose prompt shares no 13-gram with a benchmark prompt, in order; how many were removed)."""
-    kept = []
-    for start in range(0, len(pairs), CHUNK):
-        chunk = pairs[start:start + CHUNK]
-        kept += [p for p, names in zip(chunk, benchmarks.contaminated([p.prompt for p in chunk])) if not names]
+    prompts, hit = list(dict.fromkeys(p.prompt for p in pairs)), set()  # each distinct prompt checked once
+    for start in range(0, len(prompts), CHUNK):
+        chunk = prompts[start:start + CHUNK]
+        hit.update(text for text, names in zip(chunk, benchmarks.contaminated(chunk)) if names)
+    kept = [p for p in pairs if p.prompt not in hit]
     return kept, len(pairs) - len(kept)
 
 

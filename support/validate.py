@@ -51,6 +51,10 @@ def validate(cfg) -> torch.device:
         raise UserError(f"--pooling must be one of {POOLINGS} (got {cfg.pooling!r})")
     if cfg.from_scratch and cfg.model not in MODEL_SHAPES:
         raise UserError(f"--from_scratch needs --model to name one of {sorted(MODEL_SHAPES)}")
+    for path in cfg.decontaminate or []:  # read after the model loads: a wrong path fails now, not then
+        if not Path(path).expanduser().exists():
+            raise UserError(f"--decontaminate {path}: no such file or directory; give local RewardBench, RewardBench 2 "
+                            "or RM-Bench files (docs/benchmarks.md says where to get them)")
     if cfg.model_8bit and cfg.fsdp:
         raise UserError("--8bit_model cannot be combined with --fsdp (int8 weights cannot be sharded); drop one")
     if cfg.lora_rank is None:

@@ -192,3 +192,11 @@ def test_ranked_groups_count_per_group(tmp_path):
     groups = ranked.load_groups([train])
     kept, removed = audit.dedup(groups)
     assert removed == {"duplicate": 1, "conflicting": 1} and kept == [groups[0], groups[3], groups[4]]
+
+
+def test_decontaminate_path_that_does_not_exist_fails_before_anything(tmp_path):
+    from test_train import tiny_cfg
+    from train import train
+    with pytest.raises(UserError, match=r"--decontaminate .*nope.jsonl: no such file or directory; give local "):
+        train(tiny_cfg(tmp_path, "run", decontaminate=[str(tmp_path / "nope.jsonl")]))
+    assert not (tmp_path / "run").exists()

@@ -47,13 +47,14 @@ def write_json(path: Path, obj):
         os.fsync(f.fileno())
 
 
-def write_text_atomic(path: Path, text: str):
-    """Replace the file `path` with `text` in one step: a reader sees the old content or the new, never half."""
+def write_text_atomic(path: Path, text: str | bytes):
+    """Replace the file `path` with `text` (str, or bytes such as a PNG's) in one step: a reader sees the old
+    content or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

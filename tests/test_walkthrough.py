@@ -27,19 +27,30 @@ def last_digit_apart(a: str, b: str) -> bool:
     return abs(float(mantissa_a) - float(mantissa_b)) <= 1.01 * 10 ** -places
 
 
+def close_after_training(a: str, b: str) -> bool:
+    """Two numbers of the trained stage: counts equal, decimals within 0.03 + 3%."""
+    if "." not in a + b:
+        return a == b
+    return abs(float(a) - float(b)) <= 0.03 + 0.03 * abs(float(b))
+
+
 def drift(expected: str, actual: str) -> str:
     """A diff of the page against the output, or "" when they match. The words must match exactly, and so
     must every number, except that a printed decimal may be one unit off in its last digit: another CPU's
     kernels add in another order, and a value within a rounding error of a boundary then prints one digit
-    apart."""
+    apart. After a hundred steps of training (the section "After training") such differences have grown:
+    there a decimal may be 0.03 + 3% apart, and counts must still match."""
     old, new = expected.splitlines(), actual.splitlines()
     diff = "\n".join(difflib.unified_diff(old, new, "docs/walkthrough.md", "what the code prints now", lineterm=""))
     if len(old) != len(new):
         return diff
+    trained = False
     for a, b in zip(old, new):
+        trained = a.endswith(". After training") if a.startswith("## ") else trained
         if NUMBER.sub("#", a) != NUMBER.sub("#", b):
             return diff
-        if not all(x == y or last_digit_apart(x, y) for x, y in zip(NUMBER.findall(a), NUMBER.findall(b))):
+        same = close_after_training if trained else (lambda x, y: x == y or last_digit_apart(x, y))
+        if not all(same(x, y) for x, y in zip(NUMBER.findall(a), NUMBER.findall(b))):
             return diff
     return ""
 
@@ -66,6 +77,11 @@ def test_drift_allows_only_the_last_digit():
     assert drift(page, page.replace("lr 1.9608e-05", "lr 1.9608e-04"))
     assert drift(page, page.replace("pairs", "rows"))                   # the words
     assert drift(page, page + "\nmore")
+    trained = "## 10. After training\n  rude, on topic  252 pairs  accuracy 1.000, reward 2.50"
+    assert drift(trained, trained.replace("1.000", "0.992").replace("2.50", "2.55")) == ""  # within 0.03 + 3%
+    assert drift(trained, trained.replace("1.000", "0.900"))                                # beyond
+    assert drift(trained, trained.replace("252", "251"))                                    # a count
+    assert drift(page + "\n" + trained, page.replace("0.693010", "0.693020") + "\n" + trained)  # earlier: strict
 
 
 def test_walkthrough_step_is_train_steps_first_step(tmp_path):

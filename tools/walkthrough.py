@@ -1,15 +1,18 @@
-"""The lesson, run: the first batch of the demo task through one training step, every stage printed.
+"""The lesson, run: the first batch of the demo task through one training step, every stage printed, then
+the same loop on to step 100 and what the model learned.
 
-    python -m tools.walkthrough                                   # on the CPU, a few seconds, no download
+    python -m tools.walkthrough                                   # on the CPU, seconds, no download
     python -m tools.walkthrough --markdown > docs/walkthrough.md  # the checked-in document
+    python -m tools.walkthrough --train_to 1                      # the first step only
 
 It builds what `python train.py --config demo` builds (train.build_model: the tiny Qwen3 from scratch and
 the demo tokenizer; data.load_pairs and data.tokenize_pairs on the demo's training split; the step's pairs
 from train.StepBatches; train.make_optimizer and the warmup-cosine schedule), then takes the first step
 apart: data.collate, the backbone, rm.pool, the head, rm.pairwise_loss, backward, train.clip_grad_norm,
-AdamW. The weights it ends with are the ones train.py has after its first step (tests/test_walkthrough.py
-checks that, and that docs/walkthrough.md is this tool's output). One thread and fixed seeds: the output is
-the same on every run.
+AdamW. The weights it has after that step are the ones train.py has after its first step
+(tests/test_walkthrough.py checks that, and that docs/walkthrough.md is this tool's output). Stage 10 runs
+the same calls for the next steps, as train.py's loop does with one process, and scores the held-out split.
+One thread and fixed seeds: the output is the same on every run.
 """
 import argparse
 import math
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 import data
 import rm
 import train
+from support import demo
 from support.errors import run_cli
 
 PAIR = 0  # the pair of the batch whose texts and rows are shown (its rejected row is PAIR + B)
@@ -55,7 +59,7 @@ def demo_config() -> train.TrainConfig:
 
 
 def texts_and_ids(cfg: train.TrainConfig, model: rm.RewardModel):
-    """Stages 1-2: the demo's pairs, tokenised; the first optimizer step's pairs, and the steps per epoch."""
+    """Stages 1-2: the demo's pairs, tokenised; every pair's ids, the step order, and step 1's pairs."""
     tok = model.tokenizer
     pairs = data.load_pairs(cfg.dataset, "train", cfg.max_train_samples)
     items = data.tokenize_pairs(pairs, tok, cfg.max_length)
@@ -65,8 +69,9 @@ def texts_and_ids(cfg: train.TrainConfig, model: rm.RewardModel):
     texts = Stage("The texts", "Every source becomes pairs (prompt, chosen, rejected); the demo generates "
                   "hh-rlhf-style transcripts, and train.StepBatches picks the pairs of step 1.", [
         ">>> pairs = data.load_pairs(cfg.dataset, 'train', cfg.max_train_samples)",
-        ">>> (idx, _), = train.StepBatches(items, cfg.batch_size, cfg.seed).micro_batches(0, cfg.batch_size, 0, 1)"
-        "  # items: stage 2",
+        ">>> batches = train.StepBatches(items, cfg.batch_size * cfg.gradient_accumulation_steps, cfg.seed)"
+        "  # items: stage 2; pairs per optimizer step, one process",
+        ">>> (idx, _), = batches.micro_batches(0, cfg.batch_size, rank=0, world=1)",
         f"{len(pairs)} pairs; step 1 trains on {len(idx)} of them (batch_size {cfg.batch_size}), "
         f"pairs {ids(idx, 4)}",
         f"pair {PAIR} of the batch:",
@@ -87,7 +92,7 @@ def texts_and_ids(cfg: train.TrainConfig, model: rm.RewardModel):
         f"  chosen ids   {ids(item.chosen_ids[n:], 20)}",
         f"  rejected ids {ids(item.rejected_ids[n:], 20)}",
         f"  chosen words {' '.join(words[n:])}"])
-    return [texts, tokens], [items[i] for i in idx], batches.steps_per_epoch
+    return [texts, tokens], items, batches, idx
 
 
 def batch_stage(items: list, pad_id: int):
@@ -125,14 +130,20 @@ def forward_stages(model: rm.RewardModel, batch: data.Batch):
         f"hidden[{PAIR}, {last}] (its last real token) {vec(hidden[PAIR, last])}"])
     sequence_ids = rm.padded_sequence_ids(input_ids, mask)
     pooled = rm.pool(hidden, sequence_ids, input_ids.shape[0], model.pooling)
+    simple = rm.pool_padded(hidden, mask, model.pooling)
+    what, by_hand, expr = (("the last real token (here the eos that data.tokenize_pairs appends), which has "
+                            "attended to the whole conversation", hidden[PAIR, last], f"hidden[{PAIR}, {last}]")
+                           if model.pooling == "last" else
+                           ("the mean over the sequence's real tokens", hidden[PAIR, :last + 1].mean(0),
+                            f"hidden[{PAIR}, :{last + 1}].mean(0)"))
     pooled_stage = Stage("The pooled vectors", f"rm.pool makes one vector per sequence; the demo pools "
-                         f"'{model.pooling}', the last real token (the eos), which has attended to the whole "
-                         "conversation.", [
+                         f"'{model.pooling}', {what}. rm.pool_padded is the same for padded rows, written simply.", [
         ">>> pooled = rm.pool(hidden, rm.padded_sequence_ids(batch.input_ids, batch.attention_mask), "
         f"{input_ids.shape[0]}, {model.pooling!r})",
         f"pooled {tuple(pooled.shape)} = (rows, hidden_size)",
-        f"pooled[{PAIR}] {vec(pooled[PAIR])}  (= hidden[{PAIR}, {last}]: "
-        f"{torch.equal(pooled[PAIR], hidden[PAIR, last])})"])
+        f"pooled[{PAIR}] {vec(pooled[PAIR])}  (= {expr}: {torch.allclose(pooled[PAIR], by_hand, atol=1e-6)})",
+        f"rm.pool_padded(hidden, batch.attention_mask, {model.pooling!r}) is pooled: "
+        f"{torch.allclose(simple, pooled, atol=1e-6)}"])
     rewards = model.head(pooled).sum(-1)  # (2B, 1) -> (2B,), as RewardModel.forward does
     chosen, rejected = rewards.chunk(2)
     reward_stage = Stage("The rewards, chosen and rejected", f"The '{model.head_type}' head maps each pooled "
@@ -199,41 +210,128 @@ def step_stages(model: rm.RewardModel, loss, optimizer, scheduler, cfg: train.Tr
     return [norm_stage, step_stage], lr
 
 
-def walk(cfg: train.TrainConfig, total_steps: int | None = None) -> Walk:
+def score_pairs(model: rm.RewardModel, items: list, batch_size: int = 64):
+    """Chosen and rejected rewards of tokenised pairs, as training computes them (data.collate, one pass)."""
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = data.collate(items[start:start + batch_size], model.tokenizer.pad_id)
+            c, r = model(batch.input_ids, batch.attention_mask).chunk(2)
+            chosen.append(c)
+            rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def held_out_by_kind(model: rm.RewardModel, cfg: train.TrainConfig) -> list[tuple[str, int, float]]:
+    """(kind, pairs, accuracy) on the demo's test split: all pairs, then by what is wrong with the rejected."""
+    pairs = data.load_pairs(cfg.dataset, "test", cfg.max_eval_samples)
+    rude = tuple(o.strip() for o in demo.DEMO_RUDE[0])
+    kinds = [("all", pairs), ("rude, on topic", [p for p in pairs if p.rejected.strip().startswith(rude)]),
+             ("polite, another topic", [p for p in pairs if not p.rejected.strip().startswith(rude)])]
+    out = []
+    for kind, some in kinds:
+        chosen, rejected = score_pairs(model, data.tokenize_pairs(some, model.tokenizer, cfg.max_length))
+        out.append((kind, len(chosen), (chosen > rejected).float().mean().item()))
+    return out
+
+
+def training_stage(model: rm.RewardModel, optimizer, scheduler, cfg: train.TrainConfig, batches, items: list,
+                   step1: tuple, steps: int, total_steps: int):
+    """Stage 10: train.py's loop (one process, padded batches) on to step `steps`, then what it learned: the
+    loss and accuracy by windows of steps, pair PAIR's rewards again, and the held-out accuracy."""
+    pair_item, before, first_loss, first_accuracy = step1
+    losses, accuracies = [first_loss], [first_accuracy]
+    for step in range(1, steps):  # step 1 was stages 3-9
+        (idx, _), = batches.micro_batches(step, cfg.batch_size, rank=0, world=1)
+        batch = data.collate([items[i] for i in idx], model.tokenizer.pad_id)
+        chosen, rejected = model(batch.input_ids, batch.attention_mask).chunk(2)
+        out = rm.pairwise_loss(chosen, rejected, batch.margin, cfg.center_rewards_coefficient)
+        out["loss"].backward()
+        train.clip_grad_norm(model, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out["loss"].item())
+        accuracies.append(out["accuracy"].item())
+    model.eval()
+    (after_c,), (after_r,) = score_pairs(model, [pair_item])
+    margin = after_c.item() - after_r.item()
+    windows = min(4, steps)
+    w = steps // windows
+    lines = [">>> for step in range(1, steps): ...  # stages 3-9 for each step's pairs: data.collate, model, chunk(2),",
+             "...     # rm.pairwise_loss, backward, train.clip_grad_norm, optimizer.step, scheduler.step",
+             f"{steps} of the demo's {total_steps} steps, on its schedule (the rate is now "
+             f"{scheduler.get_last_lr()[0]:.2e}); mean training loss and accuracy over each {w} steps:"]
+    lines += [f"  steps {i + 1:>3}-{i + w:<3} loss {sum(losses[i:i + w]) / w:.3f}  accuracy "
+              f"{sum(accuracies[i:i + w]) / w:.3f}" for i in range(0, windows * w, w)]
+    lines += [f"pair {PAIR} of step 1 (stage 1), rewards before -> after training:",
+              f"  chosen   {before[0]:.3f} -> {after_c.item():.3f}",
+              f"  rejected {before[1]:.3f} -> {after_r.item():.3f}",
+              f"  margin {margin:.2f}: the model gives P(chosen preferred) = sigmoid(margin) = "
+              f"{torch.sigmoid(torch.tensor(margin)).item():.3f}",
+              f"held-out accuracy on the test split ({cfg.max_eval_samples} pairs, asked in (topic, question) "
+              "combinations never seen in training), by what is wrong with the rejected response:"]
+    lines += [f"  {kind:<22} {n:>4} pairs  accuracy {acc:.3f}" for kind, n, acc in held_out_by_kind(model, cfg)]
+    return Stage("After training", f"Steps 2 to {steps} make the same calls as stages 3-9 on the next pairs of "
+                 "train.StepBatches (train.py's loop, one process). Rudeness, visible in the response alone, is "
+                 "learned first; the topic, which needs the prompt, comes later: this is the plateau at 0.75, where "
+                 "a loss near log 2 / 2 = 0.35 means half the pairs solved and half still at chance.", lines)
+
+
+def walk(cfg: train.TrainConfig, total_steps: int | None = None, train_to: int = 1) -> Walk:
     """train.py's first optimizer step on `cfg` (padded batches, one process, no accumulation), stage by
-    stage. total_steps sets the schedule's length (default: as train.py computes it for cfg)."""
+    stage; with train_to > 1, then its loop on to step train_to (stage 10). total_steps sets the schedule's
+    length (default: as train.py computes it for cfg)."""
     torch.set_num_threads(1)  # as train.py runs the tiny demo model; one thread also keeps sums in one order
     model = train.build_model(cfg)
     model.train()
-    first, items, steps_per_epoch = texts_and_ids(cfg, model)
+    first, items, batches, idx = texts_and_ids(cfg, model)
     if total_steps is None:  # as train() computes it
-        total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(steps_per_epoch * cfg.num_epochs))
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(batches.steps_per_epoch * cfg.num_epochs))
     optimizer = train.make_optimizer(cfg, model, torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, train.lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
-    batch_st, batch = batch_stage(items, model.tokenizer.pad_id)
+    batch_st, batch = batch_stage([items[i] for i in idx], model.tokenizer.pad_id)
     forward, chosen, rejected = forward_stages(model, batch)
     loss_st, loss = loss_stage(chosen, rejected, batch, cfg)
+    step1 = (items[idx[PAIR]], (chosen[PAIR].item(), rejected[PAIR].item()), loss.item(),
+             (chosen > rejected).float().mean().item())
     last, lr = step_stages(model, loss, optimizer, scheduler, cfg, total_steps,
                            batch.input_ids[batch.attention_mask.bool()].tolist())
-    return Walk(first + [batch_st] + forward + [loss_st] + last, model, lr)
+    stages = first + [batch_st] + forward + [loss_st] + last
+    if train_to > 1:
+        stages.append(training_stage(model, optimizer, scheduler, cfg, batches, items, step1, train_to, total_steps))
+    return Walk(stages, model, lr)
 
 
 INTRO = """\
 The first optimizer step of `python train.py --config demo`, taken apart: one batch of the demo task
-(synthetic preference pairs, a tiny Qwen3 from scratch) from its texts to what one weight became.
+(synthetic preference pairs, a tiny Qwen3 from scratch) from its texts to what one weight became, then
+the same step repeated to step 100, and what the model has learned by then.
 In short: `data.collate` pads B pairs into 2B rows (`data.Batch`); `train.py` passes them to
 `RewardModel` (`rm.py`), which runs `Qwen3` (`qwen3.py`) and pools one reward per row; `train.py` splits
 the rewards with `chunk(2)` and calls `pairwise_loss` on the two halves.
 
+The demo task (`support/demo.py`): a human asks about one of 16 topics (cats, chess, volcanoes, ...),
+sometimes after a first exchange on it. The chosen response is polite and on the asked topic. The
+rejected one is, in half the pairs, rude but on topic, and in the other half polite but about another
+topic; both come from the same templates, so length tells nothing. Rudeness shows in the response alone
+and is learned first: it settles 75% of the pairs, the plateau stage 10 reaches. The other 25% need the
+response read against the prompt, which the full run learns later (0.99 held out after 1,000 steps:
+[training_curves.md](training_curves.md)). The held-out split asks with (topic, question) combinations
+never seen in training.
+
 Each stage shows the lesson's own call that produced it, then shapes and a few values. Regenerate this
-page with `python -m tools.walkthrough --markdown > docs/walkthrough.md` (CPU, a few seconds, no
-download); `tests/test_walkthrough.py` fails when it no longer matches the code, and checks that the
-weights after this step are the ones train.py has after its first step."""
+page with `python -m tools.walkthrough --markdown > docs/walkthrough.md` (CPU, no download; about 10 s
+idle, longer on a busy machine); `tests/test_walkthrough.py` fails when it no longer matches the code, and
+checks that the weights after the first step are the ones train.py has after its first step."""
+
+TRAIN_TO = 100  # stage 10's last step: the demo's plateau (rudeness learned), reached in seconds
 
 
 def render(stages: list, markdown: bool) -> str:
-    out = ["# Walkthrough: one training step, every stage printed", "", INTRO] if markdown else []
+    title = "# Walkthrough: one training step, every stage printed, and what training learns"
+    out = [title, "", INTRO] if markdown else []
     for n, stage in enumerate(stages, 1):
         if markdown:
             out += ["", f"## {n}. {stage.title}", "", stage.sentence, "", "```text", *stage.lines, "```"]
@@ -245,8 +343,12 @@ def render(stages: list, markdown: bool) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print docs/walkthrough.md (headings, code blocks)")
+    parser.add_argument("--train_to", type=int, default=TRAIN_TO, help=f"stage 10 trains to this step (default "
+                        f"{TRAIN_TO}; 1: the first step only)")
     args = parser.parse_args(argv)
-    print(render(walk(demo_config()).stages, args.markdown), end="")
+    if not 1 <= args.train_to <= 1000:
+        parser.error(f"--train_to {args.train_to}: give a step from 1 to the demo's 1000")
+    print(render(walk(demo_config(), train_to=args.train_to).stages, args.markdown), end="")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(demo_model_dir(args.config, Path(tmp)))
         common = ["--device", args.device, "--max_wait_ms", str(args.max_wait_ms)] + ["--bf16"] * args.bf16
+        # every client its connection, and the last row's one request of all the texts, within the server's limits
+        common += ["--max_connections", str(max(args.clients) + 8), "--max_texts", str(max(1024, args.texts))]
         procs, servers = [], {}
         try:
             for name, batch_size in (("per request", 1), ("batched", args.batch_size)):

@@ -453,6 +453,8 @@ def test_startup_mistakes_are_one_line(hf_tiny, model_dir, tmp_path):
     with pytest.raises(UserError, match="reward_stats") as refused:
         serve.main([str(no_stats), "--port", "0", "--normalize"])
     assert "\n" not in str(refused.value)
+    with pytest.raises(UserError, match=r"unrecognized arguments: --bogus \(see python -m tools\.serve --help\)$"):
+        serve.main([str(model_dir), "--bogus"])   # (it said "see python python -m tools.serve")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

@@ -83,8 +83,8 @@ def joined(prompt, responses: list) -> list:
                             "{\"role\", \"content\"} messages to score assistant messages")
         return [prompt + r for r in responses]
     if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
-        raise UserError(f"a prompt is a string or a list of {{\"role\", \"content\"}} messages, not "
-                        f"{type(prompt).__name__ if not isinstance(prompt, list) else 'a list of other things'}")
+        raise UserError(f"prompt is {type(prompt).__name__ if not isinstance(prompt, list) else 'a list of other things'}"
+                        f"; a prompt is a string or a list of {{\"role\", \"content\"}} messages")
     texts = []
     for r in responses:
         if isinstance(r, str):

@@ -6,10 +6,12 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
 from conftest import ROOT
 from rm import RewardModel
+from support.errors import UserError
 from tools import walkthrough
 from train import train
 
@@ -109,3 +111,9 @@ def test_walkthrough_step_is_train_steps_first_step(tmp_path):
     # and the step changed the weights it started from
     fresh = walkthrough.train.build_model(cfg).state_dict()
     assert not torch.equal(fresh["head.fc2.weight"], walked_state["head.fc2.weight"])
+
+
+def test_train_to_outside_the_demo_is_one_line():
+    for bad in ("0", "1001"):
+        with pytest.raises(UserError, match=f"--train_to {bad}: give a step from 1 to the demo's 1000"):
+            walkthrough.main(["--train_to", bad])

@@ -14,7 +14,6 @@ AdamW. The weights it has after that step are the ones train.py has after its fi
 the same calls for the next steps, as train.py's loop does with one process, and scores the held-out split.
 One thread and fixed seeds: the output is the same on every run.
 """
-import argparse
 import math
 from typing import NamedTuple
 
@@ -25,7 +24,7 @@ import data
 import rm
 import train
 from support import demo
-from support.errors import run_cli
+from support.errors import ArgumentParser, UserError, run_cli
 
 PAIR = 0  # the pair of the batch whose texts and rows are shown (its rejected row is PAIR + B)
 SHOW = 6  # values shown of a vector
@@ -341,13 +340,13 @@ def render(stages: list, markdown: bool) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="-m tools.walkthrough", description=__doc__.split("\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print docs/walkthrough.md (headings, code blocks)")
     parser.add_argument("--train_to", type=int, default=TRAIN_TO, help=f"stage 10 trains to this step (default "
                         f"{TRAIN_TO}; 1: the first step only)")
     args = parser.parse_args(argv)
     if not 1 <= args.train_to <= 1000:
-        parser.error(f"--train_to {args.train_to}: give a step from 1 to the demo's 1000")
+        raise UserError(f"--train_to {args.train_to}: give a step from 1 to the demo's 1000")
     print(render(walk(demo_config(), train_to=args.train_to).stages, args.markdown), end="")
 
 

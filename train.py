@@ -296,7 +296,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     learning_rate: float = option(5e-6, "peak learning rate")
     num_epochs: float = option(3, "passes over the training pairs")
-    max_steps: int = option(-1, "optimizer steps; > 0 overrides --num_epochs")
+    max_steps: int = option(-1, "optimizer steps; > 0 overrides --num_epochs (-1: train --num_epochs)")
     warmup_ratio: float = option(0.03, "share of steps with linear warmup")
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")

@@ -68,10 +68,12 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool):
     ours = run_files(out)
     if "final_model" in ours and not resume and not overwrite:
         raise UserError(f"--output_dir {out} holds a finished run (final_model/ is there); pass "
-                        "--overwrite_output_dir to train it again, or choose another --output_dir")
+                        f"--overwrite_output_dir to train it again, {train_further(out)}, or choose another --output_dir")
     if ours and not resume and not overwrite:
-        raise UserError(f"--output_dir {out} already holds another run ({', '.join(ours[:3])}); "
-                        "pass --resume to continue it, --overwrite_output_dir to replace it, "
+        # One instruction whichever way it is met: --resume says the same of a run with no checkpoint
+        advice = "pass --resume to continue it, --overwrite_output_dir to replace it" if checkpoint_dirs(out) else \
+            "it stopped before its first checkpoint, so there is nothing to resume: pass --overwrite_output_dir to start it again"
+        raise UserError(f"--output_dir {out} already holds another run ({', '.join(ours[:3])}); {advice}, "
                         "or choose another --output_dir")
     check_writable(out, f"to --output_dir {out}", "choose a writable directory")
 
@@ -234,10 +236,10 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 def find_resume_checkpoint(resume: str, out: Path) -> Path:
     """--resume alone or --resume latest: the newest complete checkpoint in `out`; else the given one."""
-    if (out / "final_model").is_dir():  # its checkpoints may remain: resuming one would train it again
-        raise UserError(f"--resume: the run in {out} is complete (final_model/ is there), there is "
-                        "nothing to continue; pass --overwrite_output_dir to train it again, or "
-                        "choose another --output_dir")
+    if (out / "final_model").is_dir() and not checkpoint_dirs(out):  # with checkpoints: see check_finished_run
+        raise UserError(f"--resume: the run in {out} is complete (final_model/ is there) and kept no checkpoint "
+                        f"to continue from; {train_further(out)}, pass --overwrite_output_dir to train it again, "
+                        "or choose another --output_dir")
     if resume == "latest":
         ckpts = checkpoint_dirs(out)
         if not ckpts:
@@ -256,6 +258,34 @@ def find_resume_checkpoint(resume: str, out: Path) -> Path:
                         "loading pickle can run arbitrary code, so it is not read; start the run again with "
                         "--overwrite_output_dir or in a new --output_dir")
     return path
+
+
+def train_further(out: Path) -> str:
+    """How to train a finished run's model further: --resume from its newest checkpoint with more steps
+    (check_finished_run), or, with no checkpoint left, a new run that starts from its final model."""
+    if checkpoint_dirs(out):
+        return "--resume with a larger --max_steps or --num_epochs to train it further"
+    return (f"start a new run from its model to train it further (--model {out} and another "
+            "--output_dir: a fresh optimizer and schedule)")
+
+
+def finished_at(out: Path) -> int:
+    """The step a finished run's final_model/ was trained to: the last step log.jsonl records (every run logs
+    its last step), else the total of the run that wrote the newest checkpoint."""
+    steps = [r["step"] for r in read_log(out) if isinstance(r, dict) and type(r.get("step")) is int]
+    if steps:
+        return max(steps)
+    return int(read_trainer_state(checkpoint_dirs(out)[-1]).get("total_steps", 0))
+
+
+def check_finished_run(out: Path, total_steps: int):
+    """--resume of a finished run (final_model/ there) trains it further, as HF Trainer does: from its newest
+    checkpoint, on this run's schedule (as for any resume), and the new final_model/ replaces the old one at
+    the end. Only to more steps than it has: fewer or as many would train the same steps again."""
+    if (out / "final_model").is_dir() and total_steps <= (done := finished_at(out)):
+        raise UserError(f"--resume: the run in {out} is complete at step {done} (final_model/ is there) and "
+                        f"this run ends at step {total_steps}; pass a larger --max_steps or --num_epochs to train it "
+                        "further, --overwrite_output_dir to train it again, or use its model as it is")
 
 
 def rng_states() -> dict:

@@ -45,6 +45,7 @@ class Run:
     def check_resume(self, cfg, step_batch: int, total_steps: int, data_read: dict):
         """On --resume: refuse a checkpoint of another run, or one with no step left to train."""
         if self.resume_from is not None:
+            checkpoint.check_finished_run(self.out, total_steps)  # a finished run: only trained further
             check_resume(self.resume_from, cfg, step_batch, total_steps, data_read)
 
     def start(self, cfg, model, train_model, optimizer, scheduler, total_steps: int, step_batch: int,
@@ -65,7 +66,8 @@ class Run:
             step, self.best_accuracy, changed = resume_training(self.resume_from, cfg, optimizer, scheduler,
                                                                 train_model)
             print0(f"resumed from {self.resume_from} at step {step}/{total_steps}" +
-                   (f"; changed since the checkpoint: {', '.join(changed)}" if changed else ""))
+                   (f"; changed since the checkpoint: {', '.join(changed)}" if changed else "") +
+                   ("; final_model/ is replaced when this run ends" if (self.out / "final_model").is_dir() else ""))
         with distributed.rank_0_errors(self.device):
             if self.rank == 0:
                 checkpoint.claim_output_dir(self.out, replace_previous_run=cfg.overwrite_output_dir and not cfg.resume,

@@ -35,6 +35,8 @@ def validate(cfg) -> torch.device:
     if not 0 < cfg.learning_rate < math.inf:
         raise UserError(f"--learning_rate must be positive and finite (got {cfg.learning_rate}); "
                         "e.g. 5e-6 for Qwen3-0.6B")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:  # 0 ran the whole --num_epochs schedule, as -1 (unset) does
+        raise UserError(f"--max_steps must be a positive integer, or -1 to train --num_epochs (got {cfg.max_steps})")
     if cfg.max_steps <= 0 and not 0 < cfg.num_epochs < math.inf:
         raise UserError(f"--num_epochs must be positive and finite (got {cfg.num_epochs}), or set --max_steps")
     for name in ("max_train_samples", "max_eval_samples"):

@@ -58,3 +58,20 @@ def test_bench_best_of_n_prints_the_speed_up_and_equal_rewards(capsys):
     for n, row in results.items():
         assert row["speedup"] > 0 and row["max_abs_diff"] < 1e-5
         assert row["tokens"][1] < row["tokens"][0]  # the prompt's tokens once, not n times
+
+
+def test_a_count_of_zero_is_refused_not_taken_for_the_default(capsys):
+    """--steps 0, --pairs 0, --max_length 0 ran the defaults (10 steps, 8 pairs, 512 tokens) as if not given,
+    and --ranked 0 the pairwise benchmark: each is one line naming the flag; --warmup 0 is a real choice."""
+    import pytest
+    from support.errors import UserError
+    for flag in ("--steps", "--pairs", "--max_length", "--batches", "--ranked", "--prompt_length"):
+        for value in ("0", "-3"):
+            with pytest.raises(UserError, match=f"^{flag} must be a positive integer \\(got {value}\\); leave it out"):
+                bench.main(SMALL + [flag, value])
+    with pytest.raises(UserError, match="^--steps must be a positive integer"):
+        bench.main(["--suite", "cpu", "--steps", "0"])
+    with pytest.raises(UserError, match="^--warmup must be 0 or more"):
+        bench.main(SMALL + ["--warmup", "-1"])
+    bench.main(SMALL + ["--warmup", "0"])
+    assert "ours " in capsys.readouterr().out

@@ -309,6 +309,8 @@ CASES = [
      ["--learning_rate must be positive and finite (got -0.001)"]),
     ("epochs 0", "train", lambda fx, o: ["--config", "demo", "--num_epochs", "0"],
      ["--num_epochs must be positive and finite (got 0.0)", "or set --max_steps"]),
+    ("max steps 0", "train", lambda fx, o: [*DEMO, "--max_steps", "0"],
+     ["--max_steps must be a positive integer, or -1 to train --num_epochs (got 0)"]),
     ("negative max length", "train", lambda fx, o: [*DEMO, "--max_length", "-5"],
      ["--max_length must be a positive integer (got -5)"]),
     ("a number that is not one", "train", lambda fx, o: [*DEMO, "--batch_size", "eight"],
@@ -326,7 +328,8 @@ CASES = [
     ("output directory holds a finished run", "train", lambda fx, o: [*DEMO, "--output_dir", str(fx["done"])],
      ["holds a finished run (final_model/ is there)", "pass --overwrite_output_dir to train it again"]),
     ("output directory holds another run", "train", lambda fx, o: [*DEMO, "--output_dir", str(fx["half_run"])],
-     ["already holds another run", "pass --resume to continue it, --overwrite_output_dir to replace it"]),
+     ["already holds another run", "it stopped before its first checkpoint, so there is nothing to resume: pass "
+      "--overwrite_output_dir to start it again"]),
     ("--overwrite_output_dir, then bad data", "train",
      lambda fx, o: [*DEMO, "--output_dir", str(fx["done"]), "--overwrite_output_dir", "--dataset",
                     str(fx["root"] / "nope.jsonl")],
@@ -439,7 +442,7 @@ _ALSO_IN_PROCESS = {"config.json not valid JSON", "no weights file", "truncated 
                     "eval: directory without a model", "eval: corrupt safetensors", "eval: every pair too long",
                     "eval: report that cannot be written", "--overwrite_output_dir, then bad data",
                     "mis-shaped tensor", "tokenizer.json corrupt", "every eval pair too long",
-                    "output directory holds another run",
+                    "output directory holds another run", "max steps 0",
                     "eval: checkpoint does not exist"}
 INPROCESS_CASES += [c for c in CASES if c[0] in _ALSO_IN_PROCESS]
 CASES = [c for c in CASES if c[0] not in _ALSO_IN_PROCESS]

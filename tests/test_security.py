@@ -209,28 +209,34 @@ def test_impossible_option_is_one_line_and_writes_nothing(tmp_path, capsys, case
 
 
 def test_finished_run_says_it_is_complete(done, tmp_path, capsys):
-    """Met again without --resume, or with --resume (its checkpoints there or gone): it is complete, and the
-    way out is --overwrite_output_dir or another directory (not --resume)."""
+    """Met again without --resume, or with --resume asking for no more steps than it had (its checkpoints there
+    or gone): it is complete, nothing is touched, and the way on is said: --resume with a larger --max_steps
+    while a checkpoint remains (test_train.py::test_a_finished_run_resumed_with_more_steps_trains_further_as_any_resume),
+    else a new run from its final model; or --overwrite_output_dir, or another directory."""
     out, _ = copy_run(done, tmp_path, finished=True)
     before = snapshot(out)
     code, err = cli(train.main, [*DONE, "--output_dir", out], capsys)
     assert_one_line(code, err, "holds a finished run (final_model/ is there)", "pass --overwrite_output_dir",
-                    "or choose another --output_dir")
-    assert "--resume" not in err
-    # --resume while its checkpoints remain (latest, or named, even asking for more steps) would train it
-    # again and replace final_model/: it is complete too, and nothing is touched (issue 21, section 5)
-    for resume in (["--resume"], ["--resume", out / "checkpoint_step_1"], ["--resume", "--max_steps", "3"]):
+                    "--resume with a larger --max_steps or --num_epochs to train it further", "or choose another --output_dir")
+    # --resume while its checkpoints remain (latest, or named) to as many steps would train the same steps again
+    for resume in (["--resume"], ["--resume", out / "checkpoint_step_1"], ["--resume", "--max_steps", "1"]):
         code, err = cli(train.main, [*DONE, "--output_dir", out, *resume], capsys)
-        assert_one_line(code, err, f"--resume: the run in {out} is complete (final_model/ is there), there is "
-                        "nothing to continue; pass --overwrite_output_dir")
+        ends = 1 if "1" in resume else 2
+        assert_one_line(code, err, f"--resume: the run in {out} is complete at step 2 (final_model/ is there) and "
+                        f"this run ends at step {ends}; pass a larger --max_steps or --num_epochs to train it further")
         assert snapshot(out) == before
     shutil.rmtree(out / "checkpoint_step_1")
     before = snapshot(out)
-    code, err = cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys)
-    assert_one_line(code, err, "is complete (final_model/ is there)", "pass --overwrite_output_dir",
-                    "or choose another --output_dir")
-    assert "before its first" not in err
-    assert snapshot(out) == before
+    for resume in (["--resume"], ["--resume", "--max_steps", "5"]):
+        code, err = cli(train.main, [*DONE, "--output_dir", out, *resume], capsys)
+        assert_one_line(code, err, "is complete (final_model/ is there) and kept no checkpoint to continue from",
+                        f"start a new run from its model to train it further (--model {out} and "
+                        "another --output_dir", "pass --overwrite_output_dir", "or choose another --output_dir")
+        assert "before its first" not in err
+        assert snapshot(out) == before
+    code, err = cli(train.main, [*DONE, "--output_dir", out], capsys)
+    assert_one_line(code, err, "holds a finished run", f"start a new run from its model to train it further (--model {out} and another")
+    assert "--resume" not in err
 
 
 # ---- one run per directory -----------------------------------------------------------------------

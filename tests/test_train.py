@@ -359,3 +359,20 @@ def test_report_to_an_unknown_name_is_one_line(tmp_path, report_to):
     with pytest.raises(UserError, match="--report_to .*choose from none, tensorboard, wandb") as e:
         train(tiny_cfg(tmp_path, report_to=report_to))
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_resumed_with_more_steps_trains_further_as_any_resume(tmp_path):
+    """--resume of a finished run with a larger --max_steps (it was refused as complete): it continues from
+    the newest checkpoint on this run's schedule, exactly as a run stopped after that checkpoint and resumed
+    with the same flags, and the new final_model/ and evaluation_report.json replace the old ones."""
+    train(tiny_cfg(tmp_path, "done", max_steps=4, save_steps=3, eval_steps=2))
+    as_if_stopped_at(tmp_path / "done", tmp_path / "stopped")
+    old = final_weights(tmp_path / "done")
+    extended = train(tiny_cfg(tmp_path, "done", max_steps=7, save_steps=3, eval_steps=2, resume="latest"))
+    resumed = train(tiny_cfg(tmp_path, "stopped", max_steps=7, save_steps=3, eval_steps=2, resume="latest"))
+    a, b = final_weights(tmp_path / "done"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], old[k]) for k in a)
+    steps = [h["step"] for h in extended["history"]]  # log.jsonl cut back to step 3: each step logged once
+    assert extended["step"] == 7 and steps == [2, 2] + [h["step"] for h in resumed["history"]] == [2, 2, 4, 4, 6, 6, 7, 7]
+    report = json.loads((tmp_path / "done" / "evaluation_report.json").read_text())
+    assert report["accuracy"] == extended["eval_accuracy"] == resumed["eval_accuracy"]

@@ -615,7 +615,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+COUNTS = ("pairs", "max_length", "batches", "steps", "ranked", "lora_rank", "prompt_length", "response_length")
+
+
+def check_counts(args):
+    """A count given as 0 or less is refused: 0 does not mean "the default" (--steps 0 ran the default 10)."""
+    for name in COUNTS:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be a positive integer (got {getattr(args, name)}); leave it out for "
+                            "the default")
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more (got {args.warmup})")
+
+
 def bench(args) -> dict:
+    check_counts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -629,20 +643,17 @@ def bench(args) -> dict:
     if args.lora_rank is not None:
         check_options(args.lora_rank, None, 0.0, TARGETS)
     cuda = device.type == "cuda"
-    args.pairs = args.pairs or (8 if cuda else 4)
-    args.max_length = args.max_length or (512 if cuda else 256)
+    args.pairs = args.pairs if args.pairs is not None else (8 if cuda else 4)
+    args.max_length = args.max_length if args.max_length is not None else (512 if cuda else 256)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    args.steps = args.steps or (10 if cuda else 4)
-    for name in ("pairs", "max_length", "batches", "steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be a positive integer")
+    args.steps = args.steps if args.steps is not None else (10 if cuda else 4)
     if args.max_length < 16:
         raise UserError("--max_length must be at least 16")
     if args.attention:
         return bench_attention(args, device)
     if args.best_of_n:
         return bench_best_of_n(args, device)
-    if args.ranked:
+    if args.ranked is not None:
         if args.ranked < 2:
             raise UserError("--ranked K needs K >= 2 responses per group")
         return bench_ranked(args, device)
@@ -707,6 +718,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.suite:
         return bench(args)
+    check_counts(args)  # --warmup and --steps apply to every row: refused once, not row by row
     rows, failed = [], []
     specs = SUITES[args.suite]
     if args.rows:

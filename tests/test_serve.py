@@ -610,3 +610,22 @@ def test_a_client_that_left_is_not_scored_and_keeps_nobody_waiting():
         assert health["dropped"] == 3 and sum(sizes) <= 1 + 3 * 4, (health, sizes)
     finally:
         server.stop(5)
+
+
+def test_stop_answers_what_still_waits_after_the_grace_with_503():
+    """A stop gives the requests in flight their grace, then answers what still waits 503 (the scoring thread
+    ends after the piece it is scoring), instead of scoring it all or leaving it unanswered."""
+    def score(texts):
+        time.sleep(0.1)
+        return [1.0] * len(texts)
+
+    server, port = in_process_server(score, batch_size=2)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(request, port, body={"query": ["x"] * 40})   # 20 pieces: 2 s
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert server.stop(grace_s=0.2) == 1
+        assert time.monotonic() - start < 3
+        status, body = answer.result(timeout=10)
+    assert status == 503 and "stopped before scoring" in body["error"], body
+    assert not server.batcher.thread.is_alive()

@@ -61,7 +61,8 @@ def run_cli(main, argv=None):
     Meanwhile stdout and stderr are ClosedPipeSafe: a reader that has gone never ends the command."""
     debug = os.environ.get("RM_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv)
     real = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (s if isinstance(s, ClosedPipeSafe) else ClosedPipeSafe(s) for s in real)
+    # (None: Python started with that descriptor closed, and print() already drops what goes there)
+    sys.stdout, sys.stderr = (s if s is None or isinstance(s, ClosedPipeSafe) else ClosedPipeSafe(s) for s in real)
     try:
         return main(argv)
     except UserError as e:
@@ -77,7 +78,8 @@ def run_cli(main, argv=None):
         sys.exit(130)
     finally:
         for stream in (sys.stdout, sys.stderr):  # what is still buffered, while a gone reader is harmless
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         sys.stdout, sys.stderr = real
 
 

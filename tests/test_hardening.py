@@ -889,6 +889,10 @@ def test_run_cli_drops_output_into_a_gone_reader_and_keeps_the_exit_status():
                               stdout=pipe, stderr=subprocess.PIPE, text=True, timeout=60)
         os.close(pipe)
         assert (proc.returncode, proc.stderr) == (3, "to stderr\n"), proc.stderr
+    # started with stdout closed (`>&-`: sys.stdout is None): print() drops it, as it always did
+    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1))
+    assert (proc.returncode, proc.stderr) == (3, "to stderr\n"), proc.stderr
 
 
 class InfGrad(torch.autograd.Function):

@@ -200,3 +200,18 @@ def test_decontaminate_path_that_does_not_exist_fails_before_anything(tmp_path):
     with pytest.raises(UserError, match=r"--decontaminate .*nope.jsonl: no such file or directory; give local "):
         train(tiny_cfg(tmp_path, "run", decontaminate=[str(tmp_path / "nope.jsonl")]))
     assert not (tmp_path / "run").exists()
+
+
+def test_rm_bench_files_and_conversation_prompts_are_read_as_eval_reads_them(tmp_path):
+    """An RM-Bench file (chosen/rejected as lists, a domain) is recognised by its columns; a prompt given as
+    turns (RewardBench's multi-turn rows) counts by the words of its turns, in order."""
+    words = BENCH_PROMPT.split()
+    rm_bench = write_jsonl(tmp_path / "total_dataset.jsonl", [
+        dict(prompt=BENCH_PROMPT, chosen=["a", "b", "c"], rejected=["d", "e", "f"], domain="chat", id=1)])
+    turns = write_jsonl(tmp_path / "turns.jsonl", [dict(
+        prompt=[{"role": "user", "content": " ".join(words[:13])}, {"role": "assistant", "content": "ok"}],
+        chosen="a", rejected="b", subset="mt-bench-hard", id=1)])
+    index = audit.load_benchmarks([rm_bench, turns])
+    assert index.names == ["total_dataset.jsonl", "turns.jsonl"]
+    assert index.contaminated([CONTAMINATED, " ".join(words[:13]), " ".join(words[1:14])]) == [
+        ["total_dataset.jsonl", "turns.jsonl"], ["total_dataset.jsonl", "turns.jsonl"], ["total_dataset.jsonl"]]

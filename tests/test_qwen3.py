@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_hf_cache, save_hf_model
+from conftest import ROOT, TINY_HF, make_hf_cache, save_hf_model
 from support.errors import UserError
 from support.packing import Layout
 from qwen3 import SHAPES, Qwen3, Qwen3Config, reference_attention
@@ -423,4 +423,15 @@ def test_oversized_config_json_is_not_read_whole(tmp_path, monkeypatch):
     save_hf_model(tmp_path)
     monkeypatch.setattr(hub, "MAX_JSON_BYTES", 100)
     with pytest.raises(UserError, match="config.json is over 0 MiB, far more than a config ever holds"):
+        Qwen3.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("layout", ["Qwen3ForCausalLM", "Qwen3Model"])
+def test_an_unknown_tensor_without_the_model_prefix_is_named_not_dropped(tmp_path, layout):
+    """A classifier's `score.weight` (no `model.` prefix) beside the backbone, in the causal-LM layout or the
+    bare one: Qwen3.from_pretrained names it, as it names `model.extra.weight`; loading the backbone and
+    silently dropping it would hide a checkpoint that is not what the user thinks."""
+    save_hf_model(tmp_path, cls_name=layout)
+    add_sparse_tensor(tmp_path / "model.safetensors", "score.weight", (1, TINY_HF["hidden_size"]))
+    with pytest.raises(UserError, match=r"1 unexpected tensor\(s\): score\.weight;"):
         Qwen3.from_pretrained(str(tmp_path))

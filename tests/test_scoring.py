@@ -84,6 +84,25 @@ def test_prompt_is_computed_once_and_ids_are_the_whole_texts(bpe_tok):
                                                                      abs=1e-5)
 
 
+def test_score_responses_runs_the_prompt_once_counted_through_the_model(bpe_tok):
+    """Cost, not only equality: the tokens score_responses feeds the model (counted at the embeddings) are
+    the prompt once per batch plus each response's own tokens, padded to a multiple of 8, far fewer than the
+    whole texts'. Scoring the whole texts (the right rewards at N times the prompt's cost) fails this."""
+    model, fed = tiny_rm(bpe_tok), []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: fed.append(args[0].numel()))
+    whole = [bpe_tok.sequence(PROMPT + r) for r in RESPONSES]
+
+    def prompt_once(seqs):  # tokens of one batch with the shared prefix once, padded to 8
+        n_shared = min(packing.shared_prefix_len(seqs[0], w) for w in seqs[1:])
+        return -(-(len(seqs[0]) + sum(len(w) - n_shared for w in seqs[1:])) // 8) * 8
+    for batch_size in (16, 2):
+        fed.clear()
+        model.score_responses(PROMPT, RESPONSES, batch_size=batch_size)
+        batches = [whole[i:i + batch_size] for i in range(0, len(whole), batch_size)]
+        assert fed == [prompt_once(b) if len(b) > 1 else len(b[0]) for b in batches], batch_size
+    assert fed[0] < sum(len(w) for w in whole[:2]) - 10  # the prompt (~20 tokens) runs once, not twice
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_packed_layout_equals_padded(bpe_tok, pooling):
     model = tiny_rm(bpe_tok, pooling=pooling)
@@ -261,6 +280,20 @@ def test_reward_function_equals_score_on_joined_texts(bpe_tok):
     assert f(conv_prompts, conv_completions) == pytest.approx(want, abs=1e-5)
     with pytest.raises(UserError, match="2 prompts but 1 completions"):
         f([PROMPT, PROMPT], ["x"])
+
+
+def test_reward_function_normalises_lone_prompts_and_groups_alike(bpe_tok):
+    """reward_function(normalize=True): a prompt with a single completion (scored through score) is
+    normalised as a group's completions (through score_responses) are, by hand: (r - mean) / std."""
+    model = tiny_rm(bpe_tok)
+    model.provenance["reward_stats"] = {"mean": 0.75, "std": 4.0, "n": 10}
+    other = "\n\nHuman: Hello!\n\nAssistant:"
+    prompts, completions = [PROMPT, PROMPT, other], RESPONSES[:2] + [" Sure."]
+    raw = model.score([p + c for p, c in zip(prompts, completions)])
+    want = [(r - 0.75) / 4.0 for r in raw]
+    assert model.reward_function(normalize=True)(prompts, completions) == pytest.approx(want, abs=1e-5)
+    assert model.reward_function(normalize=True)([other], [" Sure."]) == pytest.approx(want[2:], abs=1e-5)
+    assert abs(raw[2] - want[2]) > 0.1  # normalising moves it: the test can fail
 
 
 # ----------------------------------------------------------------------------------------------

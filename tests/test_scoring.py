@@ -200,6 +200,12 @@ def test_public_api_takes_what_it_documents(saved):
     assert RewardModel.from_pretrained(path, device=torch.device("cpu"), seed=np.int64(0)).score(["a"]) == \
         pytest.approx(model.score(["a"]), abs=1e-6)
     assert '("\\n\\nHuman: ...\\n\\nAssistant: ...")' in RewardModel.score.__doc__
+    # the fix the no-template error gives works: model.tokenizer.chat_format(PATH), then conversations score
+    fresh = RewardModel.from_pretrained(path)
+    (path.parent / "t.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    fresh.tokenizer.chat_format(str(path.parent / "t.jinja"))
+    assert fresh.tokenizer.sequence(CONVERSATION) == fresh.tokenizer.encode("user: hi\nassistant: hello\n")
+    assert len(fresh.score([CONVERSATION])) == 1
 
 
 def test_stats_from_report_equal_stats_of_all_rewards():

@@ -117,6 +117,9 @@ def test_audit_options_need_audit_and_a_benchmark_file(planted, capsys):
         inspect_data.main([train, "--eval", held])
     with pytest.raises(UserError, match="not a RewardBench, RewardBench 2 or RM-Bench file"):
         inspect_data.main([train, "--audit", "--benchmark", train])
+    with pytest.raises(UserError, match="exists and is not an audit report .* choose another --json FILE"):
+        inspect_data.main([train, "--audit", "--json", held])  # a typo must not overwrite data
+    assert len(open(held).read().splitlines()) == len(HELD)
 
 
 def test_dedup_and_decontaminate_remove_exactly_the_planted_pairs(planted):

@@ -89,6 +89,8 @@ def main(argv=None):
     chat_format.count_missing = True  # a conversation without a template is counted (below), not the end of the report
     if not args.audit and (args.eval or args.benchmark or args.json):
         raise UserError("--eval, --benchmark and --json are --audit's options; add --audit")
+    if args.json:
+        check_json_output(Path(args.json))
     # the benchmarks' 13-gram index, built once, before the reading whose memory is measured
     checks = audit.Audit(audit.load_benchmarks(args.benchmark) if args.benchmark else None) if args.audit else None
     import pyarrow.parquet  # noqa: F401 (loaded now, not while reading: the growth is the reading's)
@@ -150,6 +152,14 @@ def run_audit(checks: audit.Audit, args, stats: data.DataStats, chat_format) -> 
     if args.json:
         report_files.write_report(Path(args.json), found)
     return found
+
+
+def check_json_output(path: Path):
+    """--json replaces only an audit report of its own (a typo must not overwrite data), checked before reading."""
+    if path.is_dir() or path.exists() and not (path.is_file() and path.stat().st_size < 64 << 20
+                                               and '"duplicate_pairs"' in path.read_text(errors="replace")):
+        raise UserError(f"--json {path} exists and is not an audit report (--audit replaces only its own); "
+                        "choose another --json FILE")
 
 
 def audit_table(found: dict, json_file: str | None) -> str:

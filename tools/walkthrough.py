@@ -1,7 +1,7 @@
 """The lesson, run: the first batch of the demo task through one training step, every stage printed, then
 the same loop on to step 100 and what the model learned.
 
-    python -m tools.walkthrough                                   # on the CPU, seconds, no download
+    python -m tools.walkthrough                                   # on the CPU, no download
     python -m tools.walkthrough --markdown > docs/walkthrough.md  # the checked-in document
     python -m tools.walkthrough --train_to 1                      # the first step only
 
@@ -321,9 +321,10 @@ response read against the prompt, which the full run learns later (0.99 held out
 never seen in training.
 
 Each stage shows the lesson's own call that produced it, then shapes and a few values. Regenerate this
-page with `python -m tools.walkthrough --markdown > docs/walkthrough.md` (CPU, no download; about 10 s
-idle, longer on a busy machine); `tests/test_walkthrough.py` fails when it no longer matches the code, and
-checks that the weights after the first step are the ones train.py has after its first step."""
+page with `python -m tools.walkthrough --markdown > docs/walkthrough.md` (CPU, no download; stage 10's 99
+steps take most of its time, a tenth of the demo's 1,000, and `--train_to 1` skips them);
+`tests/test_walkthrough.py` fails when it no longer matches the code, and checks that the weights after
+the first step are the ones train.py has after its first step."""
 
 TRAIN_TO = 100  # stage 10's last step: the demo's plateau (rudeness learned), reached in seconds
 

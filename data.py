@@ -59,6 +59,7 @@ class DataStats:
     tokenized: int = 0                                       # pairs that fit max_length
     truncated_prompt: int = 0                                # ... of which the prompt was cut
     dropped_too_long: int = 0                                # pairs whose response alone did not fit
+    dropped_responses: int = 0                               # ranked groups' responses that alone did not fit
 
     def count(self, row: "Pair | readers.Skip"):
         """One row read: kept as a Pair, or skipped with its reason."""
@@ -81,7 +82,7 @@ class DataStats:
         return {"read": self.read, "kept": self.kept, "skipped": dict(sorted(self.skipped.items())),
                 "skipped_total": sum(self.skipped.values()), "sources": dict(self.sources),
                 "tokenized": self.tokenized, "truncated_prompt": self.truncated_prompt,
-                "dropped_too_long": self.dropped_too_long}
+                "dropped_too_long": self.dropped_too_long, "dropped_responses": self.dropped_responses}
 
 
 # -----------------------------------------------------------------------------
@@ -127,6 +128,8 @@ def make_pair(row: dict, source: str, chat_format: "chat.ChatFormat | None" = No
 
     With a prompt column, whole texts (chosen and rejected both starting with the prompt) lose it. A row
     whose chosen or rejected is a list is a conversation: see conversation_pair."""
+    if "chosen" not in row and "rejected" not in row:  # a ranked row (support/ranked.py) in a file of pairs
+        return readers.Skip("ranked row among pairs")
     if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
         return conversation_pair(row, source, chat_format)
     texts = [row[k] for k in ("prompt", "chosen", "rejected") if k in row]
@@ -277,6 +280,11 @@ class TokenizedPair:
     def length(self) -> int:
         """The padded length this pair needs in a batch."""
         return max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def tokens(self) -> int:
+        """Its tokens, the prompt counted in both (what length-grouped training batches even out)."""
+        return len(self.chosen_ids) + len(self.rejected_ids)
 
 
 def split_at_response(chosen, rejected, prompt_chars: int) -> tuple[list[int], list[int], list[int]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support import benchmarks, cli, heldout, hub, scoring, validate
+from support import benchmarks, cli, heldout, hub, ranked, scoring, validate
 from support import report as report_files
 from support.errors import ArgumentParser, UserError, check_writable, run_cli
 
@@ -195,7 +195,7 @@ def model_device(model) -> torch.device:
 
 @torch.no_grad()
 def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress: bool = True,
-                share_prompt: bool = False):
+                share_prompt: bool = False, rewards_file=None):
     """Rewards of tokenised pairs: (chosen, rejected) numpy float64 arrays, in the order of `items`.
 
     Batches are formed by length (longest first: an out-of-memory batch size fails at once, not at the
@@ -246,35 +246,40 @@ def prepare(model, pairs, max_length: int, stats=None):
     stats = copy.deepcopy(stats) if stats is not None else DataStats()
     if not pairs:
         raise UserError("no pairs to evaluate; check the evaluation data")
-    if isinstance(pairs[0], TokenizedPair):
+    if isinstance(pairs[0], (TokenizedPair, ranked.TokenizedGroup)):
         return list(pairs), stats
     if getattr(model, "tokenizer", None) is None:
         raise UserError("the model has no tokenizer; load it with RewardModel.from_pretrained from a directory "
                         "holding tokenizer.json, or set model.tokenizer")
-    return tokenize_pairs(pairs, model.tokenizer, max_length, stats), stats
+    tokenize = ranked.tokenize_groups if isinstance(pairs[0], ranked.Group) else tokenize_pairs
+    return tokenize(pairs, model.tokenizer, max_length, stats), stats
 
 
 def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, bf16: bool = False,
              progress: bool = True, stats=None, unsure_threshold: float = 0.1, return_rewards: bool = False,
-             share_prompt: bool = False):
+             share_prompt: bool = False, rewards_file=None):
     """Score preference pairs with a reward model and return the report (without the run information).
 
     pairs: data.Pair objects (tokenised here with model.tokenizer, too-long pairs dropped and counted)
     or data.TokenizedPair objects (used as they are). stats: the data.DataStats of loading, so that the
     skipped rows show in the report's counts; it is not modified. The model's train/eval mode is kept.
     return_rewards: also return the per-pair numbers, for plots: (report, (chosen, rejected, chosen_len,
-    rejected_len)). share_prompt: compute each pair's prompt once (the same rewards, faster).
+    rejected_len)). share_prompt: compute each pair's prompt once (the same rewards, faster). Ranked groups
+    (support/ranked.py): a "ranking" entry, every ordered pair as a pair, each group's rewards to rewards_file.
     """
     items, stats = prepare(model, pairs, max_length, stats)
     if not items:
         raise UserError(f"all {len(pairs)} pairs are longer than max_length {max_length} tokens; raise --max_length")
-    chosen, rejected = score_pairs(model, items, batch_size=batch_size, bf16=bf16, progress=progress,
-                                   share_prompt=share_prompt)
-    chosen_len = [it.chosen_response_len for it in items]
-    rejected_len = [it.rejected_response_len for it in items]
-    report = report_from_rewards(chosen, rejected, chosen_len, rejected_len, [it.source for it in items],
-                                 unsure_threshold=unsure_threshold)
-    report["counts"] = counts_from_stats(len(items), stats)
+    if isinstance(items[0], ranked.TokenizedGroup):  # each group scored once, its prompt once with share_prompt
+        ranking, (chosen, rejected, chosen_len, rejected_len, sources) = ranked.evaluate_groups(
+            model, items, batch_size, bf16, share_prompt, wilson_interval, rewards_file)
+    else:
+        ranking, (chosen, rejected) = {}, score_pairs(model, items, batch_size=batch_size, bf16=bf16,
+                                                     progress=progress, share_prompt=share_prompt)
+        chosen_len, rejected_len = [it.chosen_response_len for it in items], [it.rejected_response_len for it in items]
+        sources = [it.source for it in items]
+    report = report_from_rewards(chosen, rejected, chosen_len, rejected_len, sources, unsure_threshold=unsure_threshold)
+    report.update(ranking, counts=counts_from_stats(len(items), stats))
     return (report, (chosen, rejected, chosen_len, rejected_len)) if return_rewards else report
 
 
@@ -392,7 +397,8 @@ def main(argv=None):
     model.tokenizer = tokenizer
     report, rewards = evaluate(model, pairs, batch_size=args.batch_size, max_length=max_length, bf16=args.bf16,
                                progress=args.progress, stats=stats, unsure_threshold=args.unsure_threshold,
-                               return_rewards=True, share_prompt=share_prompt)
+                               return_rewards=True, share_prompt=share_prompt,
+                               rewards_file=output.parent / ranked.REWARDS_FILE)
     report.update(checkpoint=args.checkpoint, model_dir=str(model_dir), dataset=dataset, split=plan.split,
                   eval_fraction=plan.fraction, max_length=max_length, max_samples=args.max_samples, bf16=args.bf16,
                   share_prompt=share_prompt, chat_template=args.chat_template,

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import data
 from qwen3 import SHAPES as MODEL_SHAPES
-from rm import HEADS, POOLINGS, RewardModel, pairwise_loss
-from support import checkpoint, cli, distributed, heldout, lora, metrics, packing, readers, validate
+from rm import HEADS, POOLINGS, RewardModel, all_pairs_loss, listwise_loss, pairwise_loss
+from support import checkpoint, cli, distributed, heldout, lora, metrics, packing, ranked, readers, validate
 from support import run as run_context
 from support.distributed import print0
 from support.errors import UserError, run_cli
@@ -69,6 +69,8 @@ def train(cfg: "TrainConfig") -> dict:
 
     # ---- what the loop uses: the batch layout, bf16 autocast, the metrics since the last log line, Ctrl-C
     collate = packing.choose_collate(cfg.packing, cfg.share_prompt)  # data.collate, or packed/shared-prompt rows
+    if cfg.loss != "pairwise":  # ranked groups of K responses, a group's prompt once with --share_prompt
+        collate = ranked.choose_collate(cfg.packing, cfg.share_prompt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     since_last_log, last_report = metrics.MetricsSinceLastLog(device), None  # last_report: the last step's report
     stop = checkpoint.SignalStop()  # Ctrl-C / SIGTERM: finish the step, checkpoint, print a resume line
@@ -85,10 +87,14 @@ def train(cfg: "TrainConfig") -> dict:
                     batch = collate([train_items[j] for j in idx], model.tokenizer.pad_id).to(device)
                     with distributed.no_sync(train_model, sync=i == len(micro_batches) - 1), autocast:
                         rewards = train_model(batch.input_ids, batch.attention_mask, batch.layout)  # (2B,)
-                    chosen, rejected = rewards.chunk(2)  # rows 0..B-1 are the chosen responses
-                    pairwise = pairwise_loss(chosen, rejected, batch.margin, cfg.center_rewards_coefficient)
-                    (pairwise["loss"] * weight).backward()
-                    sums.add(pairwise, batch, weight)
+                    if cfg.loss == "pairwise":
+                        chosen, rejected = rewards.chunk(2)  # rows 0..B-1 are the chosen responses
+                        losses = pairwise_loss(chosen, rejected, batch.margin, cfg.center_rewards_coefficient)
+                    else:  # B groups: each sequence's group and level; both losses are a mean over groups
+                        losses = (listwise_loss if cfg.loss == "listwise" else all_pairs_loss)(
+                            rewards, batch.group, batch.level, batch.num_groups)
+                    (losses["loss"] * weight).backward()
+                    sums.add(losses, batch, weight)
                 step_metrics = sums.over_processes()
                 run.stop_if_not_finite("loss", step_metrics.loss, step + 1)
                 grad_norm = clip_grad_norm(train_model, cfg.max_grad_norm)
@@ -152,18 +158,21 @@ def load_data(cfg: "TrainConfig", tokenizer) -> tuple[list, heldout.HeldOut, dic
     a resume to notice data that changed."""
     plan = heldout.plan_training(cfg.dataset, cfg.eval_dataset, cfg.eval_split, cfg.eval_fraction)
     chat_format = tokenizer.chat_format(cfg.chat_template)  # renders conversational rows
+    groups = cfg.loss != "pairwise" or ranked.is_ranked(cfg.dataset)  # ranked rows: groups (support/ranked.py)
     pairs = heldout.load(plan, cfg.dataset, cfg.max_train_samples, cfg.max_eval_samples, chat_format,
-                         dedup=cfg.dedup, decontaminate=cfg.decontaminate)
-    train_items = data.tokenize_pairs(pairs.train, tokenizer, cfg.max_length, pairs.train_stats)
+                         dedup=cfg.dedup, decontaminate=cfg.decontaminate, groups=groups)
+    train_items = ranked.training_items(pairs.train, cfg, tokenizer, pairs.train_stats) if groups else \
+        data.tokenize_pairs(pairs.train, tokenizer, cfg.max_length, pairs.train_stats)
     # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.
-    eval_items = data.tokenize_pairs(pairs.held_out, tokenizer, cfg.max_length, pairs.held_out_stats) \
-        if plan.split != "none" else []
+    eval_items = (ranked.tokenize_groups if groups else data.tokenize_pairs)(
+        pairs.held_out, tokenizer, cfg.max_length, pairs.held_out_stats) if plan.split != "none" else []
     validate.check_pairs_left(pairs, train_items, eval_items, plan, cfg.dataset, cfg.max_length)
     held = f" (held out of the training pairs by content hash: --eval_fraction {plan.fraction})" \
         if plan.fraction else ""
     print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
            f"train {pairs.train_stats.report()} | eval {pairs.held_out_stats.report()}{pairs.removal}")
-    read = {"train_pairs": len(pairs.train), "train_digest": data.pairs_digest(pairs.train), "removed": pairs.removed,
+    read = {"train_pairs": len(pairs.train), "removed": pairs.removed,
+            "train_digest": (ranked.groups_digest if groups else data.pairs_digest)(pairs.train),
             "files": {**readers.file_fingerprints(cfg.dataset, "train"),
                       **(readers.file_fingerprints(plan.sources, plan.split) if plan.split != "none" else {})}}
     return train_items, heldout.HeldOut(eval_items, pairs.held_out_stats, *plan), read
@@ -175,7 +184,7 @@ class StepBatches:
     1 process x batch 8, 2 processes x batch 4 and batch 4 x 2 accumulation steps all see exactly the same
     pairs at every step, and a resumed run picks the data order up at its step."""
     def __init__(self, items: list, step_batch: int, seed: int):
-        self.lengths = [len(it.chosen_ids) + len(it.rejected_ids) for it in items]
+        self.lengths = [it.tokens for it in items]  # a pair's or a ranked group's tokens
         self.step_batch, self.seed = step_batch, seed
         self.steps_per_epoch = math.ceil(len(items) / step_batch)
         self.epoch, self.order = None, None
@@ -301,6 +310,13 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     center_rewards_coefficient: float = option(0.0, "weight of mean((r_c + r_r)^2)")
+    loss: str = option("pairwise", "pairwise (Bradley-Terry), listwise (Plackett-Luce over a ranked group) or "
+                       "all_pairs (Bradley-Terry over every ordered pair of a group); with listwise and all_pairs "
+                       "--batch_size counts groups (a pair is a group of two)",
+                       choices=["pairwise", "listwise", "all_pairs"])
+    pairs_from_ranked: str | None = option(None, "--loss pairwise on ranked rows: the pairs each group gives, "
+                                           "best_vs_random (default; seeded), best_vs_worst or all",
+                                           choices=ranked.PAIRS_FROM_RANKED)
     # memory and speed
     freeze_layers: int = option(0, "freeze the embeddings and the first N blocks")
     bf16: bool = option(False, "bf16 autocast over fp32 master weights")

@@ -667,7 +667,7 @@ def unreadable(file: Path, e: Exception) -> UserError:
 SAME_RUN = ("model", "from_scratch", "head", "pooling", "dataset", "eval_split", "eval_dataset", "eval_fraction",
             "max_train_samples", "max_eval_samples", "max_length", "seed", "freeze_layers", "model_8bit",
             "optim_8bit", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "chat_template", "dedup",
-            "decontaminate")
+            "decontaminate", "loss", "pairs_from_ranked")
 # MAY_CHANGE: honoured from the resumed step on and recorded in train_config.json. The schedule
 # (learning_rate, num_epochs, max_steps, warmup_ratio: each later step gets the new schedule's rate),
 # the update (weight_decay, max_grad_norm, center_rewards_coefficient), how the same pairs per step are

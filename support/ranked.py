@@ -22,6 +22,7 @@ read into groups, binarised into pairs, tokenised, batched with each prompt run 
 """
 import bisect
 import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass, replace
@@ -33,9 +34,11 @@ import torch
 import data
 from support import demo, hub, packing, readers
 from support.errors import UserError
+from support.fileio import write_text_atomic
 from support.tokenizer import pad_rows
 
 PAIRS_FROM_RANKED = ("best_vs_random", "best_vs_worst", "all")
+REWARDS_FILE = "ranking_rewards.jsonl"  # eval.py writes every group's rewards there, next to the report
 RANKED_COLUMNS = {c for layout in readers.RANKED_LAYOUTS for c in layout} - {"prompt"}
 
 
@@ -68,7 +71,8 @@ def row_fields(row: dict):
     """(prompt, responses, values, "score"|"rank", is UltraFeedback) of a ranked row, or a Skip."""
     if "completions" in row or "answers" in row:
         uf = "completions" in row
-        prompt, items = (row.get("instruction"), row.get("completions")) if uf else (row.get("prompt"), row.get("answers"))
+        prompt = row.get("instruction" if uf else "prompt")
+        items = row.get("completions" if uf else "answers")
         if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
             return readers.Skip("empty field")
         text, value = ("response", "overall_score") if uf else ("answer", "rank")
@@ -111,8 +115,8 @@ def make_group(row: dict, source: str, chat_format=None) -> Group | readers.Skip
     if len(set(levels)) < 2:
         return readers.Skip("fewer than two levels")
     if uf and chat_format is not None and chat_format.template is not None:
-        return conversation_group([{"role": "user", "content": prompt}],
-                                  [[{"role": "assistant", "content": r}] for r in responses], levels, source, chat_format)
+        answers = [[{"role": "assistant", "content": r}] for r in responses]
+        return conversation_group([{"role": "user", "content": prompt}], answers, levels, source, chat_format)
     if uf:
         prompt, responses = "\n\nHuman: " + prompt + readers.ASSISTANT, [" " + r for r in responses]
     elif all(r.startswith(prompt) for r in responses):  # whole texts lose the prompt, as a pair's do
@@ -230,6 +234,19 @@ def binarise(groups: list[Group], rule: str, seed: int) -> list[data.Pair]:
     return pairs
 
 
+def training_items(groups: list[Group], cfg, tok, stats) -> list:
+    """train.py's items from ranked groups: with --loss pairwise the pairs --pairs_from_ranked takes from each
+    group (default best_vs_random), tokenised as pairs; else the groups. A margin column (pair rows) applies to
+    --loss pairwise only."""
+    if cfg.loss == "pairwise":
+        pairs = binarise(groups, cfg.pairs_from_ranked or "best_vs_random", cfg.seed)
+        return data.tokenize_pairs(pairs, tok, cfg.max_length, stats)
+    if any(g.margin is not None for g in groups):
+        raise UserError(f"the data has a margin column, which --loss {cfg.loss} does not use (it orders responses, "
+                        "with no target margin); drop the column or train with --loss pairwise")
+    return tokenize_groups(groups, tok, cfg.max_length, stats)
+
+
 # -----------------------------------------------------------------------------
 # Group -> TokenizedGroup
 
@@ -255,7 +272,7 @@ class TokenizedGroup:
 def keep_responses(group: Group, keep: list, stats) -> Group | None:
     """The group with only the responses `keep` says (the others counted as dropped), None when fewer than
     two levels remain (counted as dropped_too_long)."""
-    stats.dropped_responses = getattr(stats, "dropped_responses", 0) + keep.count(False)
+    stats.dropped_responses += keep.count(False)
     if len({v for v, k in zip(group.levels, keep) if k}) < 2:
         stats.dropped_too_long += 1
         return None
@@ -428,3 +445,17 @@ def ranking_report(rewards: list, levels: list, interval) -> dict:
             "top1_accuracy": float(np.mean(top1)) if top1 else None,
             "kendall_tau": float(np.mean(defined)) if defined else None,
             "groups": len(rewards), "pairs": pairs}
+
+
+def evaluate_groups(model, items: list[TokenizedGroup], batch_size: int, bf16: bool, share_prompt: bool, interval,
+                    rewards_file=None) -> tuple[dict, tuple]:
+    """eval.evaluate's part for ranked groups: each group scored once; returns ({"ranking": ranking_report}, the
+    ordered pairs for eval.report_from_rewards). rewards_file (ranking_rewards.jsonl): one line per group,
+    {"rewards": [...], "levels": [...]} in the row's order (a response dropped as too long is not there)."""
+    rewards = score_groups(model, items, batch_size, bf16, share_prompt)
+    entry = {"ranking": ranking_report(rewards, [it.levels for it in items], interval)}
+    if rewards_file is not None:
+        write_text_atomic(rewards_file, "".join(json.dumps({"rewards": r, "levels": it.levels}) + "\n"
+                                                for r, it in zip(rewards, items)))
+        entry["ranking_rewards_file"] = str(rewards_file)
+    return entry, ordered_pairs(items, rewards)

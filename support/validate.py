@@ -47,6 +47,12 @@ def validate(cfg) -> torch.device:
     for name in ("weight_decay", "max_grad_norm", "center_rewards_coefficient", "freeze_layers"):
         if not 0 <= getattr(cfg, name) < math.inf:
             raise UserError(f"--{name} must be a number >= 0 (got {getattr(cfg, name)})")
+    if cfg.loss != "pairwise" and cfg.center_rewards_coefficient:
+        raise UserError(f"--center_rewards_coefficient applies to --loss pairwise (it centres r_chosen + r_rejected); "
+                        f"drop it with --loss {cfg.loss}")
+    if cfg.pairs_from_ranked and cfg.loss != "pairwise":
+        raise UserError(f"--pairs_from_ranked binarises ranked rows for --loss pairwise, but --loss {cfg.loss} trains "
+                        "on whole groups; drop one")
     if cfg.head not in (None, *HEADS):
         raise UserError(f"--head must be one of {HEADS} (got {cfg.head!r})")
     if cfg.pooling not in (None, *POOLINGS):

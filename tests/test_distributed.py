@@ -84,3 +84,20 @@ def test_resume_with_other_pairs_per_step_is_refused(runs, tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert result.returncode == 2
     assert "pairs per step" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_two_processes_equal_one_on_ranked_groups_of_mixed_k(tmp_path):
+    """--loss listwise on groups of 2, 3 and 4 responses: each micro-batch weighs its share of the step's groups
+    (both group losses are a mean over groups), so 2 processes x 2 groups equal 1 process x 4 groups."""
+    import itertools
+    from support.demo import demo_ranked_rows
+    rows = []
+    for i, row in enumerate(itertools.islice(demo_ranked_rows("train"), 40)):
+        k = 2 + i % 3
+        rows.append({"prompt": row["prompt"], "responses": row["responses"][:k], "scores": row["scores"][:k]})
+    rows = [r for r in rows if len(set(r["scores"])) > 1]
+    (tmp_path / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = ["--dataset", str(tmp_path / "ranked.jsonl"), "--loss", "listwise", "--eval_split", "none"]
+    launch(tmp_path / "single", *extra, "--batch_size", "4", procs=1)
+    launch(tmp_path / "ddp", *extra, "--batch_size", "2", cwd=tmp_path)
+    assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "ddp")) < 1e-5

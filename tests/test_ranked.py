@@ -4,6 +4,7 @@ against a hand computation."""
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,93 @@ def test_inspect_data_shows_ranked_groups_as_the_model_reads_them(demo_tok, tmp_
     report = json.loads(out[out.index("{"):out.index("peak RSS")])
     assert (report["read"], report["kept"], report["tokenized"]) == (3, 3, 3)
     assert "dropped_responses" in report
+
+
+# ---- training and evaluation on ranked data -----------------------------------------------------------
+
+def run_cfg(tmp_path, name, **kw):
+    from train import RUN_CONFIGS, TrainConfig
+    base = {**RUN_CONFIGS["demo"], "max_train_samples": 24, "max_eval_samples": 8, "batch_size": 4, "max_steps": 3,
+            "eval_steps": 1000, "save_steps": 1000, "logging_steps": 1, "warmup_ratio": 0.0,
+            "output_dir": str(tmp_path / name), "progress": False}
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("loss", ["listwise", "all_pairs"])
+def test_trains_from_each_layout(tmp_path, loss, capsys):
+    from train import train
+    for name, kept in (("ultrafeedback.jsonl", 2), ("nectar.jsonl", 2), ("ranked_plain.jsonl", 3)):
+        result = train(run_cfg(tmp_path, f"{loss}-{name}", dataset=[str(FIXTURES / name)], loss=loss,
+                               eval_split="none", batch_size=2, max_steps=2))
+        assert result["step"] == 2 and (tmp_path / f"{loss}-{name}" / "final_model" / "model.safetensors").is_file()
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data:"))
+        assert line.startswith(f"data: {kept} training pairs, 0 eval pairs") and f"'kept': {kept}," in line
+
+
+def test_k2_groups_train_exactly_as_pairs(tmp_path):
+    """The demo's pairs as groups of two (--loss listwise / all_pairs) end with the weights of --loss pairwise
+    (lr 1e-4: AdamW's first steps amplify rounding noise in near-zero gradients at the demo's 1e-3)."""
+    from train import train
+    from safetensors.torch import load_file
+    runs = {}
+    for name, kw in {"pairwise": {}, "listwise": {"loss": "listwise"}, "all_pairs": {"loss": "all_pairs"},
+                     "listwise_shared": {"loss": "listwise", "share_prompt": True}}.items():
+        train(run_cfg(tmp_path, name, learning_rate=1e-4, **kw))
+        runs[name] = load_file(str(tmp_path / name / "final_model" / "model.safetensors"))
+    first = load_file(str(tmp_path / "pairwise" / "final_model" / "model.safetensors"))
+    for name, weights in runs.items():
+        assert max((weights[k] - first[k]).abs().max().item() for k in first) < 1e-5, name
+    report = json.loads((tmp_path / "listwise" / "evaluation_report.json").read_text())
+    assert report["ranking"]["pairs"] == report["num_pairs"] == 8  # held-out pairs as groups of two
+
+
+def test_pairwise_on_ranked_rows_binarises_and_counts_pairs(tmp_path, capsys):
+    from train import train
+    train(run_cfg(tmp_path, "b", dataset=["demo_ranked"], pairs_from_ranked="all", max_steps=1))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data:"))
+    assert line.startswith("data: 144 training pairs, 8 eval pairs") and "'kept': 24," in line  # 24 groups x 6
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(loss="listwise", center_rewards_coefficient=0.1), "--center_rewards_coefficient applies to --loss pairwise"),
+    (dict(loss="all_pairs", pairs_from_ranked="all"), "--pairs_from_ranked binarises ranked rows for --loss pairwise"),
+])
+def test_options_that_do_not_apply_are_refused_in_one_line(tmp_path, flags, message):
+    from support.errors import UserError
+    from train import train
+    with pytest.raises(UserError, match=re.escape(message)):
+        train(run_cfg(tmp_path, "x", dataset=["demo_ranked"], **flags))
+
+
+def test_eval_ranking_entry_matches_a_hand_computation_from_score(tmp_path, demo_tok):
+    import eval as eval_cli
+    model = tiny_rm(demo_tok, pooling="last", seed=3)
+    model.save_pretrained(tmp_path / "model")
+    rows = list(itertools.islice(demo.demo_ranked_rows("test"), 6))
+    rows[1] = {**rows[1], "responses": rows[1]["responses"][:3], "scores": [1, 1, 0]}  # a tie, K = 3
+    rows[2] = {"prompt": rows[2]["prompt"], "responses": rows[2]["responses"][:2], "ranks": [2, 1]}  # ranks
+    (tmp_path / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = eval_cli.main([str(tmp_path / "model"), "--dataset", str(tmp_path / "ranked.jsonl"), "--split", "train",
+                            "--max_length", "128", "--no_progress", "--output", str(tmp_path / "out") + "/"])
+    rewards = [model.score([r["prompt"] + x for x in r["responses"]]) for r in rows]
+    levels = [r["scores"] if "scores" in r else [-v for v in r["ranks"]] for r in rows]
+    pairs = [(r[i] > r[j]) for r, v in zip(rewards, levels) for i in range(len(v)) for j in range(len(v)) if v[i] > v[j]]
+    top1 = [sum(1 for x, w in zip(r, v) if x == max(r) and w == max(v)) / sum(1 for x in r if x == max(r))
+            for r, v in zip(rewards, levels)]
+
+    def tau(r, v):
+        s = lambda a: (a > 0) - (a < 0)  # noqa: E731
+        ps = [(s(r[i] - r[j]), s(v[i] - v[j])) for i in range(len(r)) for j in range(i + 1, len(r))]
+        denom = math.sqrt(sum(a != 0 for a, _ in ps) * sum(b != 0 for _, b in ps))
+        return sum(a * b for a, b in ps) / denom
+    ranking = report["ranking"]
+    assert (ranking["groups"], ranking["pairs"]) == (6, len(pairs))
+    assert ranking["pairwise_accuracy"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert ranking["top1_accuracy"] == pytest.approx(sum(top1) / 6, abs=1e-12)
+    assert ranking["kendall_tau"] == pytest.approx(sum(tau(r, v) for r, v in zip(rewards, levels)) / 6, abs=1e-6)
+    assert len(ranking["pairwise_accuracy_ci95"]) == 2 and report["accuracy"] == ranking["pairwise_accuracy"]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "ranking_rewards.jsonl").read_text().splitlines()]
+    assert sorted(json.dumps(x["levels"]) for x in lines) == sorted(json.dumps([float(v) for v in lv]) for lv in levels)
+    for line in lines:  # the rewards in the row's order, equal to score() of each whole text (1e-5)
+        want = rewards[[[float(v) for v in lv] for lv in levels].index(line["levels"])]
+        assert max(abs(a - b) for a, b in zip(line["rewards"], want)) < 1e-5

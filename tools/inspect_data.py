@@ -115,10 +115,10 @@ def main(argv=None):
             break
     report = stats.report()
     if tok is None:  # nothing was tokenised: say so instead of counting zeros
-        for key in ("tokenized", "truncated_prompt", "dropped_too_long"):
+        for key in ("tokenized", "truncated_prompt", "dropped_too_long", "dropped_responses"):
             report.pop(key)
-    elif grouped:
-        report["dropped_responses"] = getattr(stats, "dropped_responses", 0)
+    elif not grouped:
+        report.pop("dropped_responses")
     if checks is not None:
         found = run_audit(checks, args, stats, chat_format)
     print(json.dumps(report, indent=1))

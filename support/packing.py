@@ -15,7 +15,8 @@
   `choose_collate` gives train.py, eval.py and tools/bench.py the collate function for their flags.
 
 The batch types (data.Batch, data.TokenizedPair) and the padded `collate` belong to the lesson's data.py,
-which this module imports; it only lays the same batches out another way.
+which the pair collates import where they run: scoring (rm.py's score, best-of-N) never loads data.py, so
+a project with its own `data` module can use the reward model (README, "Use it from another project").
 """
 import inspect
 from dataclasses import dataclass, replace
@@ -25,7 +26,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data import Batch, TokenizedPair, batch_margins, collate
 from support.tokenizer import pad_rows
 
 _VARLEN = None  # (varlen_attn, its parameters) once varlen_kernel() has looked
@@ -200,8 +200,8 @@ class Layout:
 # Collating pairs into a Layout batch
 
 
-def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | None = None,
-                   multiple_of: int = 8, *, share_prompt: bool = False) -> Batch:
+def collate_packed(items: "list[data.TokenizedPair]", pad_id: int, max_tokens: int | None = None,
+                   multiple_of: int = 8, *, share_prompt: bool = False) -> "data.Batch":
     """B pairs -> padding-free rows: the 2B sequences laid end to end, chosen ones first (sequence k < B
     is pair k's chosen response, B + k its rejected one, as in data.collate).
 
@@ -212,11 +212,12 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, max_tokens: int | No
     it attends only to itself. Each sequence and each row's padding is a segment of cu_seqlens.
     share_prompt=True: these rows become the sequence layout, and the model's tokens hold each pair's
     prompt once (see share_prefixes)."""
+    import data
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     input_ids, layout, start = pack_rows(seqs, pad_id, max_tokens, multiple_of)
     if share_prompt:
         input_ids, layout = share_prefixes(seqs, pair_groups(len(items)), layout, start, pad_id, multiple_of)
-    return Batch(input_ids, None, batch_margins(items), layout)
+    return data.Batch(input_ids, None, data.batch_margins(items), layout)
 
 
 def pack_rows(seqs: list[list[int]], pad_id: int, max_tokens: int | None = None,
@@ -264,12 +265,13 @@ def fill_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
-def collate_shared(items: list[TokenizedPair], pad_id: int) -> Batch:
+def collate_shared(items: "list[data.TokenizedPair]", pad_id: int) -> "data.Batch":
     """B pairs -> each pair's prompt once in the model's tokens, attention over data.collate's right-padded
     rows (2B, T) as the sequence layout: causal attention there needs no mask, so the plain fused kernel runs."""
+    import data
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     input_ids, layout = share_padded(seqs, pair_groups(len(items)), pad_id)
-    return Batch(input_ids, None, batch_margins(items), layout)
+    return data.Batch(input_ids, None, data.batch_margins(items), layout)
 
 
 def share_padded(seqs: list[list[int]], groups: list[list[int]], pad_id: int) -> tuple:
@@ -359,6 +361,7 @@ def share_prefixes(seqs: list[list[int]], groups: list[list[int]], layout: Layou
 
 def choose_collate(packing: bool, share_prompt: bool):
     """The collate function `(items, pad_id) -> Batch` for train.py's / eval.py's / tools/bench.py's flags."""
+    import data
     if packing:
         return partial(collate_packed, share_prompt=share_prompt)
-    return collate_shared if share_prompt else collate
+    return collate_shared if share_prompt else data.collate

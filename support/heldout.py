@@ -131,7 +131,7 @@ def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samp
     if plan.fraction is None:
         train = clean(read(dataset, "train", max_train_samples, train_stats, True)) if with_training_pairs else []
         held = read(plan.sources, plan.split, max_eval_samples, held_stats) if plan.split != "none" else []
-        report_overlap(train, held, "")  # other files: what they share is shown, not fixed, by --audit
+        report_overlap(train, held, "; python -m tools.inspect_data TRAIN --audit --eval HELD_OUT shows them")
         return Loaded(train, train_stats, held, held_stats, removed or None)
     train, held = split_held_out(read(dataset, "train", None, train_stats, True), plan.fraction)
     held = held[:max_eval_samples]
@@ -140,12 +140,12 @@ def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samp
 
 
 def report_overlap(train: list, held: list, fix: str):
-    """A note when held-out pairs (or their prompts) are training pairs too (audit.overlap); never fixed here."""
+    """A note when held-out pairs (or their prompts) are training pairs too (audit.overlap), ending with `fix`
+    (what to do, or ""); never fixed here."""
     if not (train and held):
         return
     overlap = audit.overlap(train, held)
     if overlap["pairs"] or overlap["prompts"]:
-        fix = fix or "; python -m tools.inspect_data TRAIN --audit --eval HELD_OUT shows them"
         print0(f"note: of the {len(held)} held-out pairs, {overlap['pairs']} are also training pairs and "
                f"{overlap['prompts']} have a prompt that training has (up to whitespace and case){fix}")
 

@@ -159,11 +159,15 @@ def test_train_dedup_and_decontaminate_record_what_they_removed(planted, tmp_pat
     assert config["dedup"] is True and config["decontaminate"] == [bench]
 
 
-def test_held_out_share_is_taken_after_dedup_and_eval_takes_the_same(planted):
+def test_held_out_share_is_taken_after_dedup_and_eval_takes_the_same(planted, capsys):
     from support import heldout
     train_file, *_ = planted
     plan = heldout.Plan([train_file], "train", 0.5)
     loaded = heldout.load(plan, [train_file], None, None, dedup=True)
+    overlap = audit.overlap(loaded.train, loaded.held_out)
+    assert overlap["pairs"] == 0 and overlap["prompts"] > 0  # prompts may be on both sides: said, nothing to fix
+    assert capsys.readouterr().out.rstrip().endswith(
+        f"{overlap['prompts']} have a prompt that training has (up to whitespace and case)")
     assert loaded.removed == {"duplicate": 3, "conflicting": 2} and len(loaded.train) + len(loaded.held_out) == 6
     keys = lambda pairs: {audit.digests(p)[1] for p in pairs}  # noqa: E731
     assert loaded.train and loaded.held_out and not keys(loaded.train) & keys(loaded.held_out)

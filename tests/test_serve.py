@@ -381,7 +381,7 @@ def test_model_errors_answer_500_to_their_request_only_and_the_server_goes_on():
 
     server, port = in_process_server(score)
     try:
-        queries = [["ok", "fine"], ["boom"], ["a template"], ["nan"], ["three"]] * 4
+        queries = [["ok", "fine"], ["boom"], ["a template"], ["nan"], ["three"], ["longest one", "ok", "mid"]] * 4
         with ThreadPoolExecutor(20) as pool:
             answers = list(pool.map(lambda q: request(port, body={"query": q}), queries, timeout=60))
         for q, (status, answer) in zip(queries, answers):

@@ -89,11 +89,25 @@ class HeadTooLarge(Exception):
 
 @dataclass(eq=False)  # a Job is itself (found in the queue by identity)
 class Job:
-    """One request's texts, scored in pieces of at most batch_size; gone() says whether its client has left."""
+    """One request's texts, scored in pieces of at most batch_size, shortest first (so that a piece pads little,
+    as score() sorts a whole call); gone() says whether its client has left."""
     texts: list
     gone: object = lambda: False
     future: Future = field(default_factory=Future)
-    rewards: list = field(default_factory=list)   # of the texts scored so far, in order
+    rewards: list = field(default_factory=list)   # of the texts scored so far, in `order`
+
+    def __post_init__(self):
+        size = [len(t) if isinstance(t, str) else sum(len(str(m.get("content"))) for m in t) for t in self.texts]
+        self.order = sorted(range(len(self.texts)), key=size.__getitem__)
+
+    def piece(self, start: int, end: int) -> list:
+        return [self.texts[i] for i in self.order[start:end]]
+
+    def in_request_order(self) -> list:
+        rewards = [0.0] * len(self.texts)
+        for i, reward in zip(self.order, self.rewards):
+            rewards[i] = reward
+        return rewards
 
     def answer(self, result=None, error: Exception | None = None):
         """Set the Future once: a request dropped (stop, client gone) meanwhile keeps its first outcome."""
@@ -193,7 +207,7 @@ class Batcher:
         text broke it gets the error (and loses its other pieces): a UserError (a conversation the chat
         template refuses, ...) is the request's fault, 400; anything else is 500."""
         try:
-            rewards = self.score([t for job, start, end in pieces for t in job.texts[start:end]])
+            rewards = self.score([t for job, start, end in pieces for t in job.piece(start, end)])
         except Exception as e:
             if len(pieces) > 1:
                 for piece in pieces:
@@ -212,7 +226,7 @@ class Batcher:
             offset += end - start
             if len(job.rewards) == len(job.texts):
                 self.counts["requests"] += 1
-                job.answer(job.rewards)
+                job.answer(job.in_request_order())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -885,3 +885,17 @@ def test_inspect_data_counts_conversations_it_cannot_render_and_names_itself_in_
         assert inspect(path, flag, 1)[0]["read"] == 1
     proc = run_inspect(path, "--max_sample", "x")
     assert proc.returncode == 2 and "(see python -m tools.inspect_data --help)" in proc.stderr, proc.stderr
+
+
+def test_the_held_out_share_does_not_depend_on_the_training_sample_limit():
+    """--eval_fraction holds out pairs of ALL the training pairs by content hash, then --max_train_samples
+    cuts the rest: the held-out pairs are the same with any limit (reading only max_train_samples pairs first
+    made the held-out set shrink and move with it), and none of them is trained on."""
+    from support import heldout
+    plan = heldout.Plan(["demo"], "train", 0.1)
+    whole = heldout.load(plan, ["demo"], None, None)
+    assert 300 < len(whole.held_out) < 500  # ~10% of the demo's 4,000
+    for limit in (50, 1000):
+        cut = heldout.load(plan, ["demo"], limit, None)
+        assert cut.held_out == whole.held_out and len(cut.train) == limit
+        assert not {data.pair_key(p) for p in cut.train} & {data.pair_key(p) for p in cut.held_out}

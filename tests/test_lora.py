@@ -71,6 +71,18 @@ def test_lora_linear_is_the_formula_by_hand():
     assert (want - x @ W.T).abs().max() > 0.1  # the update is not negligible: a wrong scale would show
 
 
+@pytest.mark.parametrize("rank", [1, 4])
+def test_the_default_alpha_is_twice_the_rank(rank):
+    """As documented (--lora_alpha: "default: 2R"; add_lora's alpha=None): every adapter scales by
+    alpha / r = 2, through add_lora and train.py's config alike, and the saved settings say alpha = 2r."""
+    from train import TrainConfig
+    model = add_lora(tiny_backbone(), rank=rank, alpha=TrainConfig.lora_alpha)
+    scales = {m.scale for m in model.modules() if isinstance(m, LoRALinear)}
+    assert scales == {2.0} and model.lora_config["alpha"] == 2 * rank
+    assert {m.scale for m in add_lora(tiny_backbone(), rank=rank, alpha=3.0).modules()
+            if isinstance(m, LoRALinear)} == {3.0 / rank}  # a given alpha is kept
+
+
 def test_gradients_reach_only_the_adapters():
     model = add_lora(tiny_backbone(), rank=4, targets=("q", "v", "down"))
     model.train()

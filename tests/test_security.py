@@ -663,3 +663,62 @@ def test_a_fifo_in_place_of_the_weights_is_named_for_what_it_is(done, tmp_path, 
         else ["train.py", *DONE, "--output_dir", str(out), "--resume"]
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert_one_line(proc.returncode, proc.stderr.strip(), f"{weights} is a named pipe (FIFO), not a regular file")
+
+
+def test_the_regular_file_check_tests_the_descriptor_it_opened(tmp_path, monkeypatch):
+    """fileio.open_regular checks what it opened (fstat of the descriptor), not the path again: a FIFO swapped
+    in for the open and a regular file swapped back right after (a race an attacker can win) is refused, and
+    the checked path is never read twice. A second os.stat(path) would pass it and hand back the FIFO."""
+    from support import fileio
+    path, fifo, real = tmp_path / "data.jsonl", tmp_path / "fifo", tmp_path / "real"
+    path.write_text("{}\n")
+    real_open = os.open
+
+    def swapping_open(name, flags, *args):
+        if str(name) != str(path):
+            return real_open(name, flags, *args)
+        os.rename(path, real)  # the FIFO takes the path for the open...
+        os.mkfifo(fifo)
+        os.rename(fifo, path)
+        try:
+            return real_open(name, flags, *args)
+        finally:
+            os.replace(real, path)  # ...and the regular file is back before any later check of the path
+    monkeypatch.setattr(os, "open", swapping_open)
+    with pytest.raises(fileio.NotRegularFile, match="is a named pipe \\(FIFO\\), not a regular file"):
+        fileio.open_regular(path)
+    monkeypatch.setattr(os, "open", real_open)
+    with fileio.open_regular(path) as f:  # untouched, it reads
+        assert f.read() == b"{}\n"
+
+
+def test_a_resume_on_fewer_gpus_sets_the_rng_states_of_the_gpus_it_has(monkeypatch):
+    """A checkpoint from 4 GPUs resumed on 2 (faked on the CPU): GPU i gets the checkpoint's state i, and the
+    states of GPUs 2 and 3 are skipped (setting them raised: no such device); the CPU states come back."""
+    from support import checkpoint
+    saved = checkpoint.rng_states()
+    saved["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state[0].item(), device)))
+    expected = torch.rand(3)
+    checkpoint.set_rng_states(saved)
+    assert calls == [(0, 0), (1, 1)]
+    assert torch.equal(torch.rand(3), expected)  # the CPU generator is back where it was saved
+
+
+def test_optimizer_state_entries_of_no_parameter_are_refused_as_hand_edited():
+    """An optimizer state with an entry no param_group names (a copy of a real one, so every entry on its own
+    is valid) is refused as hand-edited; the same state without it loads."""
+    import copy
+    from support import checkpoint
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert checkpoint.checked_optimizer_state(copy.deepcopy(saved), optimizer, 1)["state"].keys() == {0, 1}
+    saved["state"][2] = copy.deepcopy(saved["state"][0])
+    with pytest.raises(checkpoint.HandEdited, match="^1 optimizer state entries belong to no parameter$"):
+        checkpoint.checked_optimizer_state(saved, optimizer, 1)

@@ -741,6 +741,9 @@ def parse_args(argv=None):
     p.add_argument("--request_timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="SECONDS",
                    help="a request (line, headers, body) must arrive whole within this of its first byte, else the "
                         f"connection is closed (default: {DEFAULT_REQUEST_TIMEOUT_S})")
+    p.add_argument("--shutdown_grace", type=float, default=GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long the requests in flight have to be answered before what still "
+                        f"waits is answered 503 (default: {GRACE_S})")
     p.add_argument("--chat_template", default=None, metavar="PATH",
                    help="render conversations with this .jinja file instead of the model's chat template")
     p.add_argument("--bf16", action="store_true", help="load the weights in bfloat16")
@@ -754,6 +757,8 @@ def parse_args(argv=None):
         raise UserError(f"--max_length {args.max_length} is too small; use at least 2 (one token + eos)")
     if not (0 <= args.max_wait_ms <= 10_000):
         raise UserError(f"--max_wait_ms {args.max_wait_ms} must be from 0 to 10000")
+    if not (0 <= args.shutdown_grace <= 3600):
+        raise UserError(f"--shutdown_grace {args.shutdown_grace} must be from 0 to 3600 seconds")
     if not (0 < args.request_timeout <= 3600):
         raise UserError(f"--request_timeout {args.request_timeout} must be above 0 and at most 3600 seconds")
     if not (0 < args.max_body_mb <= 4096):
@@ -797,9 +802,10 @@ def main(argv=None):
     while not stop.wait(0.5):
         pass
     print(f"serve: stopping; answering the {server.in_flight} request(s) in flight", flush=True)
-    left = server.stop(GRACE_S)
+    left = server.stop(args.shutdown_grace)
     if left:
-        print(f"serve: {left} request(s) still unanswered after {GRACE_S} s were dropped", file=sys.stderr, flush=True)
+        print(f"serve: {left} request(s) still unanswered after {args.shutdown_grace:g} s were dropped (503)",
+              file=sys.stderr, flush=True)
     print("serve: stopped", flush=True)
     if server.batcher.thread.is_alive():
         leave(0)

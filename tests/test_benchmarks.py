@@ -243,9 +243,19 @@ def official():
     tree = ast.parse((package / "utils.py").read_text())
     functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
     assert {f.name for f in functions} == wanted
+    # RewardBench 2's per-example result, the two statements of reroll_and_score_dataset that compute it (the
+    # rest of that function is pandas plumbing): max_val = np.max(scores); new_row["results"] = ...
+    reroll = next(node for node in tree.body if getattr(node, "name", "") == "reroll_and_score_dataset")
+    statements = [node for node in ast.walk(reroll) if isinstance(node, ast.Assign) and ast.unparse(node.targets[0])
+                  in ("max_val", "new_row['results']")]
+    assert [ast.unparse(node.targets[0]) for node in statements] == ["max_val", "new_row['results']"]
+    row_result = ast.parse("def best_of_n_row(scores):\n    new_row = {}\n    return new_row['results']").body[0]
+    row_result.body[1:1] = statements
     namespace = {"np": np, "math": math, "Dataset": types.SimpleNamespace(from_dict=lambda d: d)}
-    exec(compile(ast.Module(body=functions, type_ignores=[]), str(package / "utils.py"), "exec"), namespace)
-    return types.SimpleNamespace(constants=module, **{name: namespace[name] for name in wanted})
+    exec(compile(ast.fix_missing_locations(ast.Module(body=functions + [row_result], type_ignores=[])),
+                 str(package / "utils.py"), "exec"), namespace)
+    return types.SimpleNamespace(constants=module, best_of_n_row=namespace["best_of_n_row"],
+                                 **{name: namespace[name] for name in wanted})
 
 
 def test_rewardbench_weights_and_sections_are_the_official_packages(official):
@@ -289,6 +299,18 @@ def test_rewardbench2_ties_equals_the_official_process_single_model(official):
                 rows.append({"id": f"{kind}:{prompt}", "scores": scores, "num_correct": n_correct})
         _, theirs = official.process_single_model(rows)
         assert benchmarks.ties_score(examples, rewards) == pytest.approx(float(theirs), abs=1e-12), rows
+
+
+def test_rewardbench2_best_of_n_equals_the_official_row_result(official):
+    """Random score lists with many ties (1/k when the first is tied with k - 1 others for the best, else 0)
+    as reroll_and_score_dataset's own expression scores them."""
+    import random
+    rng = random.Random(2)
+    for _ in range(300):
+        scores = [float(rng.randint(0, 3)) for _ in range(rng.randint(2, 6))]
+        chosen = rng.randint(1, len(scores) - 1)
+        assert benchmarks.best_of_n(scores[:chosen], scores[chosen:]) == pytest.approx(
+            float(official.best_of_n_row(scores)), abs=1e-12), scores
 
 
 def test_ties_zero_gap_is_not_accurate_and_style_ties_lose():

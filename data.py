@@ -5,11 +5,12 @@
   (support/hub.py finds the files). support/readers.py streams a file's rows with their memory bounded
   (a row over readers.MAX_ROW_BYTES is skipped as "row too large"); a text longer than max_length
   tokens can be (Tokenizer.char_cap) is never handed to the tokenizer.
-- Rows -> Pair: prompt/chosen/rejected columns are taken as given; chosen/rejected alone are whole
-  hh-rlhf transcripts, split after the last "\\n\\nAssistant:" they share. Conversational rows (lists of
-  {"role", "content"} messages) are rendered with the model's chat template (support/chat.py). A
-  `margin` column is carried. A bad row is skipped with its reason and counted: read == kept +
-  sum(skipped). Wrong columns, a missing, unsupported or corrupt file are UserErrors naming the path.
+- Rows -> Pair: prompt/chosen/rejected columns are taken as given (chosen and rejected that both begin
+  with the prompt lose it); chosen/rejected alone are whole hh-rlhf transcripts, split after the last
+  "\\n\\nAssistant:" they share. Conversational rows (lists of {"role", "content"} messages) are rendered
+  with the model's chat template (support/chat.py). A `margin` column is carried. A bad row is skipped
+  with its reason and counted: read == kept + sum(skipped). Wrong columns, a missing, unsupported or
+  corrupt file are UserErrors naming the path.
 - Pair -> TokenizedPair: the joined text prompt + response is tokenised whole (the ids transformers and
   TRL see), split at the response's first character, eos appended (see Tokenizer.eos_suffix in
   support/tokenizer.py; none for a rendered conversation); max_length cuts the prompt from the LEFT and
@@ -25,12 +26,15 @@ import math
 import os
 import random
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from support import demo, hub, readers, tokenizer
 from support.errors import UserError
+
+if TYPE_CHECKING:  # for the annotations only: chat (and jinja2) load with the first conversational row
+    from support import chat
 
 ENCODE_CHUNK = 1024           # pairs the tokenizer encodes in one call (it runs them in parallel)
 
@@ -288,9 +292,10 @@ class TokenizedPair:
 
 
 def split_at_response(chosen, rejected, prompt_chars: int) -> tuple[list[int], list[int], list[int]]:
-    """Two tokenizers Encodings of prompt + response -> (prompt ids, chosen ids, rejected ids) after the
-    prompt. The prompt's tokens end within its `prompt_chars` characters (a token that crosses into the
-    response belongs to the response) and are the same in both, so truncation can cut them alike."""
+    """The tokenizer's Encodings of prompt + chosen and prompt + rejected -> (prompt ids, chosen ids,
+    rejected ids), the responses' ids after the prompt. The prompt's tokens end within its `prompt_chars`
+    characters (a token that crosses into the response belongs to the response) and are the same in both,
+    so truncation can cut them alike."""
     n = min(bisect.bisect_right(enc.offsets, prompt_chars, key=lambda o: o[1]) for enc in (chosen, rejected))
     c, r = chosen.ids, rejected.ids
     if c[:n] != r[:n]:  # a BPE merge just before the boundary that differs: the split falls earlier
@@ -400,7 +405,7 @@ class Batch:
 
     Padded (collate): input_ids/attention_mask (2B, T), right-padded. Packed or shared-prompt batches
     (support/packing.py): input_ids hold the tokens without padding, and `layout` says where each sequence is."""
-    input_ids: torch.Tensor                 # (2B, T), or (R, N) for a packing.Layout
+    input_ids: torch.Tensor                 # (2B, T); with a packing.Layout (R, L) packed, (1, N) shared prompts
     attention_mask: torch.Tensor | None     # (2B, T), 1 = real token; None when there is a layout
     margin: torch.Tensor | None             # (B,) how much better chosen must be, or None
     layout: object = None                   # packing.Layout, or None for padded rows
@@ -418,7 +423,9 @@ class Batch:
 
 
 def collate(items: list[TokenizedPair], pad_id: int) -> Batch:
-    """B pairs -> one padded batch: rows 0..B-1 chosen, rows B..2B-1 rejected, so ONE forward pass scores both."""
+    """B pairs -> one padded batch: rows 0..B-1 chosen, rows B..2B-1 rejected, so ONE forward pass scores both:
+    the backbone's weights are read once for both (under FSDP, gathered once), and both rewards come from the
+    same kernels at one batch shape, so their difference, all that the loss sees, holds no offset between passes."""
     rows = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     input_ids, attention_mask = tokenizer.pad_rows(rows, pad_id)
     return Batch(input_ids, attention_mask, batch_margins(items))

@@ -1,7 +1,7 @@
 """Evaluate a reward model on preference pairs: how often does it prefer the response people preferred?
 
-    python eval.py out/final_model                                 # the data it was trained on, test split
-    python eval.py out/ --dataset demo --max_samples 200 --plots plots/
+    python eval.py out/rm/final_model                              # the data it was trained on, test split
+    python eval.py out/demo --dataset demo --max_samples 200 --plots plots/   # a run's directory: its final_model
     python eval.py Skywork/Skywork-Reward-V2-Qwen3-0.6B --dataset Anthropic/hh-rlhf --bf16 --device cuda
 
 - Each pair's chosen and rejected responses are scored in one forward pass, as in training; conversational
@@ -10,7 +10,8 @@
   and per source; reward and margin distributions; length bias; the Bradley-Terry loss; how many pairs were
   evaluated, skipped and dropped. report_from_rewards says exactly what each number is.
 - Three layers, each usable and testable alone: report_from_rewards (statistics on arrays, plain numpy),
-  evaluate(model, pairs) (tokenise, score, report: what train.py calls), main() (the command line).
+  evaluate(model, pairs) (tokenise, score, report: what train.py calls), main() (the command line; its
+  flags are in support/cli.py, the printed table in support/report.py).
 - CHECKPOINT: a model directory, a train.py checkpoint or output directory, or a Hub id of a
   Qwen3ForSequenceClassification; a plain language model is refused (its reward head would be random).
   By default: the test split of the training data, or the share of its training pairs that train.py held
@@ -26,13 +27,12 @@ import torch
 
 from support import benchmarks, cli, heldout, hub, ranked, scoring, validate
 from support import report as report_files
-from support.errors import ArgumentParser, UserError, check_writable, run_cli
+from support.errors import UserError, check_writable, run_cli
 
 Z95 = 1.959963984540054          # the 97.5% quantile of the standard normal: two-sided 95%
 PERCENTILES = (5, 25, 50, 75, 95)
 DEFAULT_DATASET = ["Anthropic/hh-rlhf"]
 DEFAULT_MAX_LENGTH = 1024
-REPORT_NAME = report_files.REPORT_NAME
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,19 +69,11 @@ def pearson(x, y):
 
 
 def average_ranks(x):
-    """Ranks 1..n; tied values all get the mean of the ranks they span (as scipy.stats.rankdata does)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    # start index of each run of equal values in sorted order, and the run each position belongs to
-    new_run = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
-    run_id = np.cumsum(new_run) - 1
-    starts = np.flatnonzero(new_run)
-    ends = np.r_[starts[1:], x.size]                   # exclusive
-    run_rank = (starts + 1 + ends) / 2                 # mean of ranks starts+1 .. ends
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = run_rank[run_id]
-    return ranks
+    """Ranks 1..n; tied values share the mean of the ranks they span (scipy.stats.rankdata's default):
+    [10, 20, 20, 30] -> [1, 2.5, 2.5, 4]."""
+    _, run_of, run_length = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(run_length)                  # each run of equal values ends at this rank
+    return (last_rank - (run_length - 1) / 2)[run_of]  # the mean of the ranks the run spans
 
 
 def spearman(x, y):
@@ -287,87 +279,14 @@ def evaluate(model, pairs, batch_size: int = 16, max_length: int = DEFAULT_MAX_L
 # The command line
 
 
-def fmt(x, spec=".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def summary(report: dict) -> str:
-    """The human-readable table printed at the end."""
-    def acc(block):
-        low, high = block["ci95"]
-        return f"{fmt(block['accuracy'])}  [{fmt(low)}, {fmt(high)}]  n={block['num_pairs']}"
-    c, m, ln = report["counts"], report["margin"], report["length"]
-    overall = {"accuracy": report["accuracy"], "ci95": report["accuracy_ci95"], "num_pairs": report["num_pairs"]}
-    split = report["split"] + (f", the held-out {report['eval_fraction']} share" if report.get("eval_fraction") else "")
-    lines = [f"evaluated {report['checkpoint']} on {', '.join(report['dataset'])} ({split}): "
-             f"{c['evaluated']} pairs, {c['skipped']} rows skipped, {c['dropped_too_long']} pairs longer than "
-             f"{report['max_length']} tokens dropped",
-             f"{'accuracy (95% Wilson CI)':<28}{acc(overall)}"]
-    lines += [f"  {name or '(no source)':<25} {acc(block)}" for name, block in report["per_source"].items()]
-    lines.append(f"{'loss (-log sigmoid margin)':<28}{fmt(report['loss'], '.4f')}")
-    keys = ["mean", "std", "min", *(f"p{p}" for p in PERCENTILES), "max"]
-    lines.append(f"{'rewards':<12}" + "".join(f"{k:>9}" for k in keys))
-    for name in ("chosen", "rejected"):
-        lines.append(f"  {name:<10}" + "".join(f"{fmt(report['rewards'][name][k]):>9}" for k in keys))
-    # the margin has no percentiles: leave their columns empty so max lines up
-    lines.append(f"{'margin':<12}" + "".join(f"{fmt(m[k]):>9}" for k in ("mean", "std", "min"))
-                 + " " * 9 * len(PERCENTILES) + f"{fmt(m['max']):>9}")
-    lines.append(f"  unsure (|margin| < {m['unsure_threshold']}): {fmt(m['unsure_share'], '.1%')} of pairs")
-    lines += [f"length bias: corr(reward, response tokens) pearson {fmt(ln['pearson'])}, "
-              f"spearman {fmt(ln['spearman'])}",
-              f"  chosen longer    {acc(ln['chosen_longer'])}",
-              f"  chosen shorter   {acc(ln['chosen_shorter'])}",
-              f"  same length      {acc(ln['same_length'])}",
-              f"  on the {ln['num_different_length']} pairs of different length: "
-              f"model {fmt(ln['model_accuracy_on_different_length'])}, "
-              f"\"longer is better\" rule {fmt(ln['longer_is_better_accuracy'])}"]
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
-    p = ArgumentParser(prog="eval.py", description="Evaluate a reward model on preference pairs: accuracy with a "
-                       "95% CI, reward and margin statistics, length bias. Writes evaluation_report.json.")
-    p.add_argument("checkpoint", help="a model directory (out/final_model), a train.py checkpoint or output "
-                                      "directory, or a Hub id of a Qwen3ForSequenceClassification reward model")
-    p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",
-                   help="data source(s): demo, a Hub dataset id or a local file/directory (default: the ones "
-                        f"the model was trained on, else {DEFAULT_DATASET[0]})")
-    p.add_argument("--split", default=None,
-                   help="dataset split to evaluate (default: test; for a model trained with a held-out share of "
-                        "its training pairs, train.py --eval_fraction, that share)")
-    p.add_argument("--max_samples", type=cli.positive_int, default=None, help="evaluate only the first N pairs")
-    p.add_argument("--batch_size", type=cli.positive_int, default=16, help="pairs per forward pass (default: 16)")
-    p.add_argument("--max_length", type=cli.positive_int, default=None,
-                   help=f"tokens per sequence; longer pairs are dropped and counted (default: the training "
-                        f"max_length, else {DEFAULT_MAX_LENGTH}; with --benchmark, score()'s: else max_position_embeddings)")
-    p.add_argument("--chat_template", default="auto", metavar="auto|none|PATH",
-                   help="conversational rows (lists of messages): auto renders them with the model's chat "
-                        "template (default), PATH with that .jinja file, none refuses them")
-    p.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
-    p.add_argument("--share_prompt", action="store_true",
-                   help="compute each pair's prompt once (same rewards, faster; the default for a model "
-                        "trained with --share_prompt)")
-    p.add_argument("--benchmark", choices=benchmarks.NAMES, default=None,
-                   help="score a public benchmark from its published files, given with --dataset (see "
-                        "docs/benchmarks.md); writes benchmark_rewards.jsonl next to the report")
-    p.add_argument("--show", type=int, default=0, metavar="N",
-                   help="with --benchmark: print the first N examples as they are rendered and scored")
-    p.add_argument("--save_reward_stats", action="store_true",
-                   help="save the mean and std of these rewards (chosen and rejected) in the model's config.json, "
-                        "for score(..., normalize=True) and OpenRLHF's --normalize_reward")
-    p.add_argument("--unsure_threshold", type=float, default=0.1,
-                   help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
-    p.add_argument("--output", default=None,
-                   help=f"report file, or a directory (existing, or ending in /) to write {REPORT_NAME} in "
-                        f"(default: CHECKPOINT/{REPORT_NAME}); an existing file is replaced only if it is a report")
-    p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots here (needs matplotlib)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
-    return validate.check_eval_args(p.parse_args(argv))  # now, not after minutes of loading and scoring
+    """eval.py's flags (support/cli.py), checked before any loading (validate.check_eval_args)."""
+    return cli.parse_eval_command_line(argv, DEFAULT_DATASET, DEFAULT_MAX_LENGTH)
 
 
 def main(argv=None):
+    """`python eval.py CHECKPOINT [flags]`: evaluate() on the pairs the model is meant to be judged on, with
+    what it was evaluated on; the report written (evaluation_report.json), then printed. Returns the report."""
     args = parse_args(argv)
     from support import tokenizer as tokenizer_files
     from rm import RewardModel
@@ -406,9 +325,9 @@ def main(argv=None):
     if args.save_reward_stats:
         report["reward_stats"] = scoring.save_reward_stats(model_dir, report)
 
-    # 4. Outputs: the report (atomically: a failed run leaves no report), the plots, the table.
+    # 4. Outputs: the report first (atomically: a failed run leaves no report), then the table and the plots.
     report_files.write_report(output, report)
-    print(summary(report))
+    print(report_files.summary(report))
     print(f"report: {output}")
     if args.plots:
         for path in report_files.save_plots(Path(args.plots), *rewards):

@@ -318,7 +318,7 @@ class TrainConfig:
                                            "best_vs_random (default; seeded), best_vs_worst or all",
                                            choices=ranked.PAIRS_FROM_RANKED)
     # memory and speed
-    freeze_layers: int = option(0, "freeze the embeddings and the first N blocks")
+    freeze_layers: int = option(0, "freeze the embeddings and the first N blocks (0: nothing frozen)")
     bf16: bool = option(False, "bf16 autocast over fp32 master weights")
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     optim_8bit: bool = option(False, "bitsandbytes AdamW8bit", flags=["--8bit_optim"])

@@ -15,6 +15,7 @@
 - positive_int: an argparse type for counts.
 - parse_train_command_line: train.py's flags -> a CommandLine (the TrainConfig to run, and --eval_only);
   eval_only_args: `train.py --eval_only` as eval.py's command line.
+- parse_eval_command_line: eval.py's flags (written out with argparse: eval.py has no config dataclass).
 """
 import argparse
 import copy
@@ -23,6 +24,8 @@ import types
 import typing
 from typing import NamedTuple
 
+from support import benchmarks, validate
+from support import report as report_files
 from support.errors import ArgumentParser, UserError
 
 
@@ -118,3 +121,51 @@ def eval_only_args(cfg, model_path: str | None, given: set) -> list[str]:
     return argv + ["--chat_template", cfg.chat_template]
 
 
+# ---- eval.py's command line ------------------------------------------------------------------------
+
+
+def parse_eval_command_line(argv, default_dataset: list, default_max_length: int):
+    """`python eval.py CHECKPOINT [flags]`: its flags (the defaults named are eval.py's), each checked before
+    any loading and scoring (validate.check_eval_args)."""
+    p = ArgumentParser(prog="eval.py", description="Evaluate a reward model on preference pairs: accuracy with a "
+                       "95% CI, reward and margin statistics, length bias. Writes evaluation_report.json.")
+    p.add_argument("checkpoint", help="a model directory (out/rm/final_model), a train.py checkpoint or output "
+                                      "directory, or a Hub id of a Qwen3ForSequenceClassification reward model")
+    p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",
+                   help="data source(s): demo, a Hub dataset id or a local file/directory (default: the ones "
+                        f"the model was trained on, else {default_dataset[0]})")
+    p.add_argument("--split", default=None,
+                   help="dataset split to evaluate (default: test; for a model trained with a held-out share of "
+                        "its training pairs, train.py --eval_fraction, that share)")
+    p.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="pairs per forward pass (default: 16)")
+    p.add_argument("--max_length", type=positive_int, default=None,
+                   help=f"tokens per sequence; longer pairs are dropped and counted (default: the training "
+                        f"max_length, else {default_max_length}; with --benchmark, score()'s: else "
+                        "max_position_embeddings)")
+    p.add_argument("--chat_template", default="auto", metavar="auto|none|PATH",
+                   help="conversational rows (lists of messages): auto renders them with the model's chat "
+                        "template (default), PATH with that .jinja file, none refuses them")
+    p.add_argument("--bf16", action="store_true", help="run the forward passes under bfloat16 autocast")
+    p.add_argument("--share_prompt", action="store_true",
+                   help="compute each pair's prompt once (same rewards, faster; the default for a model "
+                        "trained with --share_prompt)")
+    p.add_argument("--benchmark", choices=benchmarks.NAMES, default=None,
+                   help="score a public benchmark from its published files, given with --dataset (see "
+                        "docs/benchmarks.md); writes benchmark_rewards.jsonl next to the report")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="with --benchmark: print the first N examples as they are rendered and scored")
+    p.add_argument("--save_reward_stats", action="store_true",
+                   help="save the mean and std of these rewards (chosen and rejected) in the model's config.json, "
+                        "for score(..., normalize=True) and OpenRLHF's --normalize_reward")
+    p.add_argument("--unsure_threshold", type=float, default=0.1,
+                   help="a pair with |margin| below this counts as 'unsure' (default: 0.1)")
+    p.add_argument("--output", default=None,
+                   help=f"report file, or a directory (existing, or ending in /) to write {report_files.REPORT_NAME} "
+                        f"in (default: CHECKPOINT/{report_files.REPORT_NAME}); an existing file is replaced only if "
+                        "it is a report")
+    p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots here (needs matplotlib)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
+    return validate.check_eval_args(p.parse_args(argv))

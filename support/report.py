@@ -5,6 +5,7 @@
 - write_report: the report written atomically; a full or read-only disk is one line.
 - check_plots: --plots checked before any scoring (a file in the way, not writable, matplotlib missing);
   save_plots: the three PNGs.
+- summary: the report as the table eval.py prints (fmt: a number, or n/a for None).
 """
 import json
 import os
@@ -101,3 +102,41 @@ def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> li
     ax.legend()
     save(fig, "reward_vs_length.png")
     return paths
+
+
+def fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def summary(report: dict) -> str:
+    """eval.py's report (eval.report_from_rewards, with the run's information) as the table it prints."""
+    def acc(block):
+        low, high = block["ci95"]
+        return f"{fmt(block['accuracy'])}  [{fmt(low)}, {fmt(high)}]  n={block['num_pairs']}"
+    c, m, ln = report["counts"], report["margin"], report["length"]
+    overall = {"accuracy": report["accuracy"], "ci95": report["accuracy_ci95"], "num_pairs": report["num_pairs"]}
+    split = report["split"] + (f", the held-out {report['eval_fraction']} share" if report.get("eval_fraction") else "")
+    lines = [f"evaluated {report['checkpoint']} on {', '.join(report['dataset'])} ({split}): "
+             f"{c['evaluated']} pairs, {c['skipped']} rows skipped, {c['dropped_too_long']} pairs longer than "
+             f"{report['max_length']} tokens dropped",
+             f"{'accuracy (95% Wilson CI)':<28}{acc(overall)}"]
+    lines += [f"  {name or '(no source)':<25} {acc(block)}" for name, block in report["per_source"].items()]
+    lines.append(f"{'loss (-log sigmoid margin)':<28}{fmt(report['loss'], '.4f')}")
+    percentiles = [k for k in report["rewards"]["chosen"] if k.startswith("p")]  # p5 ... p95
+    keys = ["mean", "std", "min", *percentiles, "max"]
+    lines.append(f"{'rewards':<12}" + "".join(f"{k:>9}" for k in keys))
+    for name in ("chosen", "rejected"):
+        lines.append(f"  {name:<10}" + "".join(f"{fmt(report['rewards'][name][k]):>9}" for k in keys))
+    # the margin has no percentiles: leave their columns empty so max lines up
+    lines.append(f"{'margin':<12}" + "".join(f"{fmt(m[k]):>9}" for k in ("mean", "std", "min"))
+                 + " " * 9 * len(percentiles) + f"{fmt(m['max']):>9}")
+    lines.append(f"  unsure (|margin| < {m['unsure_threshold']}): {fmt(m['unsure_share'], '.1%')} of pairs")
+    lines += [f"length bias: corr(reward, response tokens) pearson {fmt(ln['pearson'])}, "
+              f"spearman {fmt(ln['spearman'])}",
+              f"  chosen longer    {acc(ln['chosen_longer'])}",
+              f"  chosen shorter   {acc(ln['chosen_shorter'])}",
+              f"  same length      {acc(ln['same_length'])}",
+              f"  on the {ln['num_different_length']} pairs of different length: "
+              f"model {fmt(ln['model_accuracy_on_different_length'])}, "
+              f"\"longer is better\" rule {fmt(ln['longer_is_better_accuracy'])}"]
+    return "\n".join(lines)

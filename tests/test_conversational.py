@@ -21,6 +21,7 @@ import eval as eval_cli
 import train
 from conftest import ROOT, tiny_rm
 from support import metrics
+from support import report as report_files
 from support.errors import UserError
 from support.tokenizer import Tokenizer
 from rm import RewardModel
@@ -308,7 +309,7 @@ def test_eval_table_keeps_the_source_apart_from_the_number():
                                           ["/data/some/long/directory/hh_test.parquet"] * 2)
     report.update(counts=eval_cli.counts_from_stats(2, None), checkpoint="ckpt", dataset=["d"], split="test",
                   max_length=64)
-    line = next(ln for ln in eval_cli.summary(report).splitlines() if "hh_test.parquet" in ln)
+    line = next(ln for ln in report_files.summary(report).splitlines() if "hh_test.parquet" in ln)
     assert "hh_test.parquet 1.000" in line
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 from qwen3 import SHAPES as MODEL_SHAPES
 from rm import HEADS, POOLINGS, RewardModel, all_pairs_loss, listwise_loss, pairwise_loss
-from support import checkpoint, cli, distributed, heldout, lora, metrics, packing, ranked, readers, validate
+from support import checkpoint, cli, distributed, heldout, lora, metrics, packing, ranked, validate
 from support import run as run_context
 from support.distributed import print0
 from support.errors import UserError, run_cli
@@ -171,16 +171,13 @@ def load_data(cfg: "TrainConfig", tokenizer) -> tuple[list, heldout.HeldOut, dic
         if plan.fraction else ""
     print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
            f"train {pairs.train_stats.report()} | eval {pairs.held_out_stats.report()}{pairs.removal}")
-    read = {"train_pairs": len(pairs.train), "removed": pairs.removed,
-            "train_digest": (ranked.groups_digest if groups else data.pairs_digest)(pairs.train),
-            "files": {**readers.file_fingerprints(cfg.dataset, "train"),
-                      **(readers.file_fingerprints(plan.sources, plan.split) if plan.split != "none" else {})}}
-    return train_items, heldout.HeldOut(eval_items, pairs.held_out_stats, *plan), read
+    return train_items, heldout.HeldOut(eval_items, pairs.held_out_stats, *plan), heldout.what_was_read(
+        plan, cfg.dataset, pairs, (ranked.groups_digest if groups else data.pairs_digest)(pairs.train))
 
 
 class StepBatches:
-    """Which pairs each optimizer step trains on. One step consumes one "step batch" of batch_size x
-    accumulation x processes pairs, and the order of step batches depends only on the seed and the epoch:
+    """Which pairs (or ranked groups) each optimizer step trains on. One step consumes one "step batch" of
+    batch_size x accumulation x processes pairs, and the order of step batches depends only on the seed and the epoch:
     1 process x batch 8, 2 processes x batch 4 and batch 4 x 2 accumulation steps all see exactly the same
     pairs at every step, and a resumed run picks the data order up at its step."""
     def __init__(self, items: list, step_batch: int, seed: int):
@@ -191,7 +188,7 @@ class StepBatches:
 
     def micro_batches(self, step: int, batch_size: int, rank: int, world: int) -> list[tuple[list[int], float]]:
         """This process's micro-batches of optimizer step `step`: (indices into the items, weight). The weight
-        is the micro-batch's share of the step's pairs, times the processes (DDP averages the gradients over
+        is the micro-batch's share of the step's pairs (or groups), times the processes (DDP averages the gradients over
         them), so that accumulation and data parallelism equal one big batch exactly; one process without
         accumulation: weight 1. A process whose slice of a short last batch is empty still runs, on a stand-in
         pair (index 0) of weight 0, because every process must join each gradient all-reduce."""
@@ -325,11 +322,9 @@ class TrainConfig:
     model_8bit: bool = option(False, "frozen int8 backbone (bitsandbytes Linear8bitLt); trains the head and norms",
                               flags=["--8bit_model"])
     compile: bool = option(False, "torch.compile each transformer block (Qwen3.compile_blocks)")
-    packing: bool = option(False, "padding-free batches: all sequences of a micro-batch in one row "
-                                  "(packing.collate_packed)")
-    share_prompt: bool = option(False, "each pair's prompt goes through the model once, not twice, and no padding "
-                                       "does (same results); attention runs on padded rows, or with --packing on "
-                                       "packed ones")
+    packing: bool = option(False, "padding-free: a micro-batch's sequences end to end in one row (support/packing.py)")
+    share_prompt: bool = option(False, "each pair's prompt runs through the model once, not twice, no padding either "
+                                       "(same results); attention on padded rows, or packed ones with --packing")
     fsdp: bool = option(False, "under torchrun: FSDP2 instead of DDP")
     # LoRA (support/lora.py): low-rank adapters on the frozen backbone; the head trains fully
     lora_rank: int | None = option(None, "train rank-R LoRA adapters on a frozen backbone (and the head); saved merged")

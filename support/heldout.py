@@ -15,6 +15,8 @@
   and case) is never on both sides; without dedup, held-out pairs that are training pairs too are counted
   and reported (a note), not removed.
 - HeldOut: the held-out pairs as train.py keeps them through a run, tokenised once.
+- what_was_read: train.py's record of the training data read (count, digest, removals, file
+  fingerprints), which a resume compares.
 
 The pairs themselves (data.load_pairs, data.split_held_out, data.DataStats) belong to the lesson's data.py,
 which this module imports; it only decides which of them are held out.
@@ -149,6 +151,17 @@ def report_overlap(train: list, held: list, fix: str):
         print0(f"note: of the {len(held)} held-out pairs, {overlap['pairs']} are also training pairs and "
                f"{overlap['prompts']} have a prompt that training has (up to whitespace and case){fix}")
 
+
+
+def what_was_read(plan: Plan, dataset: list, loaded: Loaded, train_digest: str) -> dict:
+    """train.py's record of its training data (trainer_state.json's "data"), for a resume to notice a change:
+    the training pairs read (their count and digest), what dedup/decontaminate removed, and the files'
+    fingerprints."""
+    files = readers.file_fingerprints(dataset, "train")
+    if plan.split != "none":
+        files.update(readers.file_fingerprints(plan.sources, plan.split))
+    return {"train_pairs": len(loaded.train), "removed": loaded.removed, "train_digest": train_digest,
+            "files": files}
 
 def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat_format=None):
     """eval.py's (pairs, stats) of `plan`: a held-out share is announced; other data that holds the model's

@@ -32,16 +32,16 @@ class StepMetrics(NamedTuple):
 
 class StepSums:
     """One optimizer step's metrics, added up over its micro-batches: loss, accuracy and margin each times
-    the micro-batch's weight (its share of the step's pairs, times the processes: train.StepBatches), so
-    they average over the step's pairs as the gradient does; tokens times the processes, and none from a
+    the micro-batch's weight (its share of the step's pairs or groups, times the processes: train.StepBatches),
+    so they average over the step's pairs as the gradient does; tokens times the processes, and none from a
     stand-in micro-batch (weight 0). over_processes() averages the processes' sums (a collective)."""
     def __init__(self, device: torch.device, world: int):
         self.world, self.sums = world, torch.zeros(len(StepMetrics._fields), device=device)
 
-    def add(self, pairwise: dict, batch, weight: float):
-        """One micro-batch: rm.pairwise_loss's dict for it, its data.Batch and its weight."""
-        self.sums += torch.stack([pairwise["loss"].detach() * weight, pairwise["accuracy"] * weight,
-                                  pairwise["margin"].detach() * weight, batch.num_tokens() * self.world * (weight > 0)])
+    def add(self, losses: dict, batch, weight: float):
+        """One micro-batch: the loss's dict for it (rm.pairwise_loss, listwise_loss...), its batch, its weight."""
+        self.sums += torch.stack([losses["loss"].detach() * weight, losses["accuracy"] * weight,
+                                  losses["margin"].detach() * weight, batch.num_tokens() * self.world * (weight > 0)])
 
     def over_processes(self) -> StepMetrics:
         return StepMetrics(*distributed.all_reduce_mean(self.sums, self.world).tolist())

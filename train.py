@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 from qwen3 import SHAPES as MODEL_SHAPES
 from rm import HEADS, POOLINGS, RewardModel, all_pairs_loss, listwise_loss, pairwise_loss
-from support import checkpoint, cli, distributed, heldout, lora, metrics, packing, ranked, validate
+from support import checkpoint, cli, distributed, heldout, lora, metrics, packing, ranked, report, validate
 from support import run as run_context
 from support.distributed import print0
 from support.errors import UserError, run_cli
@@ -169,8 +169,8 @@ def load_data(cfg: "TrainConfig", tokenizer) -> tuple[list, heldout.HeldOut, dic
     validate.check_pairs_left(pairs, train_items, eval_items, plan, cfg.dataset, cfg.max_length)
     held = f" (held out of the training pairs by content hash: --eval_fraction {plan.fraction})" \
         if plan.fraction else ""
-    print0(f"data: {len(train_items)} training pairs, {len(eval_items)} eval pairs{held} | "
-           f"train {pairs.train_stats.report()} | eval {pairs.held_out_stats.report()}{pairs.removal}")
+    print0(report.data_line(len(train_items), len(eval_items), held, pairs.train_stats.report(),
+                            pairs.held_out_stats.report()) + pairs.removal)
     return train_items, heldout.HeldOut(eval_items, pairs.held_out_stats, *plan), heldout.what_was_read(
         plan, cfg.dataset, pairs, (ranked.groups_digest if groups else data.pairs_digest)(pairs.train))
 

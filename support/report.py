@@ -6,6 +6,9 @@
 - check_plots: --plots checked before any scoring (a file in the way, not writable, matplotlib missing);
   save_plots: the three PNGs.
 - summary: the report as the table eval.py prints (fmt: a number, or n/a for None).
+- The words around the numbers, for train.py's `data:` line (data_line), eval.py's table and
+  tools.inspect_data: plural ("1 row", "2 rows"), data_counts (what reading and tokenising did, in words:
+  data.DataStats.report()), source_rows (the per-source table, aligned however long a path is).
 """
 import json
 import os
@@ -17,6 +20,45 @@ from support.errors import UserError, check_writable
 from support.fileio import write_json_atomic
 
 REPORT_NAME = "evaluation_report.json"
+
+
+def plural(n: int, word: str) -> str:
+    """'1 row', '2 rows', '1,024 tokens'."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def data_counts(counts: dict) -> str:
+    """data.DataStats.report() in words: '35 rows read, 33 kept, 2 skipped (1 not an object, 1 unparsable
+    line), 3 dropped as too long', with the prompts cut and the sources when there are several."""
+    parts = [f"{plural(counts['read'], 'row')} read", f"{counts['kept']:,} kept"]
+    if counts.get("skipped_total"):
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in counts["skipped"].items())
+        parts.append(f"{counts['skipped_total']:,} skipped ({reasons})")
+    if counts.get("dropped_too_long"):
+        parts.append(f"{counts['dropped_too_long']:,} dropped as too long")
+    if counts.get("truncated_prompt"):
+        parts.append(f"{plural(counts['truncated_prompt'], 'prompt')} cut from the left")
+    if len(counts.get("sources", {})) > 1:
+        parts.append("from " + ", ".join(f"{source} {n:,}" for source, n in counts["sources"].items()))
+    return ", ".join(parts)
+
+
+def data_line(n_train: int, n_eval: int, held: str, train_counts: dict, eval_counts: dict) -> str:
+    """train.py's `data:` line: the pairs it trains and evaluates on, then what reading each side did."""
+    return (f"data: {plural(n_train, 'training pair')}, {plural(n_eval, 'eval pair')}{held} | "
+            f"train: {data_counts(train_counts)} | eval: {data_counts(eval_counts)}")
+
+
+SOURCE_CHARS = 40  # a longer source name (a deep path) is shown as its last SOURCE_CHARS - 1 characters
+
+
+def source_rows(cells: dict, label_width: int) -> tuple[int, list[str]]:
+    """The per-source rows of a table whose other rows' labels are `label_width` wide: (the label width
+    that fits every row, the rows "  NAME  CELL"), a name over SOURCE_CHARS shown as '…' and its end."""
+    names = {name: (name or "(no source)") if len(name or "") <= SOURCE_CHARS else "…" + name[-(SOURCE_CHARS - 1):]
+             for name in cells}
+    width = max([label_width] + [2 + len(shown) + 1 for shown in names.values()])
+    return width, [f"  {names[name]:<{width - 2}}{cell}" for name, cell in cells.items()]
 
 
 def report_path(output: str | None, report_dir: Path) -> Path:
@@ -72,6 +114,7 @@ def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> li
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
@@ -99,7 +142,8 @@ def save_plots(plot_dir: Path, chosen, rejected, chosen_len, rejected_len) -> li
     ax.scatter(chosen_len, chosen, s=6, alpha=0.5, label="chosen")
     ax.scatter(rejected_len, rejected, s=6, alpha=0.5, label="rejected")
     ax.set(xlabel="response length (tokens)", ylabel="reward", title="Reward vs response length")
-    ax.legend()
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # tokens are whole: no 2.5 ticks
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the axes, hiding no point
     save(fig, "reward_vs_length.png")
     return paths
 
@@ -117,11 +161,11 @@ def summary(report: dict) -> str:
     overall = {"accuracy": report["accuracy"], "ci95": report["accuracy_ci95"], "num_pairs": report["num_pairs"]}
     split = report["split"] + (f", the held-out {report['eval_fraction']} share" if report.get("eval_fraction") else "")
     lines = [f"evaluated {report['checkpoint']} on {', '.join(report['dataset'])} ({split}): "
-             f"{c['evaluated']} pairs, {c['skipped']} rows skipped, {c['dropped_too_long']} pairs longer than "
-             f"{report['max_length']} tokens dropped",
-             f"{'accuracy (95% Wilson CI)':<28}{acc(overall)}"]
-    lines += [f"  {name or '(no source)':<25} {acc(block)}" for name, block in report["per_source"].items()]
-    lines.append(f"{'loss (-log sigmoid margin)':<28}{fmt(report['loss'], '.4f')}")
+             f"{plural(c['evaluated'], 'pair')}, {plural(c['skipped'], 'row')} skipped, "
+             f"{c['dropped_too_long']:,} longer than {report['max_length']} tokens dropped"]
+    width, by_source = source_rows({name: acc(block) for name, block in report["per_source"].items()}, 28)
+    lines += [f"{'accuracy (95% Wilson CI)':<{width}}{acc(overall)}", *by_source,
+              f"{'loss (-log sigmoid margin)':<{width}}{fmt(report['loss'], '.4f')}"]
     percentiles = [k for k in report["rewards"]["chosen"] if k.startswith("p")]  # p5 ... p95
     keys = ["mean", "std", "min", *percentiles, "max"]
     lines.append(f"{'rewards':<12}" + "".join(f"{k:>9}" for k in keys))

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import numpy as np
 import torch.nn as nn
 
 from conftest import ROOT, save_hf_model
@@ -345,3 +346,44 @@ def test_a_comma_in_a_recorded_dataset_name(tmp_path, demo_tok):
     assert report["dataset"] == [str(path)] and report["counts"]["evaluated"] == 6
     report = main([str(tmp_path / "m"), "--dataset", str(path), "--device", "cpu", "--output", str(tmp_path / "r.json")])
     assert report["dataset"] == [str(path)] and report["counts"]["evaluated"] == 6
+
+
+def test_the_summary_aligns_long_source_paths_and_counts_in_words(rm_dir, tmp_path, capsys):
+    """The per-source rows line up with the overall accuracy whatever a path's length (a deep path pushed its
+    numbers right), a path over 40 characters is shown by its end, and counts read "1 row", not "1 rows"."""
+    deep = tmp_path / ("a-rather-long-directory-name-for-the-data" * 2) / "held_out_pairs.jsonl"
+    deep.parent.mkdir()
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in load_pairs("demo", "test", 6)]
+    same = {"prompt": rows[0]["prompt"], "chosen": " yes", "rejected": " yes"}  # a row that is skipped
+    deep.write_text("\n".join(json.dumps(r) for r in [rows[0], same, *rows[1:]]) + "\n")
+    main([str(rm_dir), "--dataset", "demo", str(deep), "--max_samples", "12", "--output", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out.splitlines()
+    head = next(line for line in out if line.startswith("evaluated "))
+    assert head.endswith(": 12 pairs, 1 row skipped, 0 longer than 64 tokens dropped"), head
+    table = [line for line in out if line.startswith("accuracy (95% Wilson CI)")]
+    start = out.index(table[0])
+    rows = out[start:start + 4]
+    assert sorted(row.split()[0] for row in rows[1:3]) == ["demo", "…" + str(deep)[-39:]], rows
+    columns = {line.index("  [") for line in rows[:3]}  # where each row's "accuracy  [low, high]" CI starts
+    assert len(columns) == 1 and rows[3].startswith("loss (-log sigmoid margin)"), rows
+
+
+def test_reward_vs_length_plot_keeps_its_legend_off_the_points_and_ticks_whole_tokens(tmp_path, monkeypatch):
+    """The legend sits beside the axes (inside, it hid points), and the length axis ticks whole tokens
+    (lengths of 3 to 6 tokens had ticks at 3.5, 4.5)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from support import report as report_files
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rng = np.random.default_rng(0)
+    chosen, rejected = rng.normal(size=20), rng.normal(size=20)
+    lengths = rng.integers(3, 7, size=20)
+    report_files.save_plots(tmp_path, chosen, rejected, lengths, lengths[::-1])
+    fig = figures[-1]
+    ax, = fig.axes
+    assert ax.get_title() == "Reward vs response length"
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1  # beside the axes: no point is under it

@@ -201,7 +201,8 @@ def show_pair(n: int, pair: data.Pair, tok: Tokenizer | None, item: data.Tokeniz
     elif item is None:
         counts = ("", f" (dropped: the longer response does not fit in --max_length {max_length})", "")
     else:
-        counts = [f" ({k} tokens)" for k in (item.prompt_len, item.chosen_response_len, item.rejected_response_len)]
+        counts = [f" ({report_files.plural(k, 'token')})" for k in (item.prompt_len, item.chosen_response_len,
+                                                                    item.rejected_response_len)]
     for name, text, count in zip(("prompt", "chosen", "rejected"), (pair.prompt, pair.chosen, pair.rejected), counts):
         print(f"{name}{count}: {shown(text)}")
     if not pair.eos:
@@ -216,10 +217,11 @@ def show_group(n: int, group: ranked.Group, tok: Tokenizer | None, item: ranked.
     print(f"--- group {n} ({group.source}, {len(group.responses)} responses, levels higher is better)")
     if tok is not None and item is None:
         print(f"(dropped: fewer than two levels fit in --max_length {max_length})")
-    print(f"prompt{'' if item is None else f' ({item.prompt_len} tokens)'}: {shown(group.prompt)}")
+    tokens = "" if item is None else f" ({report_files.plural(item.prompt_len, 'token')})"
+    print(f"prompt{tokens}: {shown(group.prompt)}")
     lens = dict(enumerate(item.response_lens)) if item is not None and len(item.ids) == len(group.responses) else {}
     for i, (text, level) in enumerate(zip(group.responses, group.levels)):
-        count = f", {lens[i]} tokens" if i in lens else ""
+        count = f", {report_files.plural(lens[i], 'token')}" if i in lens else ""
         print(f"response {i + 1} (level {level:g}{count}): {shown(text)}")
     if not group.eos:
         print("then: nothing (a chat-template rendering ends as the template says)")

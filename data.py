@@ -55,7 +55,7 @@ class Pair:
 
 @dataclass
 class DataStats:
-    """What happened to every row, so that nothing is lost without a count."""
+    """What happened to every row, so that nothing is lost without a count (ranked groups count as pairs do)."""
     read: int = 0                                            # rows (or jsonl lines) read
     kept: int = 0                                            # rows that became a Pair
     skipped: dict[str, int] = field(default_factory=dict)    # reason -> rows
@@ -66,7 +66,7 @@ class DataStats:
     dropped_responses: int = 0                               # ranked groups' responses that alone did not fit
 
     def count(self, row: "Pair | readers.Skip"):
-        """One row read: kept as a Pair, or skipped with its reason."""
+        """One row read: kept (a Pair, or a ranked group), or skipped with its reason."""
         self.read += 1
         if isinstance(row, readers.Skip):
             self.skipped[row.reason] = self.skipped.get(row.reason, 0) + 1

@@ -231,9 +231,9 @@ def counts_from_stats(num_evaluated: int, stats) -> dict:
 
 
 def prepare(model, pairs, max_length: int, stats=None):
-    """Pairs -> (tokenised pairs, stats). Tokenises with the model's tokenizer (pairs already tokenised,
-    e.g. train.py's held-out set, are used as they are). Works on a COPY of stats: evaluating twice with
-    the stats of one loading must not count the dropped pairs twice."""
+    """Pairs (or ranked groups) -> (tokenised ones, stats). Tokenises with the model's tokenizer (those
+    already tokenised, e.g. train.py's held-out set, are used as they are). Works on a COPY of stats:
+    evaluating twice with the stats of one loading must not count the dropped pairs twice."""
     from data import DataStats, TokenizedPair, tokenize_pairs
     stats = copy.deepcopy(stats) if stats is not None else DataStats()
     if not pairs:

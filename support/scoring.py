@@ -187,7 +187,8 @@ def reward_function(model, normalize: bool = False):
 
 
 def valid_stats(stats) -> bool:
-    """Whether a saved "reward_stats" entry is usable: finite mean, std > 0, n a whole number."""
+    """Whether a saved "reward_stats" entry is usable: finite mean, std > 0 with (r - mean) / std finite for
+    every float32 reward r (a std of 5e-324 is not), n a whole number."""
     return (isinstance(stats, dict) and all(type(stats.get(k)) in (int, float) for k in ("mean", "std"))
             and math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0
             and math.isfinite((abs(stats["mean"]) + FLOAT32_MAX) / stats["std"])  # (r - mean) / std of any reward

@@ -308,6 +308,11 @@ def test_expect_100_continue_over_the_limit_is_refused_before_the_body_is_sent(s
     with socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT) as s:
         s.sendall(post_bytes(b"", length=BIG, extra="Expect: 100-continue\r\n"))
         assert s.recv(100).startswith(b"HTTP/1.1 413 ")  # not "100 Continue"
+    # any refusal of the headers comes at once, without waiting for the body the client holds back
+    with socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT) as s:
+        start = time.monotonic()
+        s.sendall(post_bytes(b"", length=10, extra="Expect: 100-continue\r\nTransfer-Encoding: gzip\r\n"))
+        assert s.recv(100).startswith(b"HTTP/1.1 501 ") and time.monotonic() - start < 5
     assert_healthy(server, reference[1])
 
 

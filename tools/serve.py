@@ -455,11 +455,13 @@ class Handler(BaseHTTPRequestHandler):
                 server.in_flight -= 1
 
     def handle_expect_100(self):
-        """A client that asks before sending its body (curl does above 1 MiB) hears of a 413 before sending it."""
+        """A client that asks before sending its body (curl does above 1 MiB) hears of a 413 (or any refusal of
+        its headers) before sending it, and at once: the body it holds back is not waited for."""
         if self.command == "POST" and path_of(self.path) == "/get_reward":
             try:
                 content_length(self.headers, self.server.max_body)
             except Refusal as e:
+                self.body_read = True   # (nothing to read before answering: the client sends it only after a 100)
                 self.refuse(e)
                 return False
         return super().handle_expect_100()

@@ -311,6 +311,8 @@ CASES = [
      ["--num_epochs must be positive and finite (got 0.0)", "or set --max_steps"]),
     ("max steps 0", "train", lambda fx, o: [*DEMO, "--max_steps", "0"],
      ["--max_steps must be a positive integer, or -1 to train --num_epochs (got 0)"]),
+    ("max steps -2", "train", lambda fx, o: [*DEMO, "--max_steps", "-2"],
+     ["--max_steps must be a positive integer, or -1 to train --num_epochs (got -2)"]),
     ("negative max length", "train", lambda fx, o: [*DEMO, "--max_length", "-5"],
      ["--max_length must be a positive integer (got -5)"]),
     ("a number that is not one", "train", lambda fx, o: [*DEMO, "--batch_size", "eight"],
@@ -442,7 +444,7 @@ _ALSO_IN_PROCESS = {"config.json not valid JSON", "no weights file", "truncated 
                     "eval: directory without a model", "eval: corrupt safetensors", "eval: every pair too long",
                     "eval: report that cannot be written", "--overwrite_output_dir, then bad data",
                     "mis-shaped tensor", "tokenizer.json corrupt", "every eval pair too long",
-                    "output directory holds another run", "max steps 0",
+                    "output directory holds another run", "max steps 0", "max steps -2",
                     "eval: checkpoint does not exist"}
 INPROCESS_CASES += [c for c in CASES if c[0] in _ALSO_IN_PROCESS]
 CASES = [c for c in CASES if c[0] not in _ALSO_IN_PROCESS]

@@ -225,6 +225,9 @@ def test_finished_run_says_it_is_complete(done, tmp_path, capsys):
         assert_one_line(code, err, f"--resume: the run in {out} is complete at step 2 (final_model/ is there) and "
                         f"this run ends at step {ends}; pass a larger --max_steps or --num_epochs to train it further")
         assert snapshot(out) == before
+    (out / "log.jsonl").unlink()  # no log: the step is the total of the run that wrote the newest checkpoint
+    code, err = cli(train.main, [*DONE, "--output_dir", out, "--resume"], capsys)
+    assert_one_line(code, err, "is complete at step 2 (final_model/ is there) and this run ends at step 2")
     shutil.rmtree(out / "checkpoint_step_1")
     before = snapshot(out)
     for resume in (["--resume"], ["--resume", "--max_steps", "5"]):

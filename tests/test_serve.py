@@ -637,3 +637,24 @@ def test_stop_answers_what_still_waits_after_the_grace_with_503():
         status, body = answer.result(timeout=10)
     assert status == 503 and "stopped before scoring" in body["error"], body
     assert not server.batcher.thread.is_alive()
+
+
+def test_the_json_value_and_body_budgets_are_exact():
+    """json_values_at_most counts the commas outside strings: exactly the limit passes, one more does not,
+    and commas inside strings (escaped quotes too) never count. The bodies held at once: exactly
+    BODY_BUDGET x max_body fits, one byte more waits until some is released."""
+    limit = 5
+    assert serve.json_values_at_most(b"[" + b"0," * limit + b"0]", limit)
+    assert not serve.json_values_at_most(b"[" + b"0," * (limit + 1) + b"0]", limit)
+    texty = json.dumps(["a,b,c,\\\",d" * 3, "x,y"] * 3).encode()   # 5 commas between items, dozens inside
+    assert texty.count(b",") > 20 and serve.json_values_at_most(texty, limit)
+    assert not serve.json_values_at_most(texty, limit - 1)
+    server, _ = in_process_server(lambda texts: [0.0] * len(texts))
+    try:
+        budget = serve.BODY_BUDGET * server.max_body
+        assert server.hold(budget) and not server.hold(1)
+        assert server.hold(-1) is True and server.hold(1) and not server.hold(1)
+        server.hold(-budget)
+        assert server.held == 0
+    finally:
+        server.stop(5)

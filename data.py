@@ -4,7 +4,8 @@
   .jsonl, .jsonl.gz or .json file, directory or glob, or a Hub dataset id such as Anthropic/hh-rlhf
   (support/hub.py finds the files). support/readers.py streams a file's rows with their memory bounded
   (a row over readers.MAX_ROW_BYTES is skipped as "row too large"); a text longer than max_length
-  tokens can be (Tokenizer.char_cap) is never handed to the tokenizer.
+  tokens can be (Tokenizer.char_cap) is never handed to the tokenizer, and given char_cap, it is cut as
+  the row is read (cut_texts), so the pairs kept hold at most what they can use.
 - Rows -> Pair: prompt/chosen/rejected columns are taken as given (chosen and rejected that both begin
   with the prompt lose it); chosen/rejected alone are whole hh-rlhf transcripts, split after the last
   "\\n\\nAssistant:" they share. Conversational rows (lists of {"role", "content"} messages) are rendered
@@ -51,6 +52,8 @@ class Pair:
     margin: float | None = None
     source: str = ""  # "Anthropic/hh-rlhf", "demo", or the local path as given
     eos: bool = True  # end each text with the eos token; False for chat-template renderings (as TRL)
+    cut_to: int = 0   # the characters the texts were cut to as they were read (cut_texts); 0: whole
+    key_hash: bytes | None = None  # content_hash of the whole texts, kept when they were cut
 
 
 @dataclass
@@ -182,9 +185,10 @@ def conversation_pair(row: dict, source: str, chat_format: "chat.ChatFormat | No
 # Sources -> pairs
 
 def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None,
-               chat_format: "chat.ChatFormat | None" = None) -> Iterator[Pair]:
+               chat_format: "chat.ChatFormat | None" = None, char_cap: int | None = None) -> Iterator[Pair]:
     """Stream the pairs of one source. The files are found now (errors show at once), read lazily.
-    chat_format renders conversational rows (Tokenizer.chat_format)."""
+    chat_format renders conversational rows (Tokenizer.chat_format); char_cap cuts each text as it is
+    read (cut_texts: Tokenizer.char_cap of the max_length the pairs will be tokenised at)."""
     stats = stats if stats is not None else DataStats()
     if source == "demo":
         if split not in demo.DEMO_SIZES:
@@ -200,12 +204,13 @@ def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None
                 result = row if isinstance(row, readers.Skip) else make_pair(row, source, chat_format)
                 stats.count(result)
                 if isinstance(result, Pair):
-                    yield result
+                    yield cut_texts(result, char_cap) if char_cap else result
     return generate()
 
 
 def load_pairs(sources: str | list[str], split: str = "train", max_samples: int | None = None,
-               stats: DataStats | None = None, chat_format: "chat.ChatFormat | None" = None) -> list[Pair]:
+               stats: DataStats | None = None, chat_format: "chat.ChatFormat | None" = None,
+               char_cap: int | None = None) -> list[Pair]:
     """Pairs of one or several sources (a list, or "a,b"), interleaved round-robin so that
     max_samples takes from all of them; each Pair keeps its source. The first max_samples in file
     order, not a random sample: batch_order shuffles. A list is taken as given (a file name may hold a
@@ -216,7 +221,7 @@ def load_pairs(sources: str | list[str], split: str = "train", max_samples: int 
     if not sources:
         raise UserError("no data source given; name a Hub dataset, a local file/directory, or demo")
     stats = stats if stats is not None else DataStats()
-    active = [iter_pairs(s, split, stats, chat_format) for s in sources]
+    active = [iter_pairs(s, split, stats, chat_format, char_cap) for s in sources]
     pairs = []
     while active and (max_samples is None or len(pairs) < max_samples):
         for it in list(active):
@@ -244,12 +249,16 @@ def pair_key(pair: Pair) -> bytes:
     return "\0".join((pair.prompt, pair.chosen, pair.rejected)).encode("utf-8", "surrogatepass")
 
 
+def content_hash(pair: Pair) -> bytes:
+    """8 bytes of hash of the pair's whole texts, also once they were cut as read (kept in key_hash)."""
+    return pair.key_hash or hashlib.blake2b(pair_key(pair), digest_size=8).digest()
+
+
 def is_held_out(pair: Pair, fraction: float) -> bool:
     """Whether the pair belongs to the held-out share `fraction`: its content's hash, read as a number in
     [0, 1), falls below it. A pure function of the pair, so the split is the same in every run, on resume
-    and in eval.py, no pair is on both sides, and adding rows never moves a pair to the other side."""
-    digest = hashlib.blake2b(pair_key(pair), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+    and in eval.py (at any max_length), no pair is on both sides, and adding rows never moves a pair."""
+    return int.from_bytes(content_hash(pair), "big") / 2**64 < fraction
 
 
 def split_held_out(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
@@ -259,11 +268,11 @@ def split_held_out(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list
 
 
 def pairs_digest(pairs: list[Pair]) -> str:
-    """A short fingerprint of the pairs, in order: equal digests, the same training data."""
+    """A short fingerprint of the pairs, in order: equal digests, the same training data. Made of each pair's
+    content_hash, so that it is the same whether the texts were cut as read or not (at any max_length)."""
     h = hashlib.blake2b(digest_size=16)
     for pair in pairs:
-        key = pair_key(pair)
-        h.update(len(key).to_bytes(8, "big") + key)
+        h.update(content_hash(pair))
     return h.hexdigest()
 
 
@@ -328,12 +337,25 @@ def cap_texts(pair: Pair, cap: int, stats: DataStats) -> Pair | None:
     """Bound what the tokenizer is given (a 10 MB text took 4.6 GB and a minute to tokenise): a pair whose
     response has more than `cap` characters cannot fit and is dropped as too long (counted) untokenised; a
     longer prompt keeps its last `cap` characters, more than the left cut can keep of it."""
+    if pair.cut_to and pair.cut_to < cap:  # its prompt lost characters this max_length would use
+        raise ValueError(f"a pair cut to {pair.cut_to} characters as it was read is tokenised for {cap}; "
+                         "read the pairs with the char_cap of the max_length they are tokenised at")
     if max(len(pair.chosen), len(pair.rejected)) > cap:
         stats.dropped_too_long += 1
         return None
     if len(pair.prompt) > cap:
         return replace(pair, prompt=pair.prompt[-cap:])
     return pair
+
+
+def cut_texts(pair: Pair, cap: int) -> Pair:
+    """cap_texts' rule applied as the pair is read, so that the pairs kept hold what they can use (200 rows
+    of 15 MiB took eval.py to 3 GB): a prompt keeps its last `cap` characters, a response over `cap` (so
+    dropped when tokenised) its first cap + 1. cap_texts then finds the same texts: nothing changes."""
+    if max(len(pair.prompt), len(pair.chosen), len(pair.rejected)) <= cap:
+        return pair
+    return replace(pair, prompt=pair.prompt[-cap:], chosen=pair.chosen[:cap + 1], rejected=pair.rejected[:cap + 1],
+                   cut_to=cap, key_hash=content_hash(pair))
 
 
 def tokenize_pairs(pairs: list[Pair], tok: tokenizer.Tokenizer, max_length: int,

@@ -308,8 +308,8 @@ def main(argv=None):
     tokenizer_files.require_file(model_dir)
     tokenizer = tokenizer_files.Tokenizer.from_dir(model_dir)  # its chat template renders conversational rows
     plan = heldout.plan_evaluation(dataset, args.split, args.dataset is not None, trained)
-    pairs, stats = heldout.load_for_evaluation(plan, trained, args.max_samples,
-                                               tokenizer.chat_format(args.chat_template))
+    pairs, stats = heldout.load_for_evaluation(plan, trained, args.max_samples, tokenizer.chat_format(
+        args.chat_template), char_cap=tokenizer.char_cap(max_length))  # texts cut as read: bounded memory
 
     # 3. The model, then the scores.
     model = RewardModel.from_pretrained(str(model_dir), device=args.device)

@@ -160,7 +160,8 @@ def load_data(cfg: "TrainConfig", tokenizer) -> tuple[list, heldout.HeldOut, dic
     chat_format = tokenizer.chat_format(cfg.chat_template)  # renders conversational rows
     groups = cfg.loss != "pairwise" or ranked.is_ranked(cfg.dataset)  # ranked rows: groups (support/ranked.py)
     pairs = heldout.load(plan, cfg.dataset, cfg.max_train_samples, cfg.max_eval_samples, chat_format,
-                         dedup=cfg.dedup, decontaminate=cfg.decontaminate, groups=groups)
+                         dedup=cfg.dedup, decontaminate=cfg.decontaminate, groups=groups,
+                         char_cap=tokenizer.char_cap(cfg.max_length))  # texts cut as read: bounded memory
     train_items = ranked.training_items(pairs.train, cfg, tokenizer, pairs.train_stats) if groups else \
         data.tokenize_pairs(pairs.train, tokenizer, cfg.max_length, pairs.train_stats)
     # Tokenised once, here: a held-out set that cannot be evaluated fails now, not at the first evaluation.

@@ -103,7 +103,7 @@ def training_files_in(plan: Plan, trained_dataset: list) -> list[str]:
 
 def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samples: int | None,
          chat_format=None, with_training_pairs: bool = True, groups: bool = False, dedup: bool = False,
-         decontaminate: list | None = None) -> Loaded:
+         decontaminate: list | None = None, char_cap: int | None = None) -> Loaded:
     """The training pairs of `dataset` (none unless with_training_pairs, or a held-out share needs them) and
     the held-out pairs of `plan`, each with its data.DataStats. A held-out share reads every training pair and
     splits them by content, so it does not depend on the sample limits; its pairs are counted as held-out
@@ -111,15 +111,19 @@ def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samp
     groups instead of pairs (support/ranked.py; a pair row is a group of two), whole groups held out.
     dedup drops repeated and contradicting pairs (groups) of those read (audit.dedup; before the held-out
     share is taken), decontaminate (benchmark files) the training pairs sharing a 13-gram with their
-    prompts; what each removed is in Loaded.removed."""
+    prompts; what each removed is in Loaded.removed. char_cap: each pair's texts are cut as they are read to
+    what the max_length they are tokenised at can use (data.cut_texts: the same token ids, a bounded memory);
+    not with groups, dedup or decontaminate, which compare the whole texts."""
     train_stats, held_stats = data.DataStats(), data.DataStats()
     load_rows, split_held_out = (ranked.load_groups, ranked.split_held_out) if groups else \
         (data.load_pairs, data.split_held_out)
     removed = {}
     benchmarks = audit.load_benchmarks(decontaminate) if decontaminate else None  # checked before any reading
 
+    cut = {} if groups or dedup or decontaminate else {"char_cap": char_cap}
+
     def read(sources, split, max_samples, stats, training=False):  # conversational rows: rendered with chat_format
-        rows = load_rows(sources, split, max_samples, stats, chat_format=chat_format)
+        rows = load_rows(sources, split, max_samples, stats, chat_format=chat_format, **cut)
         if dedup and training:
             rows, counts = audit.dedup(rows)
             removed.update(counts)
@@ -163,14 +167,15 @@ def what_was_read(plan: Plan, dataset: list, loaded: Loaded, train_digest: str) 
     return {"train_pairs": len(loaded.train), "removed": loaded.removed, "train_digest": train_digest,
             "files": files}
 
-def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat_format=None):
+def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat_format=None,
+                        char_cap: int | None = None):
     """eval.py's (pairs, stats) of `plan`: a held-out share is announced; other data that holds the model's
     training files gets a note (its accuracy is not a held-out number). A ranked source (support/ranked.py)
     gives groups, whole groups held out."""
     groups = ranked.is_ranked(plan.sources, plan.split)
     # a share held out after deduplication (--dedup): the same duplicates go first, so it is the same share
     loaded = load(plan, plan.sources, None, max_samples, chat_format, with_training_pairs=False, groups=groups,
-                  dedup=bool(plan.fraction and trained.get("dedup")))
+                  dedup=bool(plan.fraction and trained.get("dedup")), char_cap=char_cap)
     if plan.fraction:
         print(f"data: the {len(loaded.held_out)} pairs of {', '.join(plan.sources)} that train.py held out "
               f"(--eval_fraction {plan.fraction}, by content hash) and did not train on")

@@ -899,3 +899,83 @@ def test_the_held_out_share_does_not_depend_on_the_training_sample_limit():
         cut = heldout.load(plan, ["demo"], limit, None)
         assert cut.held_out == whole.held_out and len(cut.train) == limit
         assert not {data.pair_key(p) for p in cut.train} & {data.pair_key(p) for p in cut.held_out}
+
+
+def test_texts_cut_as_they_are_read_give_the_same_ids_rewards_and_held_out_share(tmp_path):
+    """load_pairs(..., char_cap=Tokenizer.char_cap(max_length)) cuts each text as it is read (data.cut_texts);
+    the token ids, the counts, the held-out share and the rewards are those of reading the texts whole. A
+    byte-level BPE whose merges cross word parts, long prompts (plain, hh-rlhf transcripts, conversations
+    rendered with Qwen3's template) and responses too long to fit."""
+    import eval as eval_cli
+    from conftest import tiny_rm
+    from test_chat import make_model_dir
+    tok = Tokenizer.from_dir(str(make_model_dir(tmp_path / "bpe")))
+    max_length = 24
+    cap = tok.char_cap(max_length)
+    words = "The capital of France is Paris. What is the capital of France? Let me think about it step by step. "
+    long = words * (cap // len(words) + 2)
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [{"prompt": f"{H} {long}{A}", "chosen": " Paris.", "rejected": " Lyon."},
+            {"prompt": P1, "chosen": " " + long, "rejected": " no."},
+            {"chosen": f"{H} {long}{A} Paris.", "rejected": f"{H} {long}{A} Rome, surely."},
+            {"prompt": P2, "chosen": " sure", "rejected": " nope"},
+            {"prompt": user(long), "chosen": reply("Paris."), "rejected": reply("It is Lyon.")}]
+    path = str(write_lines(tmp_path / "long.jsonl", [json.dumps(r).encode() for r in rows]))
+    chat_format = tok.chat_format()
+    whole_stats = DataStats()
+    cut_stats = DataStats()
+    whole = data.load_pairs(path, stats=whole_stats, chat_format=chat_format)
+    cut = data.load_pairs(path, stats=cut_stats, chat_format=chat_format, char_cap=cap)
+    assert len(cut) == 5 and sum(p.cut_to == cap for p in cut) == 4  # the test can fail: texts were cut
+    assert max(len(t) for p in cut for t in (p.prompt, p.chosen, p.rejected)) <= cap + 1 < len(long)
+    tokenized = [data.tokenize_pairs(pairs, tok, max_length, stats) for pairs, stats in ((whole, whole_stats),
+                                                                                        (cut, cut_stats))]
+    assert tokenized[0] == tokenized[1] and whole_stats == cut_stats and len(tokenized[0]) == 4
+    assert whole_stats.truncated_prompt == 4 and whole_stats.dropped_too_long == 1
+    for fraction in (0.2, 0.5, 0.8):
+        assert [data.is_held_out(p, fraction) for p in whole] == [data.is_held_out(p, fraction) for p in cut]
+    model = tiny_rm(tok, min_vocab=512)
+    reports = [eval_cli.evaluate(model, pairs, max_length=max_length, progress=False) for pairs in (whole, cut)]
+    assert reports[0] == reports[1]
+    with pytest.raises(ValueError, match="cut to"):  # read for one max_length, tokenised at a longer one
+        data.tokenize_pairs(cut, tok, 4 * max_length)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl.gz"])
+def test_what_a_file_can_make_readers_keep_is_bounded_by_what_max_length_can_use(tmp_path, kind, monkeypatch):
+    """32 rows whose prompt is the same 1 MiB text, in a 1 KB dictionary-encoded parquet or a 100 KB
+    jsonl.gz (200 such rows of 15 MiB took --benchmark to 3.6 GB, eval.py to 1.09 GB, a 614 KB .jsonl.gz to
+    990 MB). Each text is cut as it is read, so what stays is rows x char_cap, not rows x 1 MiB, and the
+    peak is a decoded batch's worth (Python allocations, tracemalloc)."""
+    import tracemalloc
+    n, big, cap = 32, "a" * (1 << 20), 1000
+    path = tmp_path / f"rows.{kind}"
+    if kind == "parquet":
+        prompt = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), pa.array([big]))
+        pq.write_table(pa.table({"prompt": prompt, "chosen": [" yes"] * n, "rejected": [" no"] * n}), path,
+                       compression="zstd")
+    else:
+        line = gzip.compress((json.dumps({"prompt": big, "chosen": " yes", "rejected": " no"}) + "\n").encode())
+        path.write_bytes(line * n)  # gzip members one after another: one stream of n lines
+    assert os.path.getsize(path) < 200 << 10
+    monkeypatch.setattr(readers, "MAX_BATCH_BYTES", 4 << 20)  # 4 rows of 1 MiB decoded at a time
+    tracemalloc.start()
+    try:
+        pairs = data.load_pairs(str(path), char_cap=cap)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"{kind}: {n} rows of 1 MiB in {os.path.getsize(path):,} bytes: {kept >> 10} KiB kept, peak {peak >> 20} MiB")
+    assert len(pairs) == n and {p.prompt for p in pairs} == {big[-cap:]}
+    assert kept < 4 << 20 and peak < 16 << 20  # whole: over n MiB kept (and pyarrow imported meanwhile)
+
+
+def test_the_data_fingerprint_does_not_depend_on_the_cut():
+    """pairs_digest (a resume's "same training data" check) and is_held_out read the whole texts' hash, so a
+    resume at another --max_length (another cut) finds the same data and the same held-out share."""
+    pairs = [Pair(P1 + "x" * 5000, " yes", " no"), Pair(P2, " a" * 3000, " b"), Pair(P1, " c", " d")]
+    for cap in (100, 4000):
+        cut = [data.cut_texts(p, cap) for p in pairs]
+        assert any(c != p for c, p in zip(cut, pairs)) and data.pairs_digest(cut) == data.pairs_digest(pairs)
+    assert data.pairs_digest(pairs[:2]) != data.pairs_digest(pairs[1:]) != data.pairs_digest(pairs[::-1][:2])

@@ -25,13 +25,14 @@ The schema (RM-Bench's 3 styles, Ties ids) is checked as the files are read, bef
 Rendering: with a chat template (the model's own, or --chat_template PATH), the prompt as the user turn and
 the response as the assistant's (a multi-turn prompt's turns alternate user/assistant, as RewardBench
 renders them); without one (or --chat_template none), exactly "\\n\\nHuman: " + prompt + "\\n\\nAssistant: " +
-response, scored as score() scores that text. Files are read with the same bounds as training data.
+response, scored as score() scores that text. Files are read with the same bounds as training data,
+and each text is cut as it is read to what max_length can use (cut_example: the same rewards).
 """
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -109,8 +110,9 @@ def benchmark_files(name: str, source: str) -> list[str]:
     return [fetch(n) for n in (preferred or names)]
 
 
-def read_examples(name: str, source: str, skipped: dict) -> list[Example]:
-    """Every example of the benchmark's files; a row that is not one is counted in skipped[reason]."""
+def read_examples(name: str, source: str, skipped: dict, cut=None) -> list[Example]:
+    """Every example of the benchmark's files; a row that is not one is counted in skipped[reason]. cut:
+    Example -> Example, applied as each is read (cut_example), so what is kept is what scoring can use."""
     layout, examples = LAYOUTS[name], []
     for path in benchmark_files(name, source):
         for row in read_rows(path, layout.columns, name):
@@ -118,7 +120,7 @@ def read_examples(name: str, source: str, skipped: dict) -> list[Example]:
             if isinstance(example, str):
                 skipped[example] = skipped.get(example, 0) + 1
             else:
-                examples.append(example)
+                examples.append(cut(example) if cut else example)
     examples = check_examples(name, examples, skipped)
     if not examples:
         raise UserError(f"{source}: no {name} examples ({sum(skipped.values())} rows skipped: {skipped}); "
@@ -165,6 +167,26 @@ def check_ties_ids(examples: list):
                  and ex.num_correct < 2), None)
     if lone is not None:
         raise UserError(f"Ties example {lone} has a single correct response; is it RewardBench 2's Ties data?")
+
+
+def cut_example(example: Example, cap: int, render=None) -> Example:
+    """An example holding only what scoring reads (every example is kept until all are scored: 200 rows of
+    15 MiB took --benchmark to 3.6 GB): each prompt turn and response keeps its last `cap` characters, and
+    Tokenizer.sequence tokenises only the last cap = char_cap(max_length) characters of a whole text, which
+    are then the same. A transcript joins the texts as they are, so that holds by construction; a chat
+    template may strip or test what it is given, so with render(prompt, response) -> text the cut is kept
+    only where every rendering's last `cap` characters are unchanged, else the example stays whole."""
+    turns = [example.prompt] if isinstance(example.prompt, str) else [m["content"] for m in example.prompt]
+    if max(len(t) for t in turns + example.chosen + example.rejected) <= cap:
+        return example
+    prompt = example.prompt[-cap:] if isinstance(example.prompt, str) else \
+        [{**m, "content": m["content"][-cap:]} for m in example.prompt]
+    cut = replace(example, prompt=prompt, chosen=[r[-cap:] for r in example.chosen],
+                  rejected=[r[-cap:] for r in example.rejected])
+    responses = zip(example.chosen + example.rejected, cut.chosen + cut.rejected)
+    if render and any(render(example.prompt, whole)[-cap:] != render(prompt, part)[-cap:] for whole, part in responses):
+        return example
+    return cut
 
 
 def is_text(value) -> bool:
@@ -394,10 +416,13 @@ def run(args, model_dir: Path, trained: dict, output: Path) -> dict:
     model.tokenizer.chat_format(args.chat_template)  # a PATH replaces the model's template for this run
     chat = args.chat_template != "none" and model.tokenizer.chat_template is not None
     skipped = {}
-    examples = read_examples(args.benchmark, args.dataset[0], skipped)[:args.max_samples]
+    max_length = scoring.scoring_length(model, args.max_length)  # score()'s rule: one model, one reward
+    render = (lambda prompt, response: model.tokenizer.chat_format().render(  # noqa: E731 (as score renders it)
+        chat_prompt(prompt) + [{"role": "assistant", "content": response}])) if chat else None
+    examples = read_examples(args.benchmark, args.dataset[0], skipped,
+                             lambda e: cut_example(e, model.tokenizer.char_cap(max_length), render))[:args.max_samples]
     for example in examples[:max(args.show, 0)]:
         print(show_example(example, chat, model.tokenizer))
-    max_length = scoring.scoring_length(model, args.max_length)  # score()'s rule: one model, one reward
     rewards = score_examples(model, examples, chat, max_length, args.bf16, args.progress)
     result = {"name": args.benchmark, **SCORERS[args.benchmark](examples, rewards),
               "rendering": "chat template" if chat else "hh-rlhf transcript", "dataset": args.dataset[0],

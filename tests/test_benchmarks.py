@@ -369,3 +369,66 @@ def test_schema_errors_come_before_any_scoring(model_dir, tmp_path, monkeypatch)
                                                              "rejected": ["r=0"] * 2, "domain": "chat"}]))
     with pytest.raises(UserError, match="RM-Bench example 9 does not have 3 chosen and 3 rejected"):
         run(model_dir, tmp_path, "--benchmark", "rm-bench", "--dataset", path)
+
+
+def test_examples_cut_as_they_are_read_score_the_same(model_dir, tmp_path):
+    """cut_example keeps each text's last char_cap(max_length) characters as it is read (what a file can make
+    --benchmark keep is bounded: 200 rows of 15 MiB took it to 3.6 GB); the rewards are those of the whole
+    texts: as a transcript, with Qwen3's chat template, and with a template that trims (where the cut would
+    change the rendering, so the example stays whole)."""
+    from support.tokenizer import Tokenizer
+    words = "The capital of France is Paris. What is the capital of France? Let me think about it. "
+    long = words * 40
+    rows = [{"prompt": long, "chosen": "Paris.", "rejected": "Lyon. " + long, "subset": "alpacaeval-easy", "id": 1},
+            {"prompt": [{"role": "user", "content": long}, {"role": "assistant", "content": "Hm. " + long},
+                        {"role": "user", "content": "So?"}], "chosen": "Paris.", "rejected": "Rome.",
+             "subset": "alpacaeval-easy", "id": 2},
+            {"prompt": "Hi", "chosen": "x" + " " * len(long) + "Paris.", "rejected": "Rome.",
+             "subset": "alpacaeval-easy", "id": 3}]
+    path = tmp_path / "rb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat_model = RewardModel(dataclasses.replace(SHAPES["tiny"], vocab_size=512))
+    chat_model.model.init_weights(seed=1)
+    chat_model.init_head(1)
+    chat_model.tokenizer = Tokenizer.from_dir(str(make_model_dir(tmp_path / "chat")))
+    trim = "{% for m in messages %}{{ m.content | trim }}|{% endfor %}"
+    max_length = 16
+    for model, template in ((RewardModel.from_pretrained(str(model_dir)), None), (chat_model, "qwen3"),
+                            (chat_model, trim)):
+        if template == trim:
+            model.tokenizer.chat_template = trim
+        cap = model.tokenizer.char_cap(max_length)
+        assert cap < len(long)  # the test can fail: the texts are longer than what scoring reads
+        render = (lambda prompt, r: model.tokenizer.chat_format().render(  # noqa: E731
+            benchmarks.chat_prompt(prompt) + [{"role": "assistant", "content": r}])) if template else None
+        whole = benchmarks.read_examples("rewardbench", str(path), {})
+        cut = benchmarks.read_examples("rewardbench", str(path), {}, lambda e: benchmarks.cut_example(e, cap, render))
+        assert max(len(cut[0].prompt), len(cut[0].rejected[0]), len(cut[1].prompt[0]["content"])) <= cap
+        assert (cut[2] == whole[2]) == (template == trim)  # trimmed: the cut would change the rendering
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny: one thread is 10x faster on a busy machine
+        try:
+            scores = [benchmarks.score_examples(model, examples, bool(template), max_length, progress=False)
+                      for examples in (whole, cut)]
+        finally:
+            torch.set_num_threads(threads)
+        assert scores[0] == scores[1], template
+
+
+def test_what_a_benchmark_file_can_make_eval_keep_is_bounded(tmp_path):
+    """32 rows whose prompt and responses are the same 1 MiB text, in a 100 KB .jsonl.gz: cut as read, the
+    examples keep rows x char_cap (tracemalloc), not rows x 3 MiB."""
+    import gzip
+    import tracemalloc
+    big, cap, n = "a" * (1 << 20), 1000, 32
+    line = {"prompt": big, "chosen": big + "b", "rejected": big, "subset": "alpacaeval-easy", "id": 1}
+    path = tmp_path / "rb.jsonl.gz"
+    path.write_bytes(gzip.compress((json.dumps(line) + "\n").encode()) * n)  # gzip members: n lines
+    tracemalloc.start()
+    try:
+        examples = benchmarks.read_examples("rewardbench", str(path), {}, lambda e: benchmarks.cut_example(e, cap))
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(examples) == n and examples[0].chosen == [big[-cap + 1:] + "b"]
+    assert kept < 2 << 20 and peak < 32 << 20, (kept, peak)  # whole: 96 MiB kept

@@ -298,6 +298,8 @@ def main(argv=None):
     check_writable(output.parent, f"the report {output}", "choose another --output")  # now, not after scoring
     if args.benchmark:  # RewardBench, RewardBench 2 or RM-Bench from their files, instead of pairs
         return benchmarks.run(args, model_dir, trained, output)
+    if args.save_reward_stats:
+        scoring.check_stats_writable(model_dir)  # a read-only or full model directory: now, not after scoring
 
     # 2. The data (before the model: a wrong path should fail in a second, not after loading weights).
     # By default the model is evaluated on what it was trained on (test split) and at its training length.

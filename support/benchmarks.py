@@ -43,7 +43,7 @@ from support import hub, readers, scoring
 from support import tokenizer as tokenizer_files
 from support import report as report_files
 from support.errors import UserError
-from support.fileio import open_regular, write_text_atomic
+from support.fileio import open_regular
 
 NAMES = ("rewardbench", "rewardbench2", "rm-bench")
 REWARDS_FILE = "benchmark_rewards.jsonl"
@@ -429,14 +429,13 @@ def run(args, model_dir: Path, trained: dict, output: Path) -> dict:
               "max_length": max_length, "examples": len(examples), "skipped": skipped,
               "rewards_file": str(output.parent / REWARDS_FILE),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_text_atomic(output.parent / REWARDS_FILE, "".join(
-        json.dumps({"id": e.id, "subset": e.subset, "chosen": c, "rejected": r}) + "\n"
-        for e, (c, r) in zip(examples, rewards)))
-    # an earlier report (eval.py checked it is one) keeps its contents and gains the benchmark entry
-    report = hub.read_json(output, "") if output.is_file() else {"checkpoint": args.checkpoint,
-                                                                 "model_dir": str(model_dir)}
+    rewards_text = "".join(json.dumps({"id": e.id, "subset": e.subset, "chosen": c, "rejected": r}) + "\n"
+                           for e, (c, r) in zip(examples, rewards))
+    # an earlier report (eval.py checked it is one, within the limit) keeps its contents and gains the entry
+    report = report_files.read_report(output) if output.is_file() else {"checkpoint": args.checkpoint,
+                                                                        "model_dir": str(model_dir)}
     report["benchmark"] = result
-    report_files.write_report(output, report)
+    report_files.write_report(output, report, {output.parent / REWARDS_FILE: rewards_text})  # both, or neither
     if skipped:
         print(f"note: {sum(skipped.values())} rows skipped: {skipped}", file=sys.stderr)
     print(table(result))

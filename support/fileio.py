@@ -60,7 +60,10 @@ def write_text_atomic(path: Path, text: str | bytes):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only disk refuses the cleanup too (EROFS): the first error is the one to tell
+            pass
         raise
 
 

@@ -1,8 +1,10 @@
 """Where eval.py's report goes, and its plots: file plumbing around the report that eval.py computes.
 
 - report_path: --output, or evaluation_report.json inside it (a directory, or a path ending in /); an
-  existing file is replaced only if it is a report (is_report), never weights or a config.
-- write_report: the report written atomically; a full or read-only disk is one line.
+  existing file is replaced only if it is a report (is_report), never weights or a config, and one over
+  MAX_REPORT_BYTES is refused there, before any scoring; read_report reads it back under that same limit.
+- write_report: the report (and the files that go with it: benchmark_rewards.jsonl) written atomically, all
+  or none; a full or read-only disk is one line.
 - check_plots: --plots checked before any scoring (a file in the way, not writable, matplotlib missing);
   save_plots: the three PNGs.
 - summary: the report as the table eval.py prints (fmt: a number, or n/a for None).
@@ -17,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from support.errors import UserError, check_writable
-from support.fileio import write_json_atomic
+from support.fileio import read_bounded, write_json_atomic, write_text_atomic
 
 REPORT_NAME = "evaluation_report.json"
+MAX_REPORT_BYTES = 64 << 20  # an existing report eval.py replaces or adds to (a real one: a few KB to MB)
 
 
 def plural(n: int, word: str) -> str:
@@ -68,6 +71,10 @@ def report_path(output: str | None, report_dir: Path) -> Path:
     path = Path(output) if output else report_dir / REPORT_NAME
     if output and (output.endswith(("/", os.sep)) or path.is_dir()):
         path = path / REPORT_NAME
+    if path.is_file() and path.stat().st_size > MAX_REPORT_BYTES:  # one limit, checked before scoring
+        raise UserError(f"--output {path} exists and is {path.stat().st_size / 2**20:.0f} MiB, over the "
+                        f"{MAX_REPORT_BYTES >> 20} MiB an evaluation report may have; delete it or choose another "
+                        "--output")
     if path.exists() and not is_report(path):
         raise UserError(f"--output {path} exists and is not an evaluation report (eval.py replaces only its own "
                         f"reports); choose another --output")
@@ -76,22 +83,42 @@ def report_path(output: str | None, report_dir: Path) -> Path:
 
 def is_report(path: Path) -> bool:
     """A .json file holding an object with a report's keys, as eval.py and train.py write it."""
-    if path.suffix != ".json" or not path.is_file() or path.stat().st_size > 64 << 20:
-        return False
     try:
-        report = json.loads(path.read_bytes())
-    except (ValueError, RecursionError, OSError):
+        report = read_report(path)
+    except UserError:
         return False
     return isinstance(report, dict) and ({"accuracy", "counts", "per_source"} <= report.keys() or "benchmark" in report)
 
 
-def write_report(output: Path, report: dict):
-    """The report, atomically: a failed run leaves no report."""
+def read_report(path: Path):
+    """The JSON value of an existing report file, read under MAX_REPORT_BYTES (the limit report_path checked)."""
     try:
+        return json.loads(read_bounded(path, MAX_REPORT_BYTES)) if Path(path).suffix == ".json" else None
+    except (ValueError, RecursionError, OSError) as e:
+        raise UserError(f"{path}: the existing report can't be read ({e}); delete it or choose another "
+                        "--output") from None
+
+
+def write_report(output: Path, report: dict, files: dict | None = None):
+    """The report and the files that go with it ({path: text}), all or none: each file is written whole under
+    a hidden name, then the report, then the files are renamed into place. A full or read-only disk (the
+    up-front check passed, then scoring filled it) is one line, and leaves no new file behind."""
+    staged = {path: path.with_name(f".{path.name}.new-{os.getpid()}") for path in files or {}}
+    try:
+        for path, text in (files or {}).items():
+            write_text_atomic(staged[path], text)
         write_json_atomic(output, report)
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
     except OSError as e:  # the disk filled up or went read-only while scoring
         raise UserError(f"cannot write the report {output} ({e.strerror}); free space or choose another "
                         "--output") from None
+    finally:
+        for tmp in staged.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only disk refuses this too: the first error is the one to tell
+                pass
 
 
 def check_plots(plots: str | None):

@@ -14,13 +14,14 @@ RewardModel keeps thin methods (score, score_responses, reward_function, reward_
 """
 import math
 import numbers
+import sys
 from pathlib import Path
 
 import torch
 
 from support.tokenizer import pad_rows
 from support import packing
-from support.errors import UserError
+from support.errors import UserError, check_writable
 from support.fileio import write_json_atomic
 from support.hub import read_json
 
@@ -189,8 +190,9 @@ def reward_function(model, normalize: bool = False):
 def valid_stats(stats) -> bool:
     """Whether a saved "reward_stats" entry is usable: finite mean, std > 0 with (r - mean) / std finite for
     every float32 reward r (a std of 5e-324 is not), n a whole number."""
+    # abs(x) <= float max, not math.isfinite: a JSON integer such as 10**400 overflows a float (OverflowError)
     return (isinstance(stats, dict) and all(type(stats.get(k)) in (int, float) for k in ("mean", "std"))
-            and math.isfinite(stats["mean"]) and math.isfinite(stats["std"]) and stats["std"] > 0
+            and abs(stats["mean"]) <= sys.float_info.max and sys.float_info.max >= stats["std"] > 0
             and math.isfinite((abs(stats["mean"]) + FLOAT32_MAX) / stats["std"])  # (r - mean) / std of any reward
             and type(stats.get("n")) is int and stats["n"] >= 2)
 
@@ -230,17 +232,30 @@ def config_keys(stats: dict | None) -> dict:
     return {} if stats is None else {"mean": stats["mean"], "std": stats["std"]}
 
 
-def save_reward_stats(model_dir: Path, report: dict) -> dict:
-    """Write the statistics of an evaluation report's rewards into a saved model's config.json (replaced
-    atomically) and return them. A Hub download's config.json (a symlink into the cache) is refused."""
+def check_stats_writable(model_dir: Path):
+    """That save_reward_stats can write the model's config.json: a plain file (not a Hub cache link) in a
+    directory that takes a file (not read-only, not full); eval.py checks it before scoring."""
     path = Path(model_dir) / "config.json"
     if path.is_symlink() or not path.is_file():
         raise UserError(f"{path} is not a plain file (a Hub cache entry?); the reward statistics are written "
                         f"into the model's own directory: download it there first (huggingface-cli download "
                         f"REPO --local-dir DIR) and evaluate DIR")
+    check_writable(Path(model_dir), f"the reward statistics into {path}",
+                   "evaluate a copy of the model in a writable directory, or drop --save_reward_stats")
+
+
+def save_reward_stats(model_dir: Path, report: dict) -> dict:
+    """Write the statistics of an evaluation report's rewards into a saved model's config.json (replaced
+    atomically) and return them. A Hub download's config.json (a symlink into the cache) is refused."""
+    check_stats_writable(model_dir)
+    path = Path(model_dir) / "config.json"
     stats = stats_from_report(report)
     config = read_json(path, "a model directory must hold config.json")
     entry = config.get("reward_model") or {"head": "linear", "pooling": "last"}  # a transformers classifier
     config.update(reward_model={**entry, "reward_stats": stats}, **config_keys(stats))
-    write_json_atomic(path, config)
+    try:
+        write_json_atomic(path, config)
+    except OSError as e:  # the disk filled up or went read-only while scoring: config.json is as it was
+        raise UserError(f"cannot write the reward statistics into {path} ({e.strerror}); free space, or drop "
+                        "--save_reward_stats") from None
     return stats

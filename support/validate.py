@@ -8,12 +8,15 @@ in one line (UserError) with nothing written.
 - check_pairs_left: after loading, pairs left to train on and to evaluate on.
 - check_eval_args: eval.py's flags, checked before any loading; trained_settings: eval.py's CHECKPOINT is
   a reward model (a plain language model's head would be random), and what it was trained with.
+- check_paths: the paths given on a command line can exist (no name over NAME_MAX bytes: the OSError came
+  mid-run), and those the `tokenizers`/`safetensors` libraries write are valid UTF-8.
 
 The reward heads and poolings (rm.py) and the named model shapes (qwen3.SHAPES) are the lesson's; they are
 imported from there.
 """
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -24,9 +27,14 @@ from support import export, hub, lora, metrics
 from support import report as report_files
 from support.errors import UserError
 
+NAME_MAX, PATH_MAX = 255, 4096  # bytes in one file or directory name, in a whole path (Linux, macOS: 255, 1024)
+
 
 def validate(cfg) -> torch.device:
     """Refuse a configuration that cannot run, in one line; the device to train on."""
+    check_paths({"--output_dir": cfg.output_dir, "--model": cfg.model, "--dataset": cfg.dataset,
+                 "--eval_dataset": cfg.eval_dataset, "--resume": cfg.resume, "--chat_template": cfg.chat_template},
+                utf8={"--output_dir"})  # first: every check below looks at the disk
     # Comparisons are written so that NaN fails them too (NaN > 0 is False), and inf is refused.
     for name in ("batch_size", "gradient_accumulation_steps", "max_length", "eval_steps", "save_steps",
                  "logging_steps", "save_total_limit"):
@@ -180,9 +188,32 @@ def check_pairs_left(loaded, train_items: list, eval_items: list, plan, dataset:
                             "raise --max_length")
 
 
+def check_paths(flags: dict, utf8: set = frozenset()):
+    """{flag: a path, a list of them, or None}: each one a path that can exist, in one line naming the flag.
+    A name over NAME_MAX bytes ("File name too long") was an OSError traceback wherever the path was first
+    used (after training, for --output_dir); the flags in `utf8` are written by libraries that take UTF-8
+    paths only (tokenizers' save: a UnicodeEncodeError at the first checkpoint)."""
+    for flag, values in flags.items():
+        for value in [values] if isinstance(values, str) else values or []:
+            raw = os.fsencode(value)
+            longest = max(len(name) for name in raw.split(b"/"))
+            shown = value if len(value) <= 60 else value[:60] + "..."
+            if longest > NAME_MAX:
+                raise UserError(f"{flag} {shown}: a name in it is {longest:,} bytes, over the {NAME_MAX} a file "
+                                "system allows; choose a shorter path")
+            if len(raw) >= PATH_MAX:
+                raise UserError(f"{flag} {shown}: {len(raw):,} bytes, over the {PATH_MAX - 1} a path may have; "
+                                "choose a shorter path")
+            if flag in utf8 and raw.decode("utf-8", "replace").encode() != raw:
+                raise UserError(f"{flag} {value!r}: the path is not valid UTF-8 (a byte of another encoding in a "
+                                "name), which the tokenizer library cannot write to; choose a UTF-8 name")
+
+
 def check_eval_args(args):
     """eval.py's flags: everything that can be checked without work is checked before minutes of loading and
     scoring. Returns `args` with the device chosen."""
+    check_paths({"CHECKPOINT": args.checkpoint, "--dataset": args.dataset, "--output": args.output,
+                 "--plots": args.plots, "--chat_template": args.chat_template})
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max_length {args.max_length} is too small; use at least 2 (one token + eos)")
     if not (args.unsure_threshold >= 0 and math.isfinite(args.unsure_threshold)):

@@ -11,6 +11,7 @@ checked against the model before any data is read.
   compared every name and shape with the model.
 support/hub.py finds the directories; qwen3.py and support/export.py (the reward model) call these.
 """
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import fields
@@ -124,6 +125,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 def opened(file: Path):
     """safe_open, with a header or data that cannot be read (a truncated download, usually) as one line."""
     from safetensors import safe_open
+    if os.fsencode(file).decode("utf-8", "replace").encode() != os.fsencode(file):  # not corrupt: unopenable
+        raise UserError(f"{str(file)!r}: its path is not valid UTF-8 (a byte of another encoding in a name), which "
+                        "the safetensors library cannot open; rename the directory to a UTF-8 name")
     try:
         with safe_open(file, framework="pt") as f:
             yield f

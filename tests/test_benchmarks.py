@@ -5,6 +5,7 @@ Planted rewards: each response text is "r=<reward>", and RewardModel.score_respo
 reads the reward back, so every score below follows from numbers written in the test."""
 import dataclasses
 import json
+import os
 import pathlib
 
 import pyarrow as pa
@@ -432,3 +433,53 @@ def test_what_a_benchmark_file_can_make_eval_keep_is_bounded(tmp_path):
         tracemalloc.stop()
     assert len(examples) == n and examples[0].chosen == [big[-cap + 1:] + "b"]
     assert kept < 2 << 20 and peak < 32 << 20, (kept, peak)  # whole: 96 MiB kept
+
+
+def test_an_existing_report_has_one_size_limit_checked_before_scoring(model_dir, tmp_path, monkeypatch):
+    """An existing 20 MiB evaluation_report.json was accepted at the start (64 MiB), then refused after scoring
+    by a 16 MiB config limit, advising to "re-download the checkpoint": now one limit (report.MAX_REPORT_BYTES),
+    the 20 MiB report gains its benchmark entry, and one over the limit is refused before anything is scored."""
+    from support import report as report_files
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+    path = tmp_path / "rb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rewardbench_rows()))
+    existing = tmp_path / "out" / "evaluation_report.json"
+    existing.parent.mkdir()
+    padding = "x" * (20 << 20)
+    existing.write_text(json.dumps({"accuracy": 0.5, "counts": {}, "per_source": {}, "notes": padding}))
+    report = run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", path)
+    assert report["notes"] == padding and report["benchmark"]["examples"] == 48
+    assert json.loads(existing.read_text())["benchmark"] == report["benchmark"]
+    with existing.open("a") as f:  # still JSON-shaped or not, it is refused by its size alone, first
+        f.truncate(report_files.MAX_REPORT_BYTES + 1)
+    monkeypatch.setattr(RewardModel, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(UserError, match=r"evaluation_report.json exists and is 64 MiB, over the 64 MiB an evaluation "
+                                        r"report may have; delete it or choose another --output$"):
+        run(model_dir, tmp_path, "--benchmark", "rewardbench", "--dataset", path)
+
+
+def test_a_disk_that_fills_while_scoring_is_one_line_and_writes_nothing(model_dir, tmp_path, monkeypatch):
+    """--benchmark on a nearly full output disk: the up-front check passes (a 2-byte probe), then
+    benchmark_rewards.jsonl does not fit. It was an ENOSPC traceback; now one line, and neither the rewards
+    nor the report is left behind, whole or half. A real full tmpfs (opt-in: conftest.small_tmpfs)."""
+    import errno
+    from conftest import small_tmpfs
+    monkeypatch.setattr(RewardModel, "score_responses", planted)
+    rows = [{**row, "id": f"{i}-{row['id']}"} for i in range(15) for row in rewardbench_rows()]  # 720: ~50 KB
+    path = tmp_path / "rb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with small_tmpfs(tmp_path / "small", "256k") as mnt:
+        (mnt / "slack").write_bytes(b"s" * (24 << 10))
+        with open(mnt / "fill", "wb", buffering=0) as f:
+            with pytest.raises(OSError) as full:
+                while True:
+                    f.write(b"f" * 4096)
+            assert full.value.errno == errno.ENOSPC
+        (mnt / "slack").unlink()  # ~24 KB left: the probe and the report fit, the rewards do not
+        out = mnt / "out"
+        out.mkdir()
+        with pytest.raises(UserError, match=r"^cannot write the report .*evaluation_report.json \(No space left on "
+                                            r"device\); free space or choose another --output$"):
+            eval_cli.main([str(model_dir), "--output", str(out / "evaluation_report.json"), "--no_progress",
+                           "--device", "cpu", "--benchmark", "rewardbench", "--dataset", str(path)])
+        assert os.listdir(out) == []

@@ -48,6 +48,7 @@ RUNNER = ("import runpy, sys; sys.argv.pop(0); blocked = sys.argv.pop(1).split('
           "sys.modules.update({m: None for m in blocked}); runpy.run_path(sys.argv[0], run_name='__main__')")
 TINY = ["--max_train_samples", "8", "--max_eval_samples", "8", "--max_steps", "1", "--no_progress"]
 DEMO = ["--config", "demo", *TINY]
+LONG = "x" * 300  # a file name over the 255 bytes file systems allow
 ON_MODEL = ["--dataset", "demo", "--device", "cpu", *TINY]   # with --model DIR (not from scratch)
 
 
@@ -175,6 +176,9 @@ def fx(tmp_path_factory):
                        "bool_tensor": edit_tensors(lambda s: s.update({"reward_head.fc2.weight": s["reward_head.fc2.weight"] > 0})),
                        }.items():
         f[name] = variant(good, root / name, edit)
+    f["stats_overflow"] = variant(good, root / "stats_overflow",  # 10**400: an OverflowError as a float
+                                  edit_reward_model(reward_stats={"mean": 10**400, "std": 1.0, "n": 10}))
+    f["not_utf8"] = variant(good, root / os.fsdecode(b"model-\xff"), lambda d: None)  # a Latin-1 name, say
     f["no_tokenizer"] = variant(good, root / "no_tokenizer", lambda d: (d / "tokenizer.json").unlink())
     f["corrupt_tokenizer"] = variant(good, root / "corrupt_tokenizer",
                                      lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": '))
@@ -433,6 +437,23 @@ INPROCESS_CASES = [
       "re-download or re-save it"]),
     ("eval: config.json num_key_value_heads 0", "eval", lambda fx, o: [str(fx["kv_heads_0"]), "--dataset", "demo"],
      ["num_key_value_heads must be a whole number from 1 to 1,024 (got 0)"]),
+    # issue 30 §6: each was a traceback
+    ("eval: reward_stats mean 10**400", "eval", lambda fx, o: [str(fx["stats_overflow"]), "--dataset", "demo"],
+     ["its \"reward_model\" entry has reward_stats", "which must be {\"mean\", \"std\" > 0, \"n\"}",
+      "correct it in config.json"]),
+    ("eval: a model directory whose name is not UTF-8", "eval", lambda fx, o: [str(fx["not_utf8"]), "--dataset", "demo"],
+     ["model-\\udcff/model.safetensors': its path is not valid UTF-8", "rename the directory to a UTF-8 name"]),
+    ("--output_dir not UTF-8", "train", lambda fx, o: [*DEMO, "--output_dir", os.fsdecode(bytes(o) + b"-\xff")],
+     ["--output_dir", "the path is not valid UTF-8", "choose a UTF-8 name"]),
+    *[(f"a name over 255 bytes: {flag}", script, lambda fx, o, flag=flag, before=before: [*before(fx), flag,
+                                                                                         str(fx["root"] / LONG)],
+       [flag, "a name in it is 300 bytes, over the 255 a file system allows", "choose a shorter path"])
+      for flag, script, before in [("--output_dir", "train", lambda fx: DEMO), ("--dataset", "train", lambda fx: DEMO),
+                                   ("--model", "train", lambda fx: ON_MODEL), ("--resume", "train", lambda fx: DEMO),
+                                   ("--output", "eval", lambda fx: [str(fx["good_model"]), "--dataset", "demo"]),
+                                   ("--plots", "eval", lambda fx: [str(fx["good_model"]), "--dataset", "demo"])]],
+    ("a name over 255 bytes: eval.py CHECKPOINT", "eval", lambda fx, o: [str(fx["root"] / LONG), "--dataset", "demo"],
+     ["CHECKPOINT", "a name in it is 300 bytes, over the 255 a file system allows", "choose a shorter path"]),
 ]
 # Further variants that run in-process too: every interpreter start costs ~3 s of CPU, and what these add is
 # the message, not the process (the Hub *model* case stays a subprocess: huggingface_hub reads
@@ -959,6 +980,54 @@ def test_really_full_disk(tmp_path):
                                    "--output_dir", out))
         ckpts = checkpoint_dirs(out)
         assert len(ckpts) >= 1 and check_loadable(ckpts[-1]) == len(ckpts) and hidden(out) == []
+
+
+def test_reward_stats_too_large_for_a_float_is_one_line_in_the_api_and_the_server(fx):
+    """reward_stats {"mean": 10**400} (a JSON integer no float holds) was an OverflowError traceback in
+    from_pretrained and tools.serve, as in eval.py (the table above): the entry's check now compares, never
+    converts."""
+    from tools import serve
+    message = r"its \"reward_model\" entry has reward_stats .*correct it in config.json"
+    with pytest.raises(UserError, match=message):
+        RewardModel.from_pretrained(str(fx["stats_overflow"]))
+    with pytest.raises(UserError, match=message):
+        serve.main([str(fx["stats_overflow"]), "--port", "0", "--device", "cpu"])
+    with pytest.raises(UserError, match=r"^CHECKPOINT .*: a name in it is 300 bytes, over the 255"):
+        serve.main([str(fx["root"] / LONG), "--port", "0"])
+
+
+def test_a_failed_atomic_write_tells_its_own_error_not_the_cleanups(tmp_path, monkeypatch):
+    """On a read-only disk the temporary file's cleanup fails too (EROFS, even for a file that was never
+    made); it raised a second OSError that hid the first."""
+    from pathlib import Path as P
+    from support import fileio
+
+    def refused(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(P, "unlink", refused)
+    monkeypatch.setattr(fileio, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")),
+                        raising=False)
+    with pytest.raises(OSError) as error:
+        fileio.write_text_atomic(tmp_path / "x.json", "{}")
+    assert error.value.errno == errno.ENOSPC
+
+
+def test_save_reward_stats_on_a_read_only_model_directory_is_refused_before_scoring(fx, tmp_path, capsys):
+    """eval.py --save_reward_stats on a read-only model directory: checked first (it was a traceback after
+    scoring); one line, nothing written. A real read-only mount (opt-in, conftest.small_tmpfs)."""
+    import eval as eval_cli
+    from support.errors import run_cli
+    with small_tmpfs(tmp_path / "ro", "4m") as mnt:
+        shutil.copytree(fx["good_model"], mnt / "model")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        report = tmp_path / "report.json"
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(eval_cli.main, [str(mnt / "model"), "--dataset", "demo", "--max_samples", "4", "--save_reward_stats",
+                                    "--output", str(report), "--device", "cpu", "--no_progress"])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.count("\n") == 0 and not report.exists(), err
+        assert err.startswith(f"error: cannot write the reward statistics into {mnt}/model/config.json (Read-only "
+                              "file system); evaluate a copy of the model in a writable directory"), err
 
 
 def test_corrupt_and_too_long_rows_are_skipped_counted_and_training_goes_on(tmp_path, capsys):

@@ -765,6 +765,8 @@ def parse_args(argv=None):
         raise UserError(f"--request_timeout {args.request_timeout} must be above 0 and at most 3600 seconds")
     if not (0 < args.max_body_mb <= 4096):
         raise UserError(f"--max_body_mb {args.max_body_mb} must be above 0 and at most 4096")
+    from support.validate import check_paths
+    check_paths({"CHECKPOINT": args.checkpoint, "--chat_template": args.chat_template})  # before any disk access
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise UserError(f"--chat_template {args.chat_template}: no such file; give a .jinja file")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -355,3 +355,21 @@ def test_train_and_eval_save_the_held_out_reward_stats(tmp_path):
     saved = RewardModel.from_pretrained(str(tmp_path / "run" / "final_model")).reward_stats
     assert saved == again["reward_stats"] == scoring.stats_from_report(again) and saved["n"] == 16
     assert saved != stats
+
+
+def test_a_disk_that_fills_before_the_stats_are_saved_is_one_line(tmp_path, bpe_tok, monkeypatch):
+    """The up-front check passed, then the model's disk filled while scoring: save_reward_stats says so in one
+    line (it was an OSError traceback) and config.json is as it was."""
+    import errno
+    from eval import report_from_rewards
+    tiny_rm(bpe_tok, "linear", "last").save_pretrained(tmp_path / "rm")
+    before = (tmp_path / "rm" / "config.json").read_bytes()
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(scoring, "write_json_atomic", full)
+    report = report_from_rewards([1.0, 2.0], [0.0, 1.0], [1] * 2, [1] * 2)
+    with pytest.raises(UserError, match=r"^cannot write the reward statistics into .*config.json \(No space left on "
+                                        r"device\); free space, or drop --save_reward_stats$"):
+        scoring.save_reward_stats(tmp_path / "rm", report)
+    assert (tmp_path / "rm" / "config.json").read_bytes() == before

@@ -27,6 +27,7 @@ PARQUET_BATCH_ROWS = 64       # parquet rows decoded at a time, at most
 MAX_PAGE_BYTES = 24 << 20     # a parquet page this large holds a row over MAX_ROW_BYTES (pages are ~1 MiB)
 MAX_HEADER_VALUES = 4096      # Thrift values in one page header (a real one holds a few dozen)
 MAX_BATCH_BYTES = 256 << 20   # parquet rows decoded at once: fewer than 64 when the pages are large
+MAX_PYTHON_BYTES = 16 << 20   # of which made Python objects at once (a row at a time when rows are large)
 MAX_ROW_BYTES = 16 << 20      # a jsonl line / parquet row's text: 3 texts of over 1M tokens each, even escaped
 MAX_JSON_LIST_BYTES = 64 << 20  # a JSON list is parsed whole: ~5x its size in Python objects
 # Ranked layouts (support/ranked.py), recognised by their columns: UltraFeedback, Nectar, plain ranked rows
@@ -111,12 +112,16 @@ def parquet_rows(pf, f, columns: list[str]) -> Iterator[dict | Skip]:
             continue
         rows = max(1, min(PARQUET_BATCH_ROWS, MAX_BATCH_BYTES // max(1, sum(largest))))
         for batch in pf.iter_batches(batch_size=rows, row_groups=[i], columns=columns, use_threads=False):
-            fits = row_bytes(batch) <= MAX_ROW_BYTES  # measured in Arrow: a huge cell never becomes a str
+            sizes = row_bytes(batch)  # measured in Arrow: a huge cell never becomes a str
+            fits = sizes <= MAX_ROW_BYTES
             yield from [Skip("row too large")] * int((~fits).sum())
             batch = batch.filter(pa.array(fits)) if not fits.all() else batch
-            values = [batch.column(c).to_pylist() for c in columns]
-            for row in zip(*values):
-                yield dict(zip(columns, row))
+            # as Python objects, MAX_PYTHON_BYTES of text at a time (one row of 15 MiB: one row), so that the
+            # reader, which cuts each row as it comes (data.cut_texts), never holds a batch's worth of str too
+            step = max(1, MAX_PYTHON_BYTES // max(1, int(sizes[fits].max(initial=0))))
+            for start in range(0, batch.num_rows, step):
+                part = batch.slice(start, step)
+                yield from (dict(zip(columns, row)) for row in zip(*(part.column(c).to_pylist() for c in columns)))
 
 
 class HeaderTooLarge(ValueError):

@@ -946,8 +946,8 @@ def test_texts_cut_as_they_are_read_give_the_same_ids_rewards_and_held_out_share
 def test_what_a_file_can_make_readers_keep_is_bounded_by_what_max_length_can_use(tmp_path, kind, monkeypatch):
     """32 rows whose prompt is the same 1 MiB text, in a 1 KB dictionary-encoded parquet or a 100 KB
     jsonl.gz (200 such rows of 15 MiB took --benchmark to 3.6 GB, eval.py to 1.09 GB, a 614 KB .jsonl.gz to
-    990 MB). Each text is cut as it is read, so what stays is rows x char_cap, not rows x 1 MiB, and the
-    peak is a decoded batch's worth (Python allocations, tracemalloc)."""
+    990 MB). Each text is cut as it is read, so what stays is rows x char_cap, not rows x 1 MiB, and a decoded
+    batch becomes Python objects MAX_PYTHON_BYTES at a time (Python allocations, tracemalloc)."""
     import tracemalloc
     n, big, cap = 32, "a" * (1 << 20), 1000
     path = tmp_path / f"rows.{kind}"
@@ -959,7 +959,7 @@ def test_what_a_file_can_make_readers_keep_is_bounded_by_what_max_length_can_use
         line = gzip.compress((json.dumps({"prompt": big, "chosen": " yes", "rejected": " no"}) + "\n").encode())
         path.write_bytes(line * n)  # gzip members one after another: one stream of n lines
     assert os.path.getsize(path) < 200 << 10
-    monkeypatch.setattr(readers, "MAX_BATCH_BYTES", 4 << 20)  # 4 rows of 1 MiB decoded at a time
+    monkeypatch.setattr(readers, "MAX_PYTHON_BYTES", 4 << 20)  # 4 rows of 1 MiB made str at a time (of 32 decoded)
     tracemalloc.start()
     try:
         pairs = data.load_pairs(str(path), char_cap=cap)

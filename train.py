@@ -352,7 +352,7 @@ class TrainConfig:
     report_to: str = option("none", "also log each record to: tensorboard (event files in OUTPUT_DIR/tensorboard), "
                                     "wandb, both comma-separated, or none", metavar="none|tensorboard|wandb")
     wandb_project: str = option("qwen3-rm", "W&B project name")
-    progress: bool = option(True, "show a progress bar (the flag is --no_progress: no bar)")
+    progress: bool = option(True, "the progress bar")  # the flag is --no_progress (support/cli.py)
 
 
 # Named configurations: --config NAME starts from these values, and any flag given overrides them.

@@ -9,9 +9,9 @@
   default does not fit, flags/aliases, choices, metavar, nargs, const).
 - add_fields(parser, cls): one argument per field, in field order. The type comes from the annotation
   (`int | None` -> int, `list` -> one or more values); a bool is a switch (`--NAME` when it defaults to
-  False, `--no_NAME` when it defaults to True). No flag has a default: a flag not given stays out of the
-  parsed arguments, so a named configuration (train.py --config NAME) supplies the value, and any flag given
-  overrides it.
+  False, `--no_NAME` when it defaults to True, its help then "turn off" + the field's). No flag has a
+  default: a flag not given stays out of the parsed arguments, so a named configuration (train.py --config
+  NAME) supplies the value, and any flag given overrides it.
 - positive_int: an argparse type for counts.
 - parse_train_command_line: train.py's flags -> a CommandLine (the TrainConfig to run, and --eval_only);
   eval_only_args: `train.py --eval_only` as eval.py's command line.
@@ -54,6 +54,8 @@ def add_fields(parser: argparse.ArgumentParser, cls):
         if kind is bool:
             flags = settings.pop("flags", None) or [f"--{f.name}" if not f.default else f"--no_{f.name}"]
             settings.setdefault("action", "store_false" if f.default else "store_true")
+            if f.default:  # the help says what the field is on; the --no_ flag turns it off
+                settings["help"] = f"turn off {settings['help']}"
         else:
             flags = settings.pop("flags", None) or [f"--{f.name}"]
             if kind is list:

@@ -6,9 +6,9 @@
 
 One optimizer step: take the next global batch of preference pairs (length-grouped, deterministic for the
 seed; under torchrun each process takes its slice); for each micro-batch, chosen + rejected in ONE forward
-pass -> rewards -> pairwise loss -> backward; clip the gradient norm, step AdamW and the LR schedule
-(linear warmup, cosine decay to 0). A checkpoint holds everything needed to continue exactly, so a
-resumed run ends with the same weights as an uninterrupted one (bitwise on CPU).
+pass -> rewards -> pairwise loss (or, for ranked groups, --loss listwise/all_pairs) -> backward; clip the
+gradient norm, step AdamW and the LR schedule (linear warmup, cosine decay to 0). A checkpoint holds
+everything needed to continue exactly: a resumed run ends with an uninterrupted one's weights (bitwise on CPU).
 
 The flags to know first (TrainConfig, after the loop, has all of them): --config, --model, --dataset,
 --max_length, --batch_size, --gradient_accumulation_steps, --learning_rate, --num_epochs or --max_steps,
@@ -16,8 +16,8 @@ The flags to know first (TrainConfig, after the loop, has all of them): --config
 
 Output directory: final_model/, best_model_step_N/, checkpoint_step_N/ (the newest --save_total_limit),
 evaluation_report.json, train_config.json, log.jsonl. The machinery lives in support/: run (the output
-directory, resume, checkpoints, W&B), validate, heldout (which pairs are held out), metrics, cli (the flags,
-from TrainConfig's fields), distributed (torchrun, DDP/FSDP2).
+directory, resume, checkpoints), validate, heldout (which pairs are held out), metrics (logging, W&B,
+TensorBoard), cli (the flags, from TrainConfig's fields), distributed (torchrun, DDP/FSDP2).
 """
 import dataclasses
 import math

@@ -703,7 +703,9 @@ def check_same_data(saved: dict | None, now: dict):
         return
     changed = [f"{f} ({file_change(saved['files'].get(f), now['files'].get(f))})"
                for f in sorted({**saved["files"], **now["files"]}) if saved["files"].get(f) != now["files"].get(f)]
-    if saved["train_pairs"] != now["train_pairs"] or saved["train_digest"] != now["train_digest"]:
+    # A digest without a version prefix is an older train.py's, of another kind: only the count compares.
+    older = ":" not in saved["train_digest"]
+    if saved["train_pairs"] != now["train_pairs"] or not older and saved["train_digest"] != now["train_digest"]:
         content = ", other content" if saved["train_pairs"] == now["train_pairs"] else ""
         files = f"; changed: {', '.join(changed)}" if changed else ""
         raise UserError(f"--resume: the training data changed since the run started ({saved['train_pairs']} -> "

@@ -164,8 +164,14 @@ def what_was_read(plan: Plan, dataset: list, loaded: Loaded, train_digest: str) 
     files = readers.file_fingerprints(dataset, "train")
     if plan.split != "none":
         files.update(readers.file_fingerprints(plan.sources, plan.split))
-    return {"train_pairs": len(loaded.train), "removed": loaded.removed, "train_digest": train_digest,
-            "files": files}
+    return {"train_pairs": len(loaded.train), "removed": loaded.removed,
+            "train_digest": DIGEST_VERSION + train_digest, "files": files}
+
+
+# The digest of the training data is made of each pair's whole-text hash since the texts are cut as they are
+# read; checkpoints of older runs hold a digest of another kind (no version prefix): their count is checked.
+DIGEST_VERSION = "v2:"
+
 
 def load_for_evaluation(plan: Plan, trained: dict, max_samples: int | None, chat_format=None,
                         char_cap: int | None = None):

@@ -440,12 +440,16 @@ def test_hand_edited_checkpoint_is_one_line_and_the_run_directory_untouched(done
 
 def test_a_checkpoint_written_before_checkpoints_recorded_their_step_still_resumes(done, tmp_path, capsys):
     """Checkpoints written before the step was recorded in each part (no "step" in optimizer.json, no
-    checkpoint_step in the model's config) resume as before, bitwise; only a mix of the two is refused."""
+    checkpoint_step in the model's config, a data digest of the older kind) resume as before, bitwise; only a
+    mix of the two is refused."""
     out, ckpt = copy_run(done, tmp_path)
     edit_optimizer_state(ckpt, lambda tree, tensors: tree.pop("step"))
     config = json.loads((ckpt / "model/config.json").read_text())
     del config["reward_model"]["checkpoint_step"]
     (ckpt / "model/config.json").write_text(json.dumps(config))
+    state = json.loads((ckpt / "trainer_state.json").read_text())  # an older train.py's data digest: another kind
+    state["data"]["train_digest"] = state["data"]["train_digest"].split(":")[-1][::-1]  # (no version prefix)
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
     mixed = tmp_path / "mixed"
     shutil.copytree(out, mixed)  # the model records no step, optimizer.json (put back below) records step 1
     edit_optimizer_state(mixed / "checkpoint_step_1", lambda tree, tensors: tree.update(step=1))

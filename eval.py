@@ -187,7 +187,7 @@ def model_device(model) -> torch.device:
 
 @torch.no_grad()
 def score_pairs(model, items, batch_size: int = 16, bf16: bool = False, progress: bool = True,
-                share_prompt: bool = False, rewards_file=None):
+                share_prompt: bool = False):
     """Rewards of tokenised pairs: (chosen, rejected) numpy float64 arrays, in the order of `items`.
 
     Batches are formed by length (longest first: an out-of-memory batch size fails at once, not at the

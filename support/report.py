@@ -39,6 +39,8 @@ def data_counts(counts: dict) -> str:
         parts.append(f"{counts['skipped_total']:,} skipped ({reasons})")
     if counts.get("dropped_too_long"):
         parts.append(f"{counts['dropped_too_long']:,} dropped as too long")
+    if counts.get("dropped_responses"):  # ranked groups: a response that alone did not fit
+        parts.append(f"{plural(counts['dropped_responses'], 'response')} dropped as too long")
     if counts.get("truncated_prompt"):
         parts.append(f"{plural(counts['truncated_prompt'], 'prompt')} cut from the left")
     if len(counts.get("sources", {})) > 1:
@@ -210,4 +212,9 @@ def summary(report: dict) -> str:
               f"  on the {ln['num_different_length']} pairs of different length: "
               f"model {fmt(ln['model_accuracy_on_different_length'])}, "
               f"\"longer is better\" rule {fmt(ln['longer_is_better_accuracy'])}"]
+    if (r := report.get("ranking")) is not None:  # ranked groups (support/ranked.py): accuracy is over their pairs
+        low, high = r["pairwise_accuracy_ci95"]
+        lines.append(f"ranking: {plural(r['groups'], 'group')}, {plural(r['pairs'], 'ordered pair')}: pairwise "
+                     f"accuracy {fmt(r['pairwise_accuracy'])} [{fmt(low)}, {fmt(high)}], top-1 "
+                     f"{fmt(r['top1_accuracy'])}, Kendall tau-b {fmt(r['kendall_tau'])}")
     return "\n".join(lines)

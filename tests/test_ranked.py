@@ -308,7 +308,7 @@ def test_options_that_do_not_apply_are_refused_in_one_line(tmp_path, flags, mess
         train(run_cfg(tmp_path, "x", dataset=["demo_ranked"], **flags))
 
 
-def test_eval_ranking_entry_matches_a_hand_computation_from_score(tmp_path, demo_tok):
+def test_eval_ranking_entry_matches_a_hand_computation_from_score(tmp_path, demo_tok, capsys):
     import eval as eval_cli
     model = tiny_rm(demo_tok, pooling="last", seed=3)
     model.save_pretrained(tmp_path / "model")
@@ -318,6 +318,7 @@ def test_eval_ranking_entry_matches_a_hand_computation_from_score(tmp_path, demo
     (tmp_path / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = eval_cli.main([str(tmp_path / "model"), "--dataset", str(tmp_path / "ranked.jsonl"), "--split", "train",
                             "--max_length", "128", "--no_progress", "--output", str(tmp_path / "out") + "/"])
+    assert "ranking: 6 groups, " in capsys.readouterr().out  # the table's ranking line
     rewards = [model.score([r["prompt"] + x for x in r["responses"]]) for r in rows]
     levels = [r["scores"] if "scores" in r else [-v for v in r["ranks"]] for r in rows]
     pairs = [(r[i] > r[j]) for r, v in zip(rewards, levels) for i in range(len(v)) for j in range(len(v)) if v[i] > v[j]]

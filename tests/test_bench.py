@@ -75,3 +75,12 @@ def test_a_count_of_zero_is_refused_not_taken_for_the_default(capsys):
         bench.main(SMALL + ["--warmup", "-1"])
     bench.main(SMALL + ["--warmup", "0"])
     assert "ours " in capsys.readouterr().out
+
+
+def test_bench_ranked_counts_a_groups_tokens_once_per_prompt(capsys):
+    results = bench.main(["--config", "tiny", "--device", "cpu", "--ranked", "4", "--pairs", "2", "--max_length", "64",
+                          "--lengths", "realistic", "--warmup", "0", "--steps", "1", "--batches", "1"])
+    group, few, every = (results[k]["tokens_per_group"] for k in ("group, prompt once", "3 pairs (best vs each)",
+                                                                   "6 pairs (all)"))
+    assert group < few < every and every > 3 * group  # the prompt once, each response once
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3

@@ -112,15 +112,15 @@ def load(plan: Plan, dataset: list, max_train_samples: int | None, max_eval_samp
     dedup drops repeated and contradicting pairs (groups) of those read (audit.dedup; before the held-out
     share is taken), decontaminate (benchmark files) the training pairs sharing a 13-gram with their
     prompts; what each removed is in Loaded.removed. char_cap: each pair's texts are cut as they are read to
-    what the max_length they are tokenised at can use (data.cut_texts: the same token ids, a bounded memory);
-    not with groups, dedup or decontaminate, which compare the whole texts."""
+    what the max_length they are tokenised at can use (data.cut_texts, ranked.cut_group: the same token ids,
+    a bounded memory); not with dedup or decontaminate, which compare the whole texts."""
     train_stats, held_stats = data.DataStats(), data.DataStats()
     load_rows, split_held_out = (ranked.load_groups, ranked.split_held_out) if groups else \
         (data.load_pairs, data.split_held_out)
     removed = {}
     benchmarks = audit.load_benchmarks(decontaminate) if decontaminate else None  # checked before any reading
 
-    cut = {} if groups or dedup or decontaminate else {"char_cap": char_cap}
+    cut = {} if dedup or decontaminate else {"char_cap": char_cap}
 
     def read(sources, split, max_samples, stats, training=False):  # conversational rows: rendered with chat_format
         rows = load_rows(sources, split, max_samples, stats, chat_format=chat_format, **cut)

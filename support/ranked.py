@@ -51,6 +51,7 @@ class Group:
     source: str = ""
     eos: bool = True      # as data.Pair.eos: False for chat-template renderings
     margin: float | None = None  # only a pair row's, for --loss pairwise
+    key_hash: bytes | None = None  # group_hash of the whole texts, kept once they are cut as read (cut_group)
 
 
 def is_ranked_row(row: dict) -> bool:
@@ -167,21 +168,32 @@ def is_ranked(sources: list, split: str = "train") -> bool:
     return False
 
 
-def iter_groups(source: str, split: str, stats: data.DataStats, chat_format=None):
+def iter_groups(source: str, split: str, stats: data.DataStats, chat_format=None, char_cap: int | None = None):
     names, fetch, read = demo_or_files(source, split)
     for name in names:
         for row in read(fetch(name)):
             result = row if isinstance(row, readers.Skip) else make_group(row, source, chat_format)
             stats.count(result)
             if isinstance(result, Group):
-                yield result
+                yield cut_group(result, char_cap) if char_cap else result
+
+
+def cut_group(group: Group, cap: int) -> Group:
+    """data.cut_texts for a group: as it is read, the prompt keeps its last `cap` characters and a response
+    over `cap` (dropped when tokenised) its first cap + 1, so memory is bounded by what max_length can use and
+    tokenize_groups makes the same ids; the held-out split, binarising and the digest hash the whole texts."""
+    if max(len(group.prompt), *map(len, group.responses)) <= cap:
+        return group
+    return replace(group, prompt=group.prompt[-cap:], responses=[r[:cap + 1] for r in group.responses],
+                   key_hash=group_hash(group))
 
 
 def load_groups(sources: list, split: str = "train", max_samples: int | None = None,
-                stats: data.DataStats | None = None, chat_format=None) -> list[Group]:
-    """Groups of one or several sources, round-robin as data.load_pairs; max_samples counts groups."""
+                stats: data.DataStats | None = None, chat_format=None, char_cap: int | None = None) -> list[Group]:
+    """Groups of one or several sources, round-robin as data.load_pairs; max_samples counts groups; char_cap
+    cuts each group's texts as they are read (cut_group)."""
     stats = stats if stats is not None else data.DataStats()
-    active, groups = [iter_groups(s, split, stats, chat_format) for s in sources], []
+    active, groups = [iter_groups(s, split, stats, chat_format, char_cap) for s in sources], []
     while active and (max_samples is None or len(groups) < max_samples):
         for it in list(active):
             if (group := next(it, None)) is None:
@@ -199,19 +211,22 @@ def group_key(group: Group) -> bytes:
     return "\0".join((group.prompt, *map(str, group.responses))).encode("utf-8", "surrogatepass")
 
 
+def group_hash(group: Group) -> bytes:
+    """8 bytes of hash of the group's whole texts, also once they were cut as read (kept in key_hash)."""
+    return group.key_hash or hashlib.blake2b(group_key(group), digest_size=8).digest()
+
+
 def split_held_out(groups: list[Group], fraction: float) -> tuple[list[Group], list[Group]]:
     """(training groups, held-out groups) by the hash of each group's content, as data.is_held_out: whole
     groups, never part of one."""
-    held = [int.from_bytes(hashlib.blake2b(group_key(g), digest_size=8).digest(), "big") / 2**64 < fraction
-            for g in groups]
+    held = [int.from_bytes(group_hash(g), "big") / 2**64 < fraction for g in groups]
     return [g for g, h in zip(groups, held) if not h], [g for g, h in zip(groups, held) if h]
 
 
 def groups_digest(groups: list[Group]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for group in groups:
-        key = group_key(group) + repr(group.levels).encode()
-        h.update(len(key).to_bytes(8, "big") + key)
+    for group in groups:  # the whole texts' hash, whether they were cut as read or not
+        h.update(group_hash(group) + repr(group.levels).encode() + b"\0")
     return h.hexdigest()
 
 
@@ -226,7 +241,7 @@ def binarise(groups: list[Group], rule: str, seed: int) -> list[data.Pair]:
             pairs += [data.Pair(g.prompt, g.responses[i], g.responses[j], g.margin, g.source, g.eos)
                       for i in range(len(g.levels)) for j in range(len(g.levels)) if g.levels[i] > g.levels[j]]
             continue
-        rng = random.Random(f"{seed}/" + hashlib.blake2b(group_key(g), digest_size=8).hexdigest())
+        rng = random.Random(f"{seed}/" + group_hash(g).hex())
         top, bottom = max(g.levels), min(g.levels)
         best = rng.choice([i for i, v in enumerate(g.levels) if v == top])
         worse = [i for i, v in enumerate(g.levels) if (v == bottom if rule == "best_vs_worst" else v < top)]

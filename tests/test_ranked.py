@@ -341,3 +341,36 @@ def test_eval_ranking_entry_matches_a_hand_computation_from_score(tmp_path, demo
     for line in lines:  # the rewards in the row's order, equal to score() of each whole text (1e-5)
         want = rewards[[[float(v) for v in lv] for lv in levels].index(line["levels"])]
         assert max(abs(a - b) for a, b in zip(line["rewards"], want)) < 1e-5
+
+
+def test_groups_cut_as_they_are_read_give_the_same_ids_split_pairs_and_digest(tmp_path, demo_tok):
+    """A ranked file's texts are cut as they are read (ranked.cut_group, as pairs' data.cut_texts; issue 30 §5): what
+    is kept is bounded by what max_length can use, and the token ids, the held-out split, the binarised pairs and
+    the data digest are those of the whole texts."""
+    from support.demo import demo_ranked_rows
+    max_length = 64
+    cap = demo_tok.char_cap(max_length)
+    rows = list(itertools.islice(demo_ranked_rows("train"), 40))
+    for i, row in enumerate(rows):  # long prompts (cut from the left), and responses that cannot fit (dropped)
+        if i % 3 == 0:
+            row["prompt"] = row["prompt"] * (3 * cap // len(row["prompt"]) + 1)
+        if i % 4 == 1:
+            row["responses"][i % len(row["responses"])] *= 3 * cap // len(row["responses"][0]) + 1
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    whole = ranked.load_groups([str(path)], "train", stats=data.DataStats())
+    cut = ranked.load_groups([str(path)], "train", stats=data.DataStats(), char_cap=cap)
+    assert max(len(t) for g in cut for t in (g.prompt, *g.responses)) <= cap + 1 < 3 * cap
+    assert max(len(t) for g in whole for t in (g.prompt, *g.responses)) > 3 * cap
+    assert sum(g.key_hash is not None for g in cut) >= 10
+    stats = [data.DataStats(), data.DataStats()]
+    assert ranked.tokenize_groups(cut, demo_tok, max_length, stats[0]) == \
+        ranked.tokenize_groups(whole, demo_tok, max_length, stats[1])
+    assert stats[0].report() == stats[1].report() and stats[0].dropped_responses > 0
+    assert [ranked.group_hash(g) for g in ranked.split_held_out(cut, 0.5)[1]] == \
+        [ranked.group_hash(g) for g in ranked.split_held_out(whole, 0.5)[1]]
+    assert ranked.groups_digest(cut) == ranked.groups_digest(whole)
+    for rule in ranked.PAIRS_FROM_RANKED:
+        pairs = [data.tokenize_pairs(ranked.binarise(groups, rule, seed=7), demo_tok, max_length)
+                 for groups in (cut, whole)]
+        assert pairs[0] == pairs[1] and pairs[0], rule

@@ -20,7 +20,7 @@
 - The shapes (Qwen3Config, SHAPES) and config.json in and out come last, after the model.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -288,7 +288,7 @@ class Qwen3Config:
     def from_name(cls, name: str) -> "Qwen3Config":
         if name not in SHAPES:
             raise UserError(f"unknown model config {name!r}; choose one of {sorted(SHAPES)}")
-        return SHAPES[name]
+        return replace(SHAPES[name])  # a copy: changing it must not change SHAPES
 
 
 # Named shapes: the released models' architectures, available without any download (from their

@@ -140,7 +140,7 @@ class RewardModel(nn.Module):
         self.provenance = {}            # how it was trained, and reward statistics: saved in config.json
 
     def init_head(self, seed: int = 0):
-        """Small random init of the output layer, so initial rewards are near 0 (about +-0.02)."""
+        """Small random init of the output layer, so initial rewards are near 0 (about +-0.01 to 0.02)."""
         gen = torch.Generator().manual_seed(seed)
         out = self.head.fc2 if self.head_type == "mlp" else self.head
         with torch.no_grad():

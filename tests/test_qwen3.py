@@ -435,3 +435,11 @@ def test_an_unknown_tensor_without_the_model_prefix_is_named_not_dropped(tmp_pat
     add_sparse_tensor(tmp_path / "model.safetensors", "score.weight", (1, TINY_HF["hidden_size"]))
     with pytest.raises(UserError, match=r"1 unexpected tensor\(s\): score\.weight;"):
         Qwen3.from_pretrained(str(tmp_path))
+
+
+def test_a_named_config_is_a_copy_so_changing_it_leaves_the_named_shapes_alone():
+    from qwen3 import SHAPES, Qwen3Config
+    config = Qwen3Config.from_name("tiny")
+    assert config == SHAPES["tiny"]
+    config.vocab_size += 1
+    assert SHAPES["tiny"].vocab_size == config.vocab_size - 1

@@ -258,10 +258,11 @@ def from_peft(config: dict, state: dict, where) -> tuple[dict, dict]:
     unsupported += [k for k in ("layers_to_transform", "rank_pattern", "alpha_pattern") if config.get(k)]
     if type(config.get("r")) is not int or type(config.get("lora_alpha")) not in (int, float):
         unsupported.append(f"r {config.get('r')!r:.20} and lora_alpha {config.get('lora_alpha')!r:.20}")
-    saved = set(config.get("modules_to_save") or []) - {"classifier"}  # PEFT adds "classifier" for SEQ_CLS
-    if config.get("peft_type") != "LORA" or unsupported or not saved <= {"score"}:
+    # modules_to_save is not checked by name: PEFT adds its own defaults for SEQ_CLS ("classifier", and since
+    # 0.22 "pre_classifier"); the tensors below are, and only the score head's may be among them.
+    if config.get("peft_type") != "LORA" or unsupported:
         raise UserError(f"{where}: a PEFT adapter this loader does not support (peft_type "
-                        f"{config.get('peft_type')!r}, {', '.join(unsupported) or 'modules_to_save'}); plain LoRA "
+                        f"{config.get('peft_type')!r}{''.join(', ' + u for u in unsupported)}); plain LoRA "
                         "on q,k,v,o,gate,up,down_proj with the score head only")
     ours = {}
     for key, t in state.items():

@@ -513,3 +513,38 @@ def test_save_adapters_without_a_transformers_model_say_so_and_keep_our_layout(t
     with torch.no_grad():
         torch.testing.assert_close(apply_adapters(RewardModel.from_pretrained(str(base)), adapters)(ids, mask),
                                    merged(ids, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config, tensors, message", [
+    ({"use_dora": True}, {}, "does not support (peft_type 'LORA', use_dora)"),
+    ({"target_modules": "q_proj|v_proj"}, {}, "target_modules 'q_proj|v_proj' are not a list of"),
+    ({"target_modules": ["embed_tokens"]}, {}, "are not a list of"),
+    ({"peft_type": "IA3"}, {}, "does not support (peft_type 'IA3')"),
+    ({"modules_to_save": ["score", "norm"]}, {"base_model.model.model.norm.weight": torch.ones(4)},
+     "unexpected tensor 'base_model.model.model.norm.weight'"),
+])
+def test_peft_adapters_this_loader_cannot_compute_are_refused_in_one_line(tmp_path, config, tensors, message):
+    """Only what LoRALinear computes loads: plain LoRA on the block linears, plus the score head. A PEFT version's
+    own default modules_to_save names (classifier, pre_classifier) are fine; a tensor of another module is not."""
+    from safetensors.torch import save_file
+
+    from support.lora import read_adapters
+    base = {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+            "modules_to_save": ["score", "classifier", "pre_classifier"]}
+    state = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4),
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2),
+             "base_model.model.score.weight": torch.zeros(1, 4)}
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "adapter_config.json").write_text(json.dumps(base))
+    save_file(state, good / "adapter_model.safetensors")
+    settings, ours = read_adapters(good)
+    assert (settings["rank"], settings["alpha"], settings["targets"]) == (2, 4, "q")
+    assert sorted(ours) == ["head.weight", "model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({**base, **config}))
+    save_file({**state, **tensors}, bad / "adapter_model.safetensors")
+    with pytest.raises(UserError) as e:
+        read_adapters(bad)
+    assert message in str(e.value) and "\n" not in str(e.value)

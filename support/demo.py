@@ -69,11 +69,7 @@ DEMO_SPECIAL = ["<|endoftext|>", "<|im_end|>", "<unk>"]  # pad, eos, unknown
 def demo_rows(split: str) -> Iterator[dict]:
     """hh-rlhf-style transcripts {"chosen", "rejected"}, generated lazily and deterministically."""
     rng = random.Random(f"demo/{split}")
-    made = 0
-    while made < DEMO_SIZES[split]:
-        topic, question = rng.randrange(len(DEMO_TOPICS)), rng.randrange(len(DEMO_QUESTIONS))
-        if ((3 * topic + question) % 5 == 0) != (split == "test"):  # held-out combinations
-            continue
+    for topic, question in _demo_questions(rng, split):
         prompt = _demo_prompt(rng, topic, question)
         chosen = _demo_answer(rng, topic, DEMO_POLITE)
         if rng.random() < 0.5:
@@ -81,25 +77,30 @@ def demo_rows(split: str) -> Iterator[dict]:
             rejected = _demo_answer(rng, other, DEMO_POLITE)
         else:
             rejected = _demo_answer(rng, topic, DEMO_RUDE)
-        made += 1
         yield {"chosen": prompt + chosen, "rejected": prompt + rejected}
 
 
 def demo_ranked_rows(split: str) -> Iterator[dict]:
     """Plain ranked rows {"prompt", "responses", "scores"} of the demo's prompts, K = 4 (see the docstring)."""
     rng = random.Random(f"demo_ranked/{split}")
-    made = 0
-    while made < DEMO_SIZES[split]:
-        topic, question = rng.randrange(len(DEMO_TOPICS)), rng.randrange(len(DEMO_QUESTIONS))
-        if ((3 * topic + question) % 5 == 0) != (split == "test"):  # held-out combinations
-            continue
+    for topic, question in _demo_questions(rng, split):
         other = rng.choice([t for t in range(len(DEMO_TOPICS)) if t != topic])
         graded = [(3, topic, DEMO_POLITE), (2, topic, DEMO_RUDE), (1, other, DEMO_POLITE), (0, other, DEMO_RUDE)]
         rng.shuffle(graded)
         prompt = _demo_prompt(rng, topic, question)
-        made += 1
         yield {"prompt": prompt, "responses": [_demo_answer(rng, t, style) for _, t, style in graded],
                "scores": [score for score, _, _ in graded]}
+
+
+def _demo_questions(rng: random.Random, split: str) -> Iterator[tuple[int, int]]:
+    """DEMO_SIZES[split] (topic, question) draws of the split: the test split holds the combinations with
+    (3 * topic + question) % 5 == 0, never seen in training. The caller draws from rng between them."""
+    for _ in range(DEMO_SIZES[split]):
+        while True:
+            topic, question = rng.randrange(len(DEMO_TOPICS)), rng.randrange(len(DEMO_QUESTIONS))
+            if ((3 * topic + question) % 5 == 0) == (split == "test"):
+                break
+        yield topic, question
 
 
 def _demo_prompt(rng: random.Random, topic: int, question: int) -> str:

@@ -184,19 +184,23 @@ def conversation_pair(row: dict, source: str, chat_format: "chat.ChatFormat | No
 # -----------------------------------------------------------------------------
 # Sources -> pairs
 
+def source_rows(source: str, split: str):
+    """(names, fetch, read) of a source: the demo's generated rows, or its files, local or on the Hub
+    (found now; fetch downloads a Hub shard when it is reached); read(fetch(name)) yields its rows."""
+    if source != "demo":
+        return (*hub.dataset_files(source, split), readers.read_file)
+    if split not in demo.DEMO_SIZES:
+        raise UserError(f"demo: no '{split}' split; available splits: {', '.join(demo.DEMO_SIZES)}")
+    return [split], (lambda name: name), demo.demo_rows
+
+
 def iter_pairs(source: str, split: str = "train", stats: DataStats | None = None,
                chat_format: "chat.ChatFormat | None" = None, char_cap: int | None = None) -> Iterator[Pair]:
     """Stream the pairs of one source. The files are found now (errors show at once), read lazily.
     chat_format renders conversational rows (Tokenizer.chat_format); char_cap cuts each text as it is
     read (cut_texts: Tokenizer.char_cap of the max_length the pairs will be tokenised at)."""
     stats = stats if stats is not None else DataStats()
-    if source == "demo":
-        if split not in demo.DEMO_SIZES:
-            raise UserError(f"demo: no '{split}' split; available splits: {', '.join(demo.DEMO_SIZES)}")
-        names, fetch, read = [split], (lambda name: name), demo.demo_rows
-    else:
-        names, fetch = hub.dataset_files(source, split)  # fetch downloads a Hub shard when it is reached
-        read = readers.read_file
+    names, fetch, read = source_rows(source, split)
 
     def generate():
         for name in names:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import data
-from support import demo, hub, packing, readers
+from support import demo, packing, readers
 from support.errors import UserError
 from support.fileio import write_text_atomic
 from support.tokenizer import pad_rows
@@ -149,13 +149,13 @@ def conversation_group(prompt, responses: list, levels: list, source: str, chat_
 # Sources -> groups; the held-out share; pairs from groups
 
 def demo_or_files(source: str, split: str):
-    """(names, fetch, read) of a source, as data.iter_pairs finds them; demo_ranked is generated."""
-    if source in ("demo", "demo_ranked"):
-        if split not in demo.DEMO_SIZES:
-            raise UserError(f"{source}: no '{split}' split; available splits: {', '.join(demo.DEMO_SIZES)}")
-        return [split], (lambda name: name), (demo.demo_ranked_rows if source == "demo_ranked" else demo.demo_rows)
-    names, fetch = hub.dataset_files(source, split)
-    return names, fetch, readers.read_file
+    """(names, fetch, read) of a source, as data.iter_pairs finds them (data.source_rows); demo_ranked is
+    generated."""
+    if source != "demo_ranked":
+        return data.source_rows(source, split)
+    if split not in demo.DEMO_SIZES:
+        raise UserError(f"{source}: no '{split}' split; available splits: {', '.join(demo.DEMO_SIZES)}")
+    return [split], (lambda name: name), demo.demo_ranked_rows
 
 
 def is_ranked(sources: list, split: str = "train") -> bool:

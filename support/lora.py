@@ -297,7 +297,8 @@ def read_adapters(adapter_dir) -> tuple[dict, dict]:
         state = load_file(tensor_file)
     except Exception as e:  # unreadable: truncated or edited by hand
         raise UserError(f"{d}: cannot read the adapters ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    peft = read_json(d / PEFT_CONFIG, "") if not own and fileio.is_regular_file(d / PEFT_CONFIG) else {}
+    peft = {} if own or not fileio.is_regular_file(d / PEFT_CONFIG) else \
+        config if config_file.name == PEFT_CONFIG else read_json(d / PEFT_CONFIG, "")  # read once
     if "peft_type" in peft:  # PEFT's tensors; our settings beside them when we wrote them
         settings, state = from_peft(peft, state, d)
         if config_file.name == PEFT_CONFIG:
